@@ -1,0 +1,35 @@
+# Every target bootstraps .venv from nothing: a fresh clone needs only python3 (3.11+) and make.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# pip prints a warning per package for this machine's local index folders; keep logs readable.
+QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
+
+.PHONY: test lint serve bench clean
+
+$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU wheel, pinned: an unpinned torch resolves to a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] ruff 2>&1 | $(QUIET_PIP)
+	touch $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+serve: $(INSTALLED)
+	$(VENV)/bin/hooklab-server $(SERVE_ARGS)
+
+bench: $(INSTALLED)
+	$(PY) bench/codec.py
+
+clean:
+	rm -rf $(VENV)
