@@ -1,0 +1,27 @@
+"""hooklab's hooked-transformer runtime: TransformerLens 3.9 semantics in plain PyTorch.
+
+    model = load_model("gpt2")                      # or a local folder, or a .gguf file
+    logits, cache = model.run_with_cache(tokens)    # every hook point, TransformerLens names
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", fn)])
+    model.generate(tokens, max_new_tokens=20)
+"""
+
+from .config import HookedConfig
+from .hook_points import HookPoint, HookRun
+from .loading import from_hf, load_hf, load_model, load_model_no_processing
+from .model import HookedTransformer, KVCache, Output, hook_names, lm_cross_entropy_loss
+
+__all__ = [
+    "HookPoint",
+    "HookRun",
+    "HookedConfig",
+    "HookedTransformer",
+    "KVCache",
+    "Output",
+    "from_hf",
+    "hook_names",
+    "lm_cross_entropy_loss",
+    "load_hf",
+    "load_model",
+    "load_model_no_processing",
+]

@@ -1,0 +1,1 @@
+"""Transformer components, one per module, each firing TransformerLens's hook points."""

@@ -1,0 +1,81 @@
+"""One transformer block: attention then MLP (sequential), or both reading the block input
+(parallel, GPT-NeoX), with the residual-stream hook points."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import HookedConfig
+from ..hook_points import HookRun
+from .attention import Attention, AttentionMask, LayerKV
+from .mlp import MLP
+from .norm import Norm
+from .rotary import Rotary
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: HookedConfig, layer: int, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln1", cfg.dtype)
+        self.attn = Attention(cfg, layer, rotary)
+        self.ln2 = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln2", cfg.dtype)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.gated_mlp, layer, cfg.dtype)
+        self.names = {
+            key: f"blocks.{layer}.hook_{key}"
+            for key in (
+                "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in",
+                "attn_in", "q_input", "k_input", "v_input",
+            )
+        }  # fmt: skip
+
+    def _attention_inputs(
+        self, resid: torch.Tensor, hooks: HookRun
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The normalised q/k/v inputs. TransformerLens applies ln1 once per input, so hook
+        functions on ln1 run three times; without such functions one call serves all three."""
+        cfg, names = self.cfg, self.names
+        heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads
+        if cfg.use_attn_in or hooks.asks_for(names["attn_in"]):
+            per_head = hooks(names["attn_in"], resid.unsqueeze(2).expand(-1, -1, heads, -1).clone())
+            return self.ln1(per_head, hooks), self.ln1(per_head, hooks), self.ln1(per_head, hooks)
+        split = cfg.use_split_qkv_input or any(
+            hooks.asks_for(names[key]) for key in ("q_input", "k_input", "v_input")
+        )
+        if split:
+            inputs = [
+                hooks(names[key], resid.unsqueeze(2).expand(-1, -1, count, -1).clone())
+                for key, count in (("q_input", heads), ("k_input", kv_heads), ("v_input", kv_heads))
+            ]  # each [batch, pos, heads, d_model]
+            return tuple(self.ln1(x, hooks) for x in inputs)  # type: ignore[return-value]
+        if self.ln1.scale_name in hooks.fns or self.ln1.normalized_name in hooks.fns:
+            return self.ln1(resid, hooks), self.ln1(resid, hooks), self.ln1(resid, hooks)
+        x = self.ln1(resid, hooks)
+        return x, x, x
+
+    def forward(
+        self,
+        resid: torch.Tensor,
+        hooks: HookRun,
+        positions: torch.Tensor,
+        mask: AttentionMask,
+        past: LayerKV | None = None,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        names = self.names
+        resid = hooks(names["resid_pre"], resid)  # [batch, pos, d_model]
+        q_in, k_in, v_in = self._attention_inputs(resid, hooks)
+        attn_out, present = self.attn(q_in, k_in, v_in, hooks, positions, mask, past)
+        attn_out = hooks(names["attn_out"], attn_out)  # [batch, pos, d_model]
+        if self.cfg.parallel_attn_mlp:
+            mlp_in = resid
+        else:
+            mlp_in = resid = hooks(names["resid_mid"], resid + attn_out)  # [batch, pos, d_model]
+        if self.cfg.use_hook_mlp_in or hooks.asks_for(names["mlp_in"]):
+            mlp_in = hooks(names["mlp_in"], mlp_in.clone())  # [batch, pos, d_model]
+        mlp_out = hooks(names["mlp_out"], self.mlp(self.ln2(mlp_in, hooks), hooks))
+        if self.cfg.parallel_attn_mlp:
+            resid_post = resid + attn_out + mlp_out
+        else:
+            resid_post = resid + mlp_out
+        return hooks(names["resid_post"], resid_post), present  # [batch, pos, d_model]

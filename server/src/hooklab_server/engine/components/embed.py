@@ -1,0 +1,51 @@
+"""Token embedding, learned absolute positions and the unembedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hook_points import HookRun
+
+
+class Embed(nn.Module):
+    def __init__(self, d_vocab: int, d_model: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
+
+    def forward(self, tokens: torch.Tensor, hooks: HookRun) -> torch.Tensor:
+        return hooks("hook_embed", F.embedding(tokens, self.W_E))  # [batch, pos, d_model]
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, n_ctx: int, d_model: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model, dtype=dtype))
+
+    def forward(
+        self, positions: torch.Tensor, batch: int, padding: torch.Tensor | None, hooks: HookRun
+    ) -> torch.Tensor:
+        """``positions`` [pos] or [batch, pos]; pad positions (``padding`` True) embed to zero."""
+        pos_embed = self.W_pos[positions]
+        if pos_embed.dim() == 2:
+            pos_embed = pos_embed.expand(batch, -1, -1)
+        if padding is not None:
+            pos_embed = pos_embed.masked_fill(padding.unsqueeze(-1), 0.0)
+        return hooks("hook_pos_embed", pos_embed)  # [batch, pos, d_model]
+
+
+class Unembed(nn.Module):
+    def __init__(self, d_model: int, d_vocab_out: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        # Stored as F.linear wants it, [d_vocab_out, d_model]; W_U is the transposed view.
+        self.w_u = nn.Parameter(torch.empty(d_vocab_out, d_model, dtype=dtype))
+        self.b_u: nn.Parameter | None = None
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.w_u.T
+
+    def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
+        x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
+        return hooks("unembed.hook_out", F.linear(x, self.w_u, self.b_u))  # [batch, pos, d_vocab]

@@ -1,0 +1,295 @@
+"""The hooked transformer: embeddings, blocks, final norm and unembedding, run with per-call hooks.
+
+The model is read-only once loaded: hook functions and captures live in the :class:`HookRun` of
+each call, so one instance serves concurrent requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .components.attention import AttentionMask, LayerKV
+from .components.block import TransformerBlock
+from .components.embed import Embed, PosEmbed, Unembed
+from .components.norm import Norm
+from .components.rotary import Rotary
+from .config import HookedConfig
+from .hook_points import HookFn, HookRun, NameOrPredicate, build_hook_run
+from .tokenization import PaddingSide, Tokenization, attention_mask_for
+
+ReturnType = Literal["logits", "loss", "both"] | None
+FwdHooks = Iterable[tuple[NameOrPredicate, HookFn]]
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions already processed, for incremental decoding."""
+
+    layers: list[LayerKV | None]
+    attention_mask: torch.Tensor | None = None  # [batch, cached_pos], None = no padding
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first.keys.shape[1]
+
+
+def hook_names(cfg: HookedConfig) -> list[str]:
+    """Every hook point, in firing order (TransformerLens's ``hook_dict`` for the architecture)."""
+    names = ["hook_embed"]
+    if cfg.positional_embedding_type == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(cfg.n_layers):
+        block = f"blocks.{layer}"
+        names += [f"{block}.hook_{n}" for n in ("resid_pre", "attn_in", "q_input", "k_input", "v_input")]
+        names += [f"{block}.ln1.hook_scale", f"{block}.ln1.hook_normalized"]
+        attn = [f"{block}.attn.hook_{n}" for n in ("q", "k", "v")]
+        if cfg.positional_embedding_type == "rotary":
+            attn += [f"{block}.attn.hook_rot_q", f"{block}.attn.hook_rot_k"]
+        attn += [f"{block}.attn.hook_{n}" for n in ("attn_scores", "pattern", "z", "result")]
+        names += attn
+        names.append(f"{block}.hook_attn_out")
+        if not cfg.parallel_attn_mlp:
+            names.append(f"{block}.hook_resid_mid")
+        names += [f"{block}.hook_mlp_in", f"{block}.ln2.hook_scale", f"{block}.ln2.hook_normalized"]
+        mlp = ["pre", "pre_linear", "post"] if cfg.gated_mlp else ["pre", "post"]
+        names += [f"{block}.mlp.hook_{n}" for n in mlp]
+        names += [f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
+    names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
+    return names
+
+
+def lm_cross_entropy_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """Mean next-token negative log-likelihood; with a mask, pairs touching a pad are skipped."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    predicted = log_probs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos - 1]
+    if attention_mask is None:
+        count = predicted.numel()
+    else:
+        pairs = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+        predicted = predicted.masked_fill(~pairs, 0.0)
+        count = int(pairs.sum())
+    return -predicted if per_token else -predicted.sum() / count
+
+
+@dataclass
+class _Inputs:
+    """Where a forward starts: the residual, the token ids (for the loss) and the padding mask."""
+
+    resid: torch.Tensor
+    tokens: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+
+
+class HookedTransformer(Tokenization, nn.Module):
+    def __init__(self, cfg: HookedConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.dtype)
+        self.pos_embed = (
+            PosEmbed(cfg.n_ctx, cfg.d_model, cfg.dtype)
+            if cfg.positional_embedding_type == "standard"
+            else None
+        )
+        rotary = None
+        if cfg.positional_embedding_type == "rotary":
+            assert cfg.rotary_dim is not None
+            rotary = Rotary(
+                cfg.rotary_dim, cfg.n_ctx, cfg.rotary_base, cfg.rotary_adjacent_pairs, cfg.dtype
+            )
+        self.rotary = rotary
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer, rotary) for layer in range(cfg.n_layers))
+        self.ln_final = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, "ln_final", cfg.dtype)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype)
+        self.hook_names: list[str] = hook_names(cfg)
+        self.requires_grad_(False)
+        self.eval()
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def hook_run(
+        self,
+        fwd_hooks: FwdHooks = (),
+        names_filter: NameOrPredicate | Sequence[str] | None = None,
+        capture: bool = False,
+    ) -> HookRun:
+        return build_hook_run(self.hook_names, fwd_hooks, names_filter, capture)
+
+    # --- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input: str | list[str] | torch.Tensor,
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        start_at_layer: int | None = None,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stop_at_layer: int | None = None,
+        past_kv_cache: KVCache | None = None,
+        fwd_hooks: FwdHooks = (),
+        hooks: HookRun | None = None,
+    ) -> Any:
+        """TransformerLens's ``forward``; ``fwd_hooks`` apply to this call only."""
+        run = hooks if hooks is not None else self.hook_run(fwd_hooks)
+        with torch.inference_mode():
+            inputs = self._inputs(
+                input, prepend_bos, padding_side, start_at_layer, tokens, attention_mask,
+                past_kv_cache, run,
+            )  # fmt: skip
+            return self._run(inputs, run, return_type, loss_per_token, start_at_layer, stop_at_layer, past_kv_cache)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NameOrPredicate | Sequence[str] | None = None,
+        fwd_hooks: FwdHooks = (),
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Forward that also returns the activations named by ``names_filter`` (after any hook
+        functions at those points ran), in firing order."""
+        run = self.hook_run(fwd_hooks, names_filter, capture=True)
+        out = self.forward(*args, hooks=run, **kwargs)
+        cache = run.cache
+        if remove_batch_dim:
+            cache = {name: value[0] for name, value in cache.items()}
+        return out, cache
+
+    def run_with_hooks(self, *args: Any, fwd_hooks: FwdHooks = (), **kwargs: Any) -> Any:
+        return self.forward(*args, fwd_hooks=fwd_hooks, **kwargs)
+
+    def _inputs(
+        self,
+        input: str | list[str] | torch.Tensor,
+        prepend_bos: bool | None,
+        padding_side: PaddingSide | None,
+        start_at_layer: int | None,
+        tokens: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past: KVCache | None,
+        hooks: HookRun,
+    ) -> _Inputs:
+        if isinstance(input, str | list):
+            prepend_bos, side = self._defaults(prepend_bos, padding_side)
+            tokens = self.to_tokens(input, prepend_bos, side)
+            if side == "left" and attention_mask is None:
+                attention_mask = attention_mask_for(self.tokenizer, tokens, prepend_bos, side)
+            input = tokens
+        if start_at_layer is not None:
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(input.device)
+            return _Inputs(input, tokens, attention_mask)
+        tokens = input if input.dim() == 2 else input.unsqueeze(0)
+        tokens = tokens.to(self.embed.W_E.device)
+        if past is not None and past.attention_mask is not None and attention_mask is None:
+            attention_mask = torch.ones_like(tokens)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(tokens.device)
+        return _Inputs(self.embed(tokens, hooks), tokens, attention_mask)
+
+    def _positions(
+        self, batch: int, length: int, attention_mask: torch.Tensor | None, offset: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position ids ([pos] or [batch, pos]) and a pad marker [batch, pos] (None: no pads).
+
+        With padding, each row counts positions from its first real token, as TransformerLens.
+        """
+        if attention_mask is None:
+            return torch.arange(offset, offset + length, device=device), None
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, offset:]
+        return positions, ~attention_mask[:, offset:].bool()
+
+    def _mask(
+        self, length: int, attention_mask: torch.Tensor | None, offset: int, device: torch.device
+    ) -> AttentionMask:
+        window = self.cfg.window_size
+        total = offset + length
+        needs_window = window is not None and total > window
+        if attention_mask is None and not needs_window and (offset == 0 or length == 1):
+            return AttentionMask(None)
+        query = torch.arange(offset, total, device=device)[:, None]
+        key = torch.arange(total, device=device)[None, :]
+        allowed = key <= query
+        if needs_window:
+            allowed = allowed & (key > query - window)
+        allowed = allowed[None, None]  # [1, 1, query, key]
+        if attention_mask is None:
+            return AttentionMask(allowed)
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        empty = ~allowed.any(-1)  # [batch, 1, query]
+        empty_rows = empty.transpose(1, 2)[..., None] if bool(empty.any()) else None
+        return AttentionMask(allowed, empty_rows)
+
+    def _run(
+        self,
+        inputs: _Inputs,
+        hooks: HookRun,
+        return_type: ReturnType,
+        loss_per_token: bool,
+        start_at_layer: int | None,
+        stop_at_layer: int | None,
+        past: KVCache | None,
+    ) -> Any:
+        resid, attention_mask = inputs.resid, inputs.attention_mask
+        batch, length = resid.shape[:2]
+        offset = past.length if past is not None else 0
+        if past is not None and past.attention_mask is not None:
+            attention_mask = torch.cat((past.attention_mask, attention_mask), dim=1)
+        positions, padding = self._positions(batch, length, attention_mask, offset, resid.device)
+        if start_at_layer is None and self.pos_embed is not None:
+            resid = resid + self.pos_embed(positions, batch, padding, hooks)
+        mask = self._mask(length, attention_mask, offset, resid.device)
+        layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
+        for layer in layers:
+            layer_past = past.layers[layer] if past is not None else None
+            resid, present = self.blocks[layer](resid, hooks, positions, mask, layer_past)
+            if past is not None:
+                past.layers[layer] = present
+        if past is not None:
+            past.attention_mask = attention_mask
+        if stop_at_layer is not None:
+            return resid
+        resid = self.ln_final(resid, hooks)  # [batch, pos, d_model]
+        if return_type is None:
+            return None
+        logits = self.unembed(resid, hooks)  # [batch, pos, d_vocab]
+        if return_type == "logits":
+            return logits
+        if inputs.tokens is None:
+            raise ValueError("a loss needs the token ids: pass tokens= with start_at_layer")
+        loss = lm_cross_entropy_loss(logits, inputs.tokens, attention_mask if past is None else None, loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    def init_kv_cache(self) -> KVCache:
+        return KVCache([None] * self.cfg.n_layers)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
