@@ -1,6 +1,6 @@
 """Rewrite the golden vector files from vectors.json (run after a deliberate format change).
 
-    python proto/vectors/regenerate.py
+python proto/vectors/regenerate.py
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ def main() -> None:
     spec = json.loads((HERE / "vectors.json").read_text())
     encoded = {}
     for entry in spec["tensors"]:
-        tensor = tensor_from_json({k: entry[k] for k in ("dtype", "shape")} | {"data": entry["values"]})
+        tensor = tensor_from_json(
+            {k: entry[k] for k in ("dtype", "shape")} | {"data": entry["values"]}
+        )
         encoded[entry["file"]] = encode_tensor(tensor, entry["name"])
         (HERE / entry["file"]).write_bytes(encoded[entry["file"]].to_bytes())
     frames = [
-        encoded[frame["file"]]
-        if frame["kind"] == "tensor"
-        else encode_control(**frame)
+        encoded[frame["file"]] if frame["kind"] == "tensor" else encode_control(**frame)
         for frame in spec["stream"]["frames"]
     ]
     stream = b"".join(bytes(chunk) for chunk in stream_chunks(frames))

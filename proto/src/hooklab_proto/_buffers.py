@@ -23,7 +23,7 @@ def aligned_buffer(size: int) -> memoryview:
 
 
 def tensor_bytes(buffer: memoryview) -> memoryview:
-    """``buffer`` as a flat, writable byte view; read-only input is copied once into an aligned buffer."""
+    """``buffer`` as a flat, writable byte view; read-only input is copied once (aligned)."""
     flat = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
     if not flat.readonly:
         return flat

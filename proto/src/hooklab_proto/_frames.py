@@ -67,7 +67,9 @@ def decode_frame(buffer: Buffer) -> Frame:
     try:
         kind = _kind_decoder.decode(buffer).kind
     except DECODE_ERRORS as exc:
-        raise WireFormatError(f"a frame must be a msgpack map with a string 'kind': {exc}") from None
+        raise WireFormatError(
+            f"a frame must be a msgpack map with a string 'kind': {exc}"
+        ) from None
     if kind == "tensor":
         name, tensor = decode_tensor(buffer)
         return TensorFrame(name, tensor)

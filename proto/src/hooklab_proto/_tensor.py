@@ -142,5 +142,3 @@ def decode_tensor(buffer: Buffer) -> tuple[str, torch.Tensor]:
     if dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
         raise WireFormatError(f"tensor {frame.name!r}: BOOL bytes must be 0 or 1")
     return frame.name, tensor
-
-

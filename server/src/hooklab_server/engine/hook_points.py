@@ -33,7 +33,9 @@ class HookPoint:
         return int(match.group(1))
 
 
-def resolve_names(selector: NameOrPredicate | Sequence[str] | None, names: Iterable[str]) -> list[str]:
+def resolve_names(
+    selector: NameOrPredicate | Sequence[str] | None, names: Iterable[str]
+) -> list[str]:
     """Hook names matching a TransformerLens-style selector: None (all), a name, a list of
     names, or a predicate on the name."""
     names = list(names)
@@ -109,7 +111,11 @@ def build_hook_run(
     if isinstance(names_filter, str) and names_filter not in hook_names:
         raise KeyError(unknown_hook_message(names_filter, hook_names))
     explicit = [names_filter] if isinstance(names_filter, str) else []
-    if names_filter is not None and not isinstance(names_filter, str) and not callable(names_filter):
+    if (
+        names_filter is not None
+        and not isinstance(names_filter, str)
+        and not callable(names_filter)
+    ):
         unknown = [name for name in names_filter if name not in hook_names]
         if unknown:
             raise KeyError(unknown_hook_message(unknown[0], hook_names))

@@ -81,7 +81,10 @@ def assign_weights(model: HookedTransformer, sd: StateDict) -> None:
         if cfg.gated_mlp:
             mlp.w_gate = _linear(sd[f"{prefix}.mlp.W_gate"].T)
         mlp.w_out = _linear(sd[f"{prefix}.mlp.W_out"].T)
-        mlp.b_in, mlp.b_out = _bias(sd.get(f"{prefix}.mlp.b_in")), _bias(sd.get(f"{prefix}.mlp.b_out"))
+        mlp.b_in, mlp.b_out = (
+            _bias(sd.get(f"{prefix}.mlp.b_in")),
+            _bias(sd.get(f"{prefix}.mlp.b_out")),
+        )
     _assign_norm(model.ln_final, sd, "ln_final")
     model.unembed.w_u = _linear(sd["unembed.W_U"].T)
     model.unembed.b_u = _bias(sd.get("unembed.b_U"))
@@ -123,7 +126,12 @@ def from_hf(
         dtype=dtype,
     )
     sd = process_weights(
-        fam.weights(hf_model, cfg), cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases
+        fam.weights(hf_model, cfg),
+        cfg,
+        fold_ln,
+        center_writing_weights,
+        center_unembed,
+        fold_value_biases,
     )
     model = HookedTransformer(cfg, tokenizer)
     assign_weights(model, sd)
@@ -148,7 +156,9 @@ def load_model(
 
 
 def load_model_no_processing(
-    name_or_path: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32
+    name_or_path: str | Path,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
     """TransformerLens's ``from_pretrained_no_processing``: the checkpoint's weights as they are."""
     return load_model(name_or_path, device, dtype, False, False, False, False)

@@ -53,7 +53,9 @@ def hook_names(cfg: HookedConfig) -> list[str]:
         names.append("hook_pos_embed")
     for layer in range(cfg.n_layers):
         block = f"blocks.{layer}"
-        names += [f"{block}.hook_{n}" for n in ("resid_pre", "attn_in", "q_input", "k_input", "v_input")]
+        names += [
+            f"{block}.hook_{n}" for n in ("resid_pre", "attn_in", "q_input", "k_input", "v_input")
+        ]
         names += [f"{block}.ln1.hook_scale", f"{block}.ln1.hook_normalized"]
         attn = [f"{block}.attn.hook_{n}" for n in ("q", "k", "v")]
         if cfg.positional_embedding_type == "rotary":
@@ -67,7 +69,12 @@ def hook_names(cfg: HookedConfig) -> list[str]:
         mlp = ["pre", "pre_linear", "post"] if cfg.gated_mlp else ["pre", "post"]
         names += [f"{block}.mlp.hook_{n}" for n in mlp]
         names += [f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
-    names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
+    names += [
+        "ln_final.hook_scale",
+        "ln_final.hook_normalized",
+        "unembed.hook_in",
+        "unembed.hook_out",
+    ]
     return names
 
 
@@ -116,7 +123,9 @@ class HookedTransformer(Tokenization, nn.Module):
                 cfg.rotary_dim, cfg.n_ctx, cfg.rotary_base, cfg.rotary_adjacent_pairs, cfg.dtype
             )
         self.rotary = rotary
-        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer, rotary) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg, layer, rotary) for layer in range(cfg.n_layers)
+        )
         self.ln_final = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, "ln_final", cfg.dtype)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype)
         self.hook_names: list[str] = hook_names(cfg)
@@ -157,7 +166,15 @@ class HookedTransformer(Tokenization, nn.Module):
                 input, prepend_bos, padding_side, start_at_layer, tokens, attention_mask,
                 past_kv_cache, run,
             )  # fmt: skip
-            return self._run(inputs, run, return_type, loss_per_token, start_at_layer, stop_at_layer, past_kv_cache)
+            return self._run(
+                inputs,
+                run,
+                return_type,
+                loss_per_token,
+                start_at_layer,
+                stop_at_layer,
+                past_kv_cache,
+            )
 
     def run_with_cache(
         self,
@@ -209,7 +226,12 @@ class HookedTransformer(Tokenization, nn.Module):
         return _Inputs(self.embed(tokens, hooks), tokens, attention_mask)
 
     def _positions(
-        self, batch: int, length: int, attention_mask: torch.Tensor | None, offset: int, device: torch.device
+        self,
+        batch: int,
+        length: int,
+        attention_mask: torch.Tensor | None,
+        offset: int,
+        device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Position ids ([pos] or [batch, pos]) and a pad marker [batch, pos] (None: no pads).
 
@@ -278,7 +300,9 @@ class HookedTransformer(Tokenization, nn.Module):
             return logits
         if inputs.tokens is None:
             raise ValueError("a loss needs the token ids: pass tokens= with start_at_layer")
-        loss = lm_cross_entropy_loss(logits, inputs.tokens, attention_mask if past is None else None, loss_per_token)
+        loss = lm_cross_entropy_loss(
+            logits, inputs.tokens, attention_mask if past is None else None, loss_per_token
+        )
         return loss if return_type == "loss" else Output(logits, loss)
 
     def init_kv_cache(self) -> KVCache:
@@ -292,4 +316,3 @@ class HookedTransformer(Tokenization, nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.W_E.device
-

@@ -53,7 +53,9 @@ def fold_layer_norm(sd: StateDict, cfg: HookedConfig) -> None:
         if cfg.gated_mlp:
             readers.append((f"{mlp}.W_gate", None))
         _fold_norm_into(sd, f"blocks.{layer}.ln2", readers, centre=layer_norm, layer_axis=0)
-    _fold_norm_into(sd, "ln_final", [("unembed.W_U", "unembed.b_U")], centre=layer_norm, layer_axis=0)
+    _fold_norm_into(
+        sd, "ln_final", [("unembed.W_U", "unembed.b_U")], centre=layer_norm, layer_axis=0
+    )
     cfg.normalization_type = "LNPre" if layer_norm else "RMSPre"
 
 

@@ -18,7 +18,7 @@ def tokenizer_prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _leading_pads(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return (tokens.ne(pad_id).cumsum(-1) == 0)  # True on the pads before the first real token
+    return tokens.ne(pad_id).cumsum(-1) == 0  # True on the pads before the first real token
 
 
 def _trailing_pads(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -131,7 +131,9 @@ class Tokenization:
             if tokens.dim() == 0:
                 tokens = tokens.unsqueeze(0)
             if tokens.dim() != 1:
-                raise ValueError(f"expected tokens of shape [pos] or [1, pos], got {tuple(input.shape)}")
+                raise ValueError(
+                    f"expected tokens of shape [pos] or [1, pos], got {tuple(input.shape)}"
+                )
         return tokenizer.batch_decode(tokens[:, None], clean_up_tokenization_spaces=False)
 
     def to_single_token(self, string: str) -> int:
@@ -160,7 +162,9 @@ class Tokenization:
             if tokens.shape[0] != 1:
                 raise ValueError("get_token_position takes one sequence, not a batch")
             tokens = tokens[0]
-        token = self.to_single_token(single_token) if isinstance(single_token, str) else single_token
+        token = (
+            self.to_single_token(single_token) if isinstance(single_token, str) else single_token
+        )
         found = (tokens == token).nonzero()
         if not len(found):
             raise ValueError(f"token {single_token!r} is not in the input")

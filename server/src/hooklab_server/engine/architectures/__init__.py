@@ -24,4 +24,6 @@ def family(architecture: str) -> ModuleType:
         return FAMILIES[architecture]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {supported}") from None
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {supported}"
+        ) from None

@@ -49,9 +49,15 @@ def weights(model: Any, cfg: HookedConfig) -> StateDict:
     for layer, block in enumerate(body.layers):
         prefix, attn, mlp = f"blocks.{layer}", block.self_attn, block.mlp
         sd[f"{prefix}.ln1.w"] = block.input_layernorm.weight.detach()
-        for name, linear, count in (("Q", attn.q_proj, heads), ("K", attn.k_proj, kv_heads), ("V", attn.v_proj, kv_heads)):
+        for name, linear, count in (
+            ("Q", attn.q_proj, heads),
+            ("K", attn.k_proj, kv_heads),
+            ("V", attn.v_proj, kv_heads),
+        ):
             sd[f"{prefix}.attn.W_{name}"] = heads_in(linear.weight.detach(), count)
-            sd[f"{prefix}.attn.b_{name}"] = bias_or_zeros(linear, count * cfg.d_head, embed).view(count, -1)
+            sd[f"{prefix}.attn.b_{name}"] = bias_or_zeros(linear, count * cfg.d_head, embed).view(
+                count, -1
+            )
         sd[f"{prefix}.attn.W_O"] = heads_out(attn.o_proj.weight.detach(), heads)
         sd[f"{prefix}.attn.b_O"] = bias_or_zeros(attn.o_proj, cfg.d_model, embed)
         sd[f"{prefix}.ln2.w"] = block.post_attention_layernorm.weight.detach()

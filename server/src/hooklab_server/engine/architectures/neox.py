@@ -53,6 +53,9 @@ def weights(model: Any, cfg: HookedConfig) -> StateDict:
         sd[f"{prefix}.mlp.b_in"] = block.mlp.dense_h_to_4h.bias.detach()
         sd[f"{prefix}.mlp.W_out"] = block.mlp.dense_4h_to_h.weight.detach().T
         sd[f"{prefix}.mlp.b_out"] = block.mlp.dense_4h_to_h.bias.detach()
-    sd["ln_final.w"], sd["ln_final.b"] = body.final_layer_norm.weight.detach(), body.final_layer_norm.bias.detach()
+    sd["ln_final.w"], sd["ln_final.b"] = (
+        body.final_layer_norm.weight.detach(),
+        body.final_layer_norm.bias.detach(),
+    )
     unembed(model, sd, cfg.d_vocab_out)
     return sd

@@ -93,7 +93,7 @@ class Attention(nn.Module):
     def _project(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int
     ) -> torch.Tensor:
-        """[batch, pos, d_model] (or per-head [batch, pos, heads, d_model]) -> [batch, pos, heads, d_head]."""
+        """[batch, pos, d_model] (or one copy per head) -> [batch, pos, heads, d_head]."""
         if x.dim() == 4:  # split-qkv inputs: one input copy per head
             out = torch.einsum("bphd,hde->bphe", x, self._heads_in(weight, heads))
             return out if bias is None else out + bias.view(heads, self.d_head)
@@ -134,6 +134,12 @@ class Attention(nn.Module):
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
     ) -> torch.Tensor:
+        grouped = self.n_kv_heads != self.n_heads
+        if grouped and q.is_cuda and q.dtype == torch.float32:
+            # CUDA's fused fp32 kernel needs equal head counts; expanding beats the math fallback.
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+            grouped = False
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -141,7 +147,7 @@ class Attention(nn.Module):
             attn_mask=mask.allowed,
             is_causal=mask.allowed is None and q.shape[1] > 1,
             scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=grouped,
         ).transpose(1, 2)
         if mask.empty_rows is not None:
             z = z.masked_fill(mask.empty_rows, 0.0)  # SDPA gives NaN where no key is allowed

@@ -18,9 +18,13 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: HookedConfig, layer: int, rotary: Rotary | None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.ln1 = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln1", cfg.dtype)
+        self.ln1 = Norm(
+            cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln1", cfg.dtype
+        )
         self.attn = Attention(cfg, layer, rotary)
-        self.ln2 = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln2", cfg.dtype)
+        self.ln2 = Norm(
+            cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln2", cfg.dtype
+        )
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.gated_mlp, layer, cfg.dtype)
         self.names = {
             key: f"blocks.{layer}.hook_{key}"
@@ -74,8 +78,6 @@ class TransformerBlock(nn.Module):
         if self.cfg.use_hook_mlp_in or hooks.asks_for(names["mlp_in"]):
             mlp_in = hooks(names["mlp_in"], mlp_in.clone())  # [batch, pos, d_model]
         mlp_out = hooks(names["mlp_out"], self.mlp(self.ln2(mlp_in, hooks), hooks))
-        if self.cfg.parallel_attn_mlp:
-            resid_post = resid + attn_out + mlp_out
-        else:
-            resid_post = resid + mlp_out
+        # Parallel blocks: resid is still resid_pre, so both outputs are added here.
+        resid_post = resid + attn_out + mlp_out if self.cfg.parallel_attn_mlp else resid + mlp_out
         return hooks(names["resid_post"], resid_post), present  # [batch, pos, d_model]
