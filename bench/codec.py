@@ -16,9 +16,9 @@ import msgspec
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _table import median_seconds, print_table  # noqa: E402
+from _table import median_seconds, print_table
 
-from hooklab_proto import (  # noqa: E402
+from hooklab_proto import (
     StreamReader,
     TensorFrame,
     encode_control,
@@ -80,7 +80,12 @@ def main() -> None:
     }
     reference = timings["memcpy (reference)"]
     rows = [
-        [name, f"{seconds * 1e3:8.2f}", f"{SIZE / seconds / 1e9:6.2f}", f"{seconds / reference:5.2f}x"]
+        [
+            name,
+            f"{seconds * 1e3:8.2f}",
+            f"{SIZE / seconds / 1e9:6.2f}",
+            f"{seconds / reference:5.2f}x",
+        ]
         for name, seconds in timings.items()
     ]
     print(f"64 MiB float32, median of {RUNS} runs, torch threads = 1")

@@ -156,6 +156,10 @@ def _build(source: Path, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(_provenance(source), indent=2) + "\n")
+        # safetensors writes 0600; give every file the umask's mode, as the file just written has.
+        mode = (tmp / SOURCE_FILE).stat().st_mode & 0o777
+        for file in tmp.iterdir():
+            file.chmod(mode)
         missing = [name for name in REQUIRED_FILES if not (tmp / name).is_file()]
         if missing:
             raise RuntimeError(f"building {DEFAULT_MODEL} wrote no {', '.join(missing)}")

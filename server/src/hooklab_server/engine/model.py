@@ -23,6 +23,7 @@ from .components.rotary import Rotary
 from .config import HookedConfig
 from .hook_points import HookFn, HookRun, NameOrPredicate, build_hook_run
 from .tokenization import PaddingSide, Tokenization, attention_mask_for
+from .weights import WeightViews
 
 ReturnType = Literal["logits", "loss", "both"] | None
 FwdHooks = Iterable[tuple[NameOrPredicate, HookFn]]
@@ -105,7 +106,7 @@ class _Inputs:
     attention_mask: torch.Tensor | None
 
 
-class HookedTransformer(Tokenization, nn.Module):
+class HookedTransformer(Tokenization, WeightViews, nn.Module):
     def __init__(self, cfg: HookedConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
         self.cfg = cfg
