@@ -97,6 +97,28 @@ class WeightViews:
             raise KeyError(f"no parameter named {name!r}")
         return value.detach()
 
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        """Unembedding directions ``W_U[:, tokens]``: [d_model], [pos, d_model] or [b, pos, d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)  # type: ignore[attr-defined]
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> torch.Tensor:
+        """Sum of the attention (and MLP) output biases written before ``layer`` [d_model]."""
+        total = self._zeros(self.cfg.d_model)
+        for index in range(layer):
+            total = total + self._layer_param(index, "attn", "b_O")
+            if include_mlp_biases:
+                total = total + self._layer_param(index, "mlp", "b_out")
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise ValueError("mlp_input needs a layer below n_layers")
+            total = total + self._layer_param(layer, "attn", "b_O")
+        return total
+
     @property
     def W_E(self) -> torch.Tensor:
         return self.embed.W_E  # type: ignore[attr-defined]
