@@ -98,7 +98,7 @@ class WeightViews:
         return value.detach()
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
-        """Unembedding directions ``W_U[:, tokens]``: [d_model], [pos, d_model] or [b, pos, d_model]."""
+        """Unembedding directions ``W_U[:, tokens]``, with d_model as the last axis."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)  # type: ignore[attr-defined]
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
