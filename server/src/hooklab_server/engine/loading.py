@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .architectures import family
 from .config import HookedConfig
+from .default_model import resolve_model_source
 from .model import HookedTransformer
 from .processing import StateDict, process_weights
 from .tokenization import tokenizer_prepends_bos
@@ -147,8 +148,12 @@ def load_model(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
 ) -> HookedTransformer:
-    """TransformerLens's ``from_pretrained``: load and process (all four steps on by default)."""
-    hf_model, tokenizer = load_hf(name_or_path)
+    """TransformerLens's ``from_pretrained``: load and process (all four steps on by default).
+
+    ``name_or_path`` is a hub name, a local checkpoint folder, a ``.gguf`` file, or
+    ``SmolLM2-135M-Instruct`` (the offline demo model, dequantised once into the user cache).
+    """
+    hf_model, tokenizer = load_hf(resolve_model_source(name_or_path))
     return from_hf(
         hf_model, tokenizer, device, dtype, fold_ln, center_writing_weights, center_unembed,
         fold_value_biases, model_name=str(name_or_path),

@@ -209,11 +209,9 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         hooks: HookRun,
     ) -> _Inputs:
         if isinstance(input, str | list):
-            prepend_bos, side = self._defaults(prepend_bos, padding_side)
-            tokens = self.to_tokens(input, prepend_bos, side)
-            if side == "left" and attention_mask is None:
-                attention_mask = attention_mask_for(self.tokenizer, tokens, prepend_bos, side)
-            input = tokens
+            input, text_mask = self.tokens_and_mask(input, prepend_bos, padding_side)
+            tokens = input
+            attention_mask = attention_mask if attention_mask is not None else text_mask
         if start_at_layer is not None:
             if attention_mask is not None:
                 attention_mask = attention_mask.to(input.device)
@@ -225,6 +223,20 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.to(tokens.device)
         return _Inputs(self.embed(tokens, hooks), tokens, attention_mask)
+
+    def tokens_and_mask(
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokenise text for a forward as TransformerLens does: a padding mask only when the
+        padding side is left (right padding leaves real positions exact without one)."""
+        prepend_bos, side = self._defaults(prepend_bos, padding_side)
+        tokens = self.to_tokens(text, prepend_bos, side)
+        if side != "left":
+            return tokens, None
+        return tokens, attention_mask_for(self.tokenizer, tokens, prepend_bos, side)
 
     def _positions(
         self,

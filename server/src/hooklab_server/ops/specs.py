@@ -1,0 +1,302 @@
+"""Compile declarative hook specs into hook functions, validating everything first.
+
+A spec is checked against each hook point it names — the hook exists, its selectors fit the
+activation's axes and sizes, its tensors have the right shape — before any forward runs, so a
+bad request fails fast with a message saying what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hooklab_proto import (
+    REPLACING_OPS,
+    AblateSpec,
+    BatchSource,
+    CacheSource,
+    ClampSpec,
+    ErrorCode,
+    HookSpec,
+    PatchSpec,
+    ProjectOutSpec,
+    ScaleSpec,
+    SetSpec,
+    SteerSpec,
+    TensorValue,
+)
+from hooklab_server.engine import HookedTransformer
+from hooklab_server.engine.shapes import axis_sizes, hook_shape
+
+from .errors import RequestError
+
+TensorResolver = Callable[[TensorValue], torch.Tensor]
+CacheLookup = Callable[[str, str], torch.Tensor]  # (cache id, hook name) -> activation
+HookFn = Callable[..., torch.Tensor]
+
+_SELECTOR_AXES = {"batch": ("batch",), "pos": ("pos",), "head": ("head", "kv_head")}
+
+
+def resolve_hook_names(pattern: str, hook_names: Sequence[str]) -> list[str]:
+    """Hook names matching an exact name or a glob; RequestError (with suggestions) if none."""
+    if any(char in pattern for char in "*?["):
+        matched = fnmatch.filter(hook_names, pattern)
+        if not matched:
+            raise RequestError(
+                ErrorCode.UNKNOWN_HOOK,
+                f"pattern {pattern!r} matches no hook point",
+                "patterns use shell globs, e.g. 'blocks.*.hook_resid_post'",
+            )
+        return matched
+    if pattern not in hook_names:
+        near = difflib.get_close_matches(pattern, hook_names, n=3, cutoff=0.5)
+        raise RequestError(
+            ErrorCode.UNKNOWN_HOOK,
+            f"unknown hook point {pattern!r}",
+            f"did you mean {', '.join(near)}?" if near else "GET /v1/model lists the hook points",
+        )
+    return [pattern]
+
+
+@dataclass
+class _Target:
+    """One hook point a spec applies to: axis names and sizes, and the selection index."""
+
+    name: str
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    index: tuple[torch.Tensor, ...] | None  # open mesh over every axis; None = everything
+    chosen: dict[int, list[int]]  # axis position -> selected indices (absent: all)
+
+    @property
+    def selection_shape(self) -> tuple[int, ...]:
+        if self.index is None:
+            return self.shape
+        return tuple(ix.numel() for ix in self.index)
+
+    def overlaps(self, other: _Target) -> bool:
+        """Whether two selections on the same hook point share an element."""
+        return all(
+            not set(self.chosen[axis]).isdisjoint(other.chosen[axis])
+            for axis in self.chosen.keys() & other.chosen.keys()
+        )
+
+    def axis(self, *names: str) -> int | None:
+        for position, axis in enumerate(self.axes):
+            if axis in names:
+                return position
+        return None
+
+
+def _indices(value: int | list[int] | None) -> list[int] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _target(spec: HookSpec, name: str, model: HookedTransformer, batch: int, pos: int) -> _Target:
+    axes = hook_shape(name, model.cfg)
+    sizes = axis_sizes(model.cfg, batch, pos)
+    shape = tuple(sizes[axis] for axis in axes)
+    chosen: dict[int, list[int]] = {}
+    selectors = {
+        "batch": (_indices(spec.batch), _SELECTOR_AXES["batch"]),
+        "pos": (_indices(spec.pos), _SELECTOR_AXES["pos"]),
+        "head": (_indices(spec.head), _SELECTOR_AXES["head"]),
+        "neuron": (_indices(spec.neuron), (axes[-1],)),
+    }
+    for selector, (indices, wanted_axes) in selectors.items():
+        if indices is None:
+            continue
+        position = next((i for i, axis in enumerate(axes) if axis in wanted_axes), None)
+        if position is None:
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"hook point {name!r} has no {selector} axis (its axes are {list(axes)})",
+            )
+        size = shape[position]
+        if not indices:
+            raise RequestError(ErrorCode.BAD_INDEX, f"{selector} selector on {name!r} is empty")
+        bad = [index for index in indices if not -size <= index < size]
+        if bad:
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"{selector} index {bad[0]} is out of range for {name!r}: "
+                f"axis {axes[position]!r} has size {size}",
+                f"valid indices are {-size}..{size - 1}",
+            )
+        chosen[position] = [index % size for index in indices]
+    index = None
+    if chosen:
+        mesh = []
+        for position, size in enumerate(shape):
+            ids = torch.tensor(chosen.get(position, range(size)), dtype=torch.long)
+            view = [1] * len(shape)
+            view[position] = -1
+            mesh.append(ids.view(view))
+        index = tuple(mesh)
+    return _Target(name, axes, shape, index, chosen)
+
+
+def _expect_shape(
+    tensor: torch.Tensor, allowed: list[tuple[int, ...]], what: str, name: str
+) -> None:
+    if tuple(tensor.shape) not in allowed:
+        expected = " or ".join(str(list(shape)) for shape in dict.fromkeys(allowed))
+        raise RequestError(
+            ErrorCode.BAD_SHAPE,
+            f"{what} for {name!r} has shape {list(tensor.shape)}; expected {expected}",
+        )
+
+
+class _Edit:
+    """A compiled spec at one hook point: ``values(x)`` gives the replacement, either for the
+    whole activation (then indexed by the selection) or already shaped like the selection."""
+
+    def __init__(
+        self, target: _Target, values: Callable[[torch.Tensor], torch.Tensor], selected: bool
+    ):
+        self.target = target
+        self.values = values
+        self.selected = selected  # values() returns the selection, not the whole activation
+
+    def __call__(self, x: torch.Tensor, hook: object = None) -> torch.Tensor:
+        index = self.target.index
+        new = self.values(x)
+        if index is None:
+            return new.expand_as(x).to(x.dtype) if self.selected else new.to(x.dtype)
+        out = x.clone()
+        out[index] = (new if self.selected else new[index]).to(x.dtype)
+        return out
+
+
+def _compile_one(
+    spec: HookSpec,
+    target: _Target,
+    resolve: TensorResolver,
+    cache_lookup: CacheLookup,
+) -> _Edit:
+    name, shape, last = target.name, target.shape, target.shape[-1]
+    selection = target.selection_shape
+
+    def local(tensor: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: tensor.to(device=x.device, dtype=x.dtype)
+
+    if isinstance(spec, AblateSpec):
+        if spec.mode == "zero":
+            return _Edit(target, torch.zeros_like, selected=False)
+        if spec.mode == "mean":
+            axis = 0 if spec.mean_over == "batch" else target.axis("pos")
+            if axis is None:
+                raise RequestError(
+                    ErrorCode.VALIDATION, f"{name!r} has no pos axis to average over"
+                )
+            return _Edit(target, lambda x: x.mean(axis, keepdim=True).expand_as(x), selected=False)
+        rows = spec.source_batch or [(row + 1) % shape[0] for row in range(shape[0])]
+        if len(rows) != shape[0] or any(not 0 <= row < shape[0] for row in rows):
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"source_batch must list {shape[0]} rows in 0..{shape[0] - 1}, got {rows}",
+            )
+        order = torch.tensor(rows)
+        return _Edit(target, lambda x: x[order.to(x.device)], selected=False)
+    if isinstance(spec, PatchSpec):
+        source = spec.source
+        if isinstance(source, BatchSource):
+            if not source.batch < shape[0]:
+                raise RequestError(
+                    ErrorCode.BAD_INDEX,
+                    f"patch source batch {source.batch} is out of range (batch size {shape[0]})",
+                )
+            row = source.batch
+            return _Edit(target, lambda x: x[row : row + 1].expand_as(x), selected=False)
+        if isinstance(source, CacheSource):
+            tensor = cache_lookup(source.cache, name)
+            _expect_shape(tensor, [shape, (1, *shape[1:])], "cached activation", name)
+            return _Edit(
+                target, lambda x: tensor.to(x.device, x.dtype).expand_as(x), selected=False
+            )
+        tensor = resolve(source.tensor)
+        _expect_shape(tensor, [shape, selection], "patch tensor", name)
+        full = tuple(tensor.shape) == shape and shape != selection
+        return _Edit(target, local(tensor), selected=not full)
+    if isinstance(spec, SteerSpec):
+        vector = resolve(spec.vector)
+        _expect_shape(vector, [(last,), selection], "steering vector", name)
+        scaled = vector * spec.coeff
+        if tuple(vector.shape) == (last,):
+            return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
+        index = target.index
+        return _Edit(
+            target,
+            lambda x: (x[index] if index is not None else x) + scaled.to(x.device, x.dtype),
+            selected=True,
+        )
+    if isinstance(spec, ScaleSpec):
+        return _Edit(target, lambda x: x * spec.factor, selected=False)
+    if isinstance(spec, ClampSpec):
+        return _Edit(target, lambda x: x.clamp(min=spec.min, max=spec.max), selected=False)
+    if isinstance(spec, SetSpec):
+        if isinstance(spec.value, float | int):
+            value = float(spec.value)
+            return _Edit(target, lambda x: torch.full_like(x, value), selected=False)
+        tensor = resolve(spec.value)
+        try:
+            torch.broadcast_shapes(tuple(tensor.shape), selection)
+        except RuntimeError:
+            raise RequestError(
+                ErrorCode.BAD_SHAPE,
+                f"set value of shape {list(tensor.shape)} does not broadcast to the selection "
+                f"{list(selection)} of {name!r}",
+            ) from None
+        return _Edit(
+            target, lambda x: tensor.to(x.device, x.dtype).expand(selection), selected=True
+        )
+    if isinstance(spec, ProjectOutSpec):
+        direction = resolve(spec.direction)
+        _expect_shape(direction, [(last,)], "direction", name)
+        norm = direction.double().norm()
+        if norm == 0 or not torch.isfinite(norm):
+            raise RequestError(
+                ErrorCode.VALIDATION, "project_out direction must be non-zero and finite"
+            )
+        unit = (direction.double() / norm).float()
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            d = unit.to(x.device, x.dtype)
+            return x - (x @ d).unsqueeze(-1) * d
+
+        return _Edit(target, project, selected=False)
+    raise RequestError(ErrorCode.VALIDATION, f"unsupported op {spec.op!r}")  # pragma: no cover
+
+
+def compile_specs(
+    specs: Sequence[HookSpec],
+    model: HookedTransformer,
+    batch: int,
+    pos: int,
+    resolve: TensorResolver,
+    cache_lookup: CacheLookup,
+) -> list[tuple[str, HookFn]]:
+    """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec."""
+    hooks: list[tuple[str, HookFn]] = []
+    replaced: dict[str, list[tuple[int, _Target]]] = {}
+    for number, spec in enumerate(specs):
+        for name in resolve_hook_names(spec.hook, model.hook_names):
+            target = _target(spec, name, model, batch, pos)
+            if spec.op in REPLACING_OPS:
+                for other, earlier in replaced.get(name, []):
+                    if target.overlaps(earlier):
+                        raise RequestError(
+                            ErrorCode.CONFLICT,
+                            f"hook specs {other} and {number} both replace the same entries "
+                            f"of {name!r}",
+                            "give them disjoint selectors, or combine them into one spec",
+                        )
+                replaced.setdefault(name, []).append((number, target))
+            hooks.append((name, _compile_one(spec, target, resolve, cache_lookup)))
+    return hooks
