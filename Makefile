@@ -27,7 +27,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-serve: $(INSTALLED)
+serve: $(INSTALLED)  # SERVE_ARGS="--model gpt2 --port 8001" to change
 	$(VENV)/bin/hooklab-server $(SERVE_ARGS)
 
 bench: $(INSTALLED)
