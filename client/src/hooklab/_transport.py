@@ -1,0 +1,176 @@
+"""HTTP at the client's edge: msgpack request bodies, frame-stream responses, typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import msgspec
+import torch
+from tqdm.auto import tqdm
+
+from hooklab_proto import (
+    FRAMES_MEDIA_TYPE,
+    MSGPACK_MEDIA_TYPE,
+    ControlFrame,
+    StreamReader,
+    TensorFrame,
+    dtype_code,
+)
+
+from .errors import ConnectionFailedError, RequestTimeoutError, server_error
+
+# A progress bar appears for downloads expected to take longer than this.
+PROGRESS_AFTER_S = 1.0
+
+
+def wire_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as a msgpack tensor map inside a request body."""
+    flat = tensor.detach().to("cpu").contiguous()
+    data = memoryview(flat.reshape(-1).view(torch.uint8).numpy()) if flat.numel() else b""
+    return {
+        "kind": "tensor",
+        "v": 1,
+        "name": "",
+        "dtype": dtype_code(flat.dtype),
+        "shape": list(flat.shape),
+        "pad": b"",
+        "data": data,
+    }
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return wire_tensor(value)
+    raise TypeError(f"cannot send {type(value).__name__} to the server")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_encode)
+
+
+class Transport:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 60.0):
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0)),
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.ConnectError as exc:
+            raise ConnectionFailedError(
+                f"cannot reach the hooklab server at {self.url}: {exc}"
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise RequestTimeoutError(
+                f"the hooklab server at {self.url} did not answer in time ({type(exc).__name__}); "
+                "pass a larger timeout= to from_server"
+            ) from None
+
+    @staticmethod
+    def _raise_for_status(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        response.read()
+        try:
+            error = response.json()["error"]
+            raise server_error(
+                error["code"], error["message"], error.get("hint"), response.status_code
+            )
+        except (ValueError, KeyError, TypeError):
+            raise server_error(
+                "internal",
+                f"HTTP {response.status_code}: {response.text[:200]}",
+                None,
+                response.status_code,
+            ) from None
+
+    def get_json(self, path: str) -> Any:
+        with self._errors():
+            response = self.client.get(path, headers={"accept": "application/json"})
+        self._raise_for_status(response)
+        return response.json()
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        with self._errors():
+            response = self.client.post(
+                path,
+                content=_encoder.encode(body),
+                headers={"content-type": MSGPACK_MEDIA_TYPE, "accept": "application/json"},
+            )
+        self._raise_for_status(response)
+        return response.json()
+
+    def delete(self, path: str) -> None:
+        with self._errors():
+            response = self.client.delete(path)
+        self._raise_for_status(response)
+
+    def frames(
+        self, method: str, path: str, body: dict[str, Any] | None = None, progress: bool = True
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Send a request and decode its frame stream: (begin-frame fields, tensors by name)."""
+        content = _encoder.encode(body) if body is not None else None
+        headers = {"accept": FRAMES_MEDIA_TYPE}
+        if content is not None:
+            headers["content-type"] = MSGPACK_MEDIA_TYPE
+        with (
+            self._errors(),
+            self.client.stream(method, path, content=content, headers=headers) as response,
+        ):
+            self._raise_for_status(response)
+            return _read_frames(response, progress)
+
+
+def _read_frames(
+    response: httpx.Response, progress: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    reader = StreamReader()
+    meta: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    total = int(response.headers.get("content-length", 0)) or None
+    bar = None
+    started = time.perf_counter()
+    received = 0
+    for chunk in response.iter_raw():
+        received += len(chunk)
+        if (
+            progress
+            and bar is None
+            and total
+            and time.perf_counter() - started > PROGRESS_AFTER_S / 4
+        ):
+            rate = received / max(time.perf_counter() - started, 1e-9)
+            if total / rate > PROGRESS_AFTER_S:
+                bar = tqdm(
+                    total=total, initial=received, unit="B", unit_scale=True, desc="activations"
+                )
+        elif bar is not None:
+            bar.update(len(chunk))
+        for frame in reader.feed(chunk):
+            if isinstance(frame, TensorFrame):
+                tensors[frame.name] = frame.tensor
+            elif frame.kind == "begin":
+                meta = dict(frame.fields)
+            elif frame.kind == "error":
+                _raise_frame(frame)
+    if bar is not None:
+        bar.close()
+    reader.close()
+    return meta, tensors
+
+
+def _raise_frame(frame: ControlFrame) -> None:
+    fields = frame.fields
+    raise server_error(fields["code"], fields["message"], fields.get("hint"))

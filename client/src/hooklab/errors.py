@@ -1,0 +1,117 @@
+"""Typed exceptions for everything that can go wrong talking to a hooklab server.
+
+Server errors carry the server's machine-readable ``code``, its ``message`` and ``hint``; the
+class tells them apart without parsing text.
+"""
+
+from __future__ import annotations
+
+from hooklab_proto import TruncatedStreamError, WireFormatError
+
+
+class HooklabError(Exception):
+    """Base class of every hooklab client error."""
+
+
+class ServerError(HooklabError):
+    """The server refused or failed a request (a 4xx/5xx, or an error frame mid-stream)."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, status: int = 0):
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.status = status
+        super().__init__(f"{message} ({code}; {hint})" if hint else f"{message} ({code})")
+
+
+class BadRequestError(ServerError):
+    """Malformed body or wrong content type."""
+
+
+class InvalidRequestError(ServerError):
+    """A field, hook spec or index the server cannot accept."""
+
+
+class UnknownHookError(InvalidRequestError):
+    pass
+
+
+class BadIndexError(InvalidRequestError):
+    pass
+
+
+class BadShapeError(InvalidRequestError):
+    pass
+
+
+class ConflictingSpecsError(InvalidRequestError):
+    pass
+
+
+class TooLargeError(ServerError):
+    """Over one of the server's limits (tokens, batch, body or response size)."""
+
+
+class NotFoundError(ServerError):
+    """A stored tensor or cache that does not exist (any more), or an unknown weight."""
+
+
+class StoreFullError(ServerError):
+    pass
+
+
+class UnsupportedMediaTypeError(BadRequestError):
+    pass
+
+
+class InternalServerError(ServerError):
+    pass
+
+
+class ConnectionFailedError(HooklabError):
+    """The server could not be reached."""
+
+
+class RequestTimeoutError(HooklabError):
+    """The server did not answer within the client's timeout."""
+
+
+_BY_CODE: dict[str, type[ServerError]] = {
+    "bad_request": BadRequestError,
+    "validation_error": InvalidRequestError,
+    "unknown_hook": UnknownHookError,
+    "bad_index": BadIndexError,
+    "bad_shape": BadShapeError,
+    "conflicting_specs": ConflictingSpecsError,
+    "too_large": TooLargeError,
+    "not_found": NotFoundError,
+    "store_full": StoreFullError,
+    "unsupported_media_type": UnsupportedMediaTypeError,
+    "internal": InternalServerError,
+}
+
+
+def server_error(code: str, message: str, hint: str | None = None, status: int = 0) -> ServerError:
+    return _BY_CODE.get(code, ServerError)(code, message, hint, status)
+
+
+__all__ = [
+    "BadIndexError",
+    "BadRequestError",
+    "BadShapeError",
+    "ConflictingSpecsError",
+    "ConnectionFailedError",
+    "HooklabError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "RequestTimeoutError",
+    "ServerError",
+    "StoreFullError",
+    "TooLargeError",
+    "TruncatedStreamError",
+    "UnknownHookError",
+    "UnsupportedMediaTypeError",
+    "WireFormatError",
+    "server_error",
+]

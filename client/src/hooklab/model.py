@@ -1,0 +1,346 @@
+"""``HookedTransformer`` for a remote hooklab server, with TransformerLens's API.
+
+Hook functions are declarative specs (``hooklab.hooks``) that run on the server; activations
+come back as tensors. Weights are fetched on first use and memoised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import torch
+
+from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL
+
+from ._transport import Transport
+from .activation_cache import ActivationCache
+from .factored_matrix import FactoredMatrix
+from .hooks import HookSpec
+
+NameOrFilter = str | Callable[[str], bool]
+FwdHook = tuple[NameOrFilter, HookSpec]
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}  # fmt: skip
+
+
+class Output(SimpleNamespace):
+    """``return_type="both"``: ``(logits, loss)``, unpackable like TransformerLens's Output."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.logits, self.loss))
+
+
+def _config(fields: dict[str, Any]) -> SimpleNamespace:
+    values = dict(fields)
+    values["dtype"] = _DTYPES.get(values.get("dtype", "float32"), torch.float32)
+    return SimpleNamespace(**values)
+
+
+def _check_spec(hook: object) -> HookSpec:
+    if isinstance(hook, HookSpec):
+        return hook
+    if callable(hook):
+        raise TypeError(
+            "hooklab runs hooks on the server, so a Python function cannot be sent as a hook; "
+            "use a spec from hooklab.hooks instead, e.g. hooks.ablate(), hooks.patch(cache_id), "
+            "hooks.steer(vector, coeff), hooks.scale(f), hooks.set(value), hooks.project_out(d)"
+        )
+    raise TypeError(f"a hook must be a hooklab.hooks spec, not {type(hook).__name__}")
+
+
+class HookedTransformer:
+    """A model served by ``hooklab-server``; see :meth:`from_server`."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        info = transport.get_json("/v1/model")
+        self.info = info
+        self.cfg = _config(info["cfg"])
+        self.hook_names: list[str] = [point["name"] for point in info["hook_points"]]
+        self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
+        self._weights: dict[str, torch.Tensor] = {}
+        self._hooks: list[FwdHook] = []
+
+    @classmethod
+    def from_server(
+        cls, url: str, api_key: str | None = None, timeout: float | None = 60.0
+    ) -> HookedTransformer:
+        """Connect to a hooklab server (e.g. ``http://gpu-box:8000``)."""
+        return cls(Transport(url, api_key, timeout))
+
+    def close(self) -> None:
+        self._transport.close()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _specs(self, fwd_hooks: Sequence[FwdHook]) -> list[dict[str, Any]]:
+        specs = []
+        for selector, hook in [*self._hooks, *fwd_hooks]:
+            spec = _check_spec(hook)
+            if isinstance(selector, str):
+                specs.append(spec.at(selector))
+            else:
+                specs.extend(spec.at(name) for name in self.hook_names if selector(name))
+        return specs
+
+    def _body(self, input: Any, **kwargs: Any) -> dict[str, Any]:
+        # None means "server default", except for return_type where None is a real choice.
+        body: dict[str, Any] = {
+            key: value for key, value in kwargs.items() if value is not None or key == "return_type"
+        }
+        if kwargs.get("start_at_layer") is not None:
+            body["residual"] = input
+        elif isinstance(input, torch.Tensor):
+            body["input"] = input if input.dim() == 2 else input.unsqueeze(0)
+        else:
+            body["input"] = input
+        for key in ("tokens", "attention_mask"):
+            if isinstance(body.get(key), torch.Tensor):
+                body[key] = body[key].long()
+        return body
+
+    def _resolve_names(self, names_filter: NamesFilter) -> list[str] | None:
+        if names_filter is None:
+            return None
+        if isinstance(names_filter, str):
+            return [names_filter]
+        if callable(names_filter):
+            # Evaluated here, over the hook points that fire: only the names travel.
+            return [name for name in self.hook_names if self._fires[name] and names_filter(name)]
+        return list(names_filter)
+
+    def _call(
+        self, path: str, args: tuple[Any, ...], fwd_hooks: Sequence[FwdHook],
+        names: list[str] | None, **kwargs: Any,
+    ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+        if len(args) != 1:
+            raise TypeError(f"expected one positional argument (the input), got {len(args)}")
+        body = self._body(args[0], hooks=self._specs(fwd_hooks), **kwargs)
+        if path != "/v1/forward":
+            body["names"] = names
+        meta, tensors = self._transport.frames("POST", path, body)
+        outputs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("output.")}
+        return _output(outputs, kwargs), tensors, meta
+
+    def forward(
+        self,
+        input: str | list[str] | torch.Tensor,
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        start_at_layer: int | None = None,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Any:
+        """TransformerLens's ``forward``, run on the server under any hooks added here."""
+        out, _, _ = self._call(
+            "/v1/forward", (input,), (), None, return_type=return_type,
+            loss_per_token=loss_per_token, prepend_bos=prepend_bos, padding_side=padding_side,
+            start_at_layer=start_at_layer, tokens=tokens, attention_mask=attention_mask,
+            stop_at_layer=stop_at_layer,
+        )  # fmt: skip
+        return out
+
+    __call__ = forward
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NamesFilter = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        return_cache_object: bool = True,
+        store: bool = False,
+        fwd_hooks: Sequence[FwdHook] = (),
+        **forward_kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
+        """Forward plus activations. ``store=True`` also keeps the cache on the server: its id
+        is ``cache.cache_id`` (usable as a patch source)."""
+        out, tensors, meta = self._call(
+            "/v1/run_with_cache", model_args, fwd_hooks, self._resolve_names(names_filter),
+            remove_batch_dim=remove_batch_dim, store=store or None, **forward_kwargs,
+        )  # fmt: skip
+        if device is not None:
+            tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+        if not return_cache_object:
+            return out, tensors
+        cache = ActivationCache(tensors, self, has_batch_dim=not remove_batch_dim)
+        cache.cache_id = meta.get("cache_id")  # type: ignore[attr-defined]
+        return out, cache
+
+    def run_with_hooks(
+        self, *model_args: Any, fwd_hooks: Sequence[FwdHook] = (), **forward_kwargs: Any
+    ) -> Any:
+        out, _, _ = self._call("/v1/run_with_hooks", model_args, fwd_hooks, [], **forward_kwargs)
+        return out
+
+    # --- hooks held client-side -----------------------------------------------------------
+
+    def add_hook(self, name: NameOrFilter, hook: HookSpec, dir: str = "fwd") -> None:
+        if dir != "fwd":
+            raise NotImplementedError("hooklab runs forward hooks only")
+        self._hooks.append((name, _check_spec(hook)))
+
+    def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
+        self._hooks.clear()
+
+    @contextmanager
+    def hooks(
+        self, fwd_hooks: Sequence[FwdHook] = (), reset_hooks_end: bool = True
+    ) -> Iterator[HookedTransformer]:
+        """Apply ``fwd_hooks`` to every call inside the block (TransformerLens's ``hooks``)."""
+        added = [(name, _check_spec(hook)) for name, hook in fwd_hooks]
+        self._hooks.extend(added)
+        try:
+            yield self
+        finally:
+            if reset_hooks_end:
+                for item in added:
+                    self._hooks.remove(item)
+
+    # --- tokenizer ------------------------------------------------------------------------
+
+    def _tokenize(
+        self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None
+    ) -> dict[str, Any]:
+        return self._transport.post_json(
+            "/v1/tokenize",
+            {"input": input, "prepend_bos": prepend_bos, "padding_side": padding_side},
+        )
+
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
+                  padding_side: Literal["left", "right"] | None = None) -> torch.Tensor:  # fmt: skip
+        return torch.tensor(self._tokenize(input, prepend_bos, padding_side)["tokens"])
+
+    def to_str_tokens(self, input: str | torch.Tensor | list, prepend_bos: bool | None = None,
+                      padding_side: Literal["left", "right"] | None = None) -> list:  # fmt: skip
+        if isinstance(input, list):
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+        if isinstance(input, str):
+            return self._tokenize(input, prepend_bos, padding_side)["str_tokens"][0]
+        tokens = torch.as_tensor(input).reshape(-1).tolist()
+        return [self.to_string([token]) for token in tokens]
+
+    def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
+        tokens = torch.as_tensor(tokens)
+        return self._transport.post_json("/v1/detokenize", {"tokens": tokens.tolist()})["text"]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not a single token")
+        return int(tokens[0])
+
+    def get_token_position(self, single_token: str | int, input: str | torch.Tensor,
+                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
+                           padding_side: Literal["left", "right"] | None = None) -> int:  # fmt: skip
+        tokens = (
+            self.to_tokens(input, prepend_bos, padding_side)[0]
+            if isinstance(input, str)
+            else torch.as_tensor(input).reshape(-1)
+        )
+        token = (
+            self.to_single_token(single_token) if isinstance(single_token, str) else single_token
+        )
+        found = (tokens == token).nonzero()
+        if not len(found):
+            raise ValueError(f"token {single_token!r} is not in the input")
+        return int(found[0 if mode == "first" else -1])
+
+    # --- weights --------------------------------------------------------------------------
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """A weight by TransformerLens name, fetched once (KeyError if the model has none)."""
+        if name not in self._weights:
+            from .errors import NotFoundError
+
+            try:
+                _, tensors = self._transport.frames("GET", f"/v1/weights/{name}", progress=False)
+            except NotFoundError:
+                raise KeyError(f"the model has no parameter {name!r}") from None
+            self._weights[name] = tensors[name]
+        return self._weights[name]
+
+    def _optional(self, name: str) -> torch.Tensor | None:
+        try:
+            return self.parameter(name)
+        except KeyError:
+            return None
+
+    W_E = property(lambda self: self.parameter("W_E"))
+    W_pos = property(lambda self: self._optional("W_pos"))
+    W_U = property(lambda self: self.parameter("W_U"))
+    b_U = property(lambda self: self.parameter("b_U"))
+    W_Q = property(lambda self: self.parameter("W_Q"))
+    W_K = property(lambda self: self.parameter("W_K"))
+    W_V = property(lambda self: self.parameter("W_V"))
+    W_O = property(lambda self: self.parameter("W_O"))
+    b_Q = property(lambda self: self.parameter("b_Q"))
+    b_K = property(lambda self: self.parameter("b_K"))
+    b_V = property(lambda self: self.parameter("b_V"))
+    b_O = property(lambda self: self.parameter("b_O"))
+    W_in = property(lambda self: self.parameter("W_in"))
+    W_gate = property(lambda self: self._optional("W_gate"))
+    W_out = property(lambda self: self.parameter("W_out"))
+    b_in = property(lambda self: self.parameter("b_in"))
+    b_out = property(lambda self: self.parameter("b_out"))
+
+    @property
+    def W_E_pos(self) -> torch.Tensor:
+        return self.W_E if self.W_pos is None else torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return self.W_U[:, torch.as_tensor(tokens)].movedim(0, -1)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> torch.Tensor:
+        total = torch.zeros(self.cfg.d_model, dtype=self.b_O.dtype)
+        for index in range(layer):
+            total = total + self.b_O[index] + (self.b_out[index] if include_mlp_biases else 0)
+        if mlp_input:
+            total = total + self.b_O[layer]
+        return total
+
+    # --- stored objects -------------------------------------------------------------------
+
+    def store_tensor(self, tensor: torch.Tensor, ttl_s: float | None = None) -> str:
+        """Keep a tensor on the server (e.g. a steering vector); returns its id."""
+        from ._transport import wire_tensor
+
+        body = {"tensor": wire_tensor(tensor), "ttl_s": ttl_s}
+        return self._transport.post_json("/v1/tensors", body)["id"]
+
+    def delete_stored(self, object_id: str) -> None:
+        kind = "caches" if object_id.startswith("c_") else "tensors"
+        self._transport.delete(f"/v1/{kind}/{object_id}")
+
+
+def _output(outputs: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> Any:
+    if kwargs.get("stop_at_layer") is not None:
+        return outputs[OUTPUT_RESIDUAL]
+    return_type = kwargs.get("return_type", "logits")
+    if return_type == "logits":
+        return outputs[OUTPUT_LOGITS]
+    if return_type == "loss":
+        return outputs[OUTPUT_LOSS]
+    if return_type == "both":
+        return Output(logits=outputs[OUTPUT_LOGITS], loss=outputs[OUTPUT_LOSS])
+    return None
