@@ -215,12 +215,20 @@ class HookedTransformer:
             {"input": input, "prepend_bos": prepend_bos, "padding_side": padding_side},
         )
 
-    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
-                  padding_side: Literal["left", "right"] | None = None) -> torch.Tensor:  # fmt: skip
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> torch.Tensor:
         return torch.tensor(self._tokenize(input, prepend_bos, padding_side)["tokens"])
 
-    def to_str_tokens(self, input: str | torch.Tensor | list, prepend_bos: bool | None = None,
-                      padding_side: Literal["left", "right"] | None = None) -> list:  # fmt: skip
+    def to_str_tokens(
+        self,
+        input: str | torch.Tensor | list,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list:
         if isinstance(input, list):
             return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
         if isinstance(input, str):
@@ -238,9 +246,14 @@ class HookedTransformer:
             raise ValueError(f"{string!r} is {tokens.numel()} tokens, not a single token")
         return int(tokens[0])
 
-    def get_token_position(self, single_token: str | int, input: str | torch.Tensor,
-                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
-                           padding_side: Literal["left", "right"] | None = None) -> int:  # fmt: skip
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | torch.Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
         tokens = (
             self.to_tokens(input, prepend_bos, padding_side)[0]
             if isinstance(input, str)
