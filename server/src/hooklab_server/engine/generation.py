@@ -92,6 +92,13 @@ def generate_tokens(
         eos_token_id = model.tokenizer.eos_token_id
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_ids, device=tokens.device)
+    # Finished rows are padded (TransformerLens's rule) with the one stop id, or, for a list of
+    # stop ids, with the tokenizer's eos when it has one, else the first listed id.
+    tokenizer_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+    if isinstance(eos_token_id, int) or tokenizer_eos is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    else:
+        pad_id = tokenizer_eos
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
@@ -109,7 +116,7 @@ def generate_tokens(
         else:
             next_tokens = last.argmax(-1)
         if stop_at_eos and eos_ids:
-            next_tokens = torch.where(finished, eos[0], next_tokens)
+            next_tokens = torch.where(finished, pad_id, next_tokens)
             finished |= torch.isin(next_tokens, eos)
         tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
         if attention_mask is not None:
@@ -143,8 +150,12 @@ def generate(
     fwd_hooks: FwdHooks = (),
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
+    verbose: bool = False,
 ) -> Any:
-    """TransformerLens's ``generate``: the prompt plus up to ``max_new_tokens`` new tokens."""
+    """TransformerLens's ``generate``: the prompt plus up to ``max_new_tokens`` new tokens.
+
+    ``verbose`` is accepted for TransformerLens compatibility; the engine prints nothing.
+    """
     tokens, mask = _prompt(model, input, prepend_bos, padding_side, attention_mask)
     steps = generate_tokens(
         model, tokens, mask, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,

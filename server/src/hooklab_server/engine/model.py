@@ -183,15 +183,20 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         names_filter: NameOrPredicate | Sequence[str] | None = None,
         fwd_hooks: FwdHooks = (),
         remove_batch_dim: bool = False,
+        device: str | torch.device | None = None,
+        return_cache_object: bool = True,
         **kwargs: Any,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Forward that also returns the activations named by ``names_filter`` (after any hook
-        functions at those points ran), in firing order."""
+        functions at those points ran), in firing order, as a dict (``return_cache_object`` is
+        accepted for TransformerLens compatibility; the client builds the ActivationCache)."""
         run = self.hook_run(fwd_hooks, names_filter, capture=True)
         out = self.forward(*args, hooks=run, **kwargs)
         cache = run.cache
         if remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}
+        if device is not None:
+            cache = {name: value.to(device) for name, value in cache.items()}
         return out, cache
 
     def run_with_hooks(self, *args: Any, fwd_hooks: FwdHooks = (), **kwargs: Any) -> Any:
