@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def _as_2d_projection(project: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-    """A ``[d_model]`` projection as ``[d_model, 1]`` (and whether to squeeze it back at the end)."""
+    """A ``[d_model]`` projection as ``[d_model, 1]``, and whether to squeeze it back at the end."""
     if project is None:
         return None, False
     if project.ndim == 1:
@@ -144,7 +144,7 @@ class ActivationCache:
         return self
 
     def apply_slice_to_batch_dim(self, batch_slice: SliceLike) -> ActivationCache:
-        """A new cache with ``batch_slice`` applied to every batched entry (an int drops the axis)."""
+        """A new cache with ``batch_slice`` applied to each batched entry (an int drops it)."""
         batch_slice = as_slice(batch_slice)
         if not self.has_batch_dim:
             raise AssertionError("Cannot index into a cache without a batch dim")
@@ -351,7 +351,7 @@ class ActivationCache:
     ) -> torch.Tensor:
         """Neuron outputs through the cached-scale norm and a ``[d, k]`` projection at once.
 
-        ``LN(a·w) @ p = (a / s) · (w @ p − mean(w) · Σp)``; RMS has no centring term. Always the
+        ``LN(a·w) @ p = (a / s) · (w @ p - mean(w) · Σp)``; RMS has no centring term. Always the
         ln1 scale of ``layer`` (ln_final for ``n_layers``). Returns ``[n, *bp, k]``.
         """
         scale = self._cached_ln_scale(layer, False, pos_slice)  # [*bp, 1]

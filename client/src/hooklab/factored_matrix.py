@@ -222,7 +222,7 @@ class FactoredMatrix:
         return self.U * self.S[..., None, :]
 
     def get_corner(self, k: int = 3) -> torch.Tensor:
-        """The top-left ``k × k`` block of the product (every leading axis cut to ``k`` too)."""
+        """The top-left ``k`` by ``k`` block of the product (leading axes cut to ``k`` too)."""
         return get_corner(self.A[..., :k, :] @ self.B[..., :, :k], k)
 
     def __repr__(self) -> str:

@@ -157,7 +157,7 @@ def transpose(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def get_corner(tensor: torch.Tensor, n: int = 3) -> torch.Tensor:
-    """The top-left ``n × n × …`` corner (every axis cut to ``n``)."""
+    """The top-left corner: every axis cut to its first ``n`` entries."""
     return tensor[tuple(slice(n) for _ in range(tensor.ndim))]
 
 
