@@ -81,12 +81,16 @@ class RunningServer:
 
 
 @contextmanager
-def serve(engine_model: Any, settings: Settings | None = None) -> Iterator[RunningServer]:
-    running = RunningServer(create_app(engine_model, settings or Settings())).start()
+def serve_app(app: Any) -> Iterator[RunningServer]:
+    running = RunningServer(app).start()
     try:
         yield running
     finally:
         running.stop()
+
+
+def serve(engine_model: Any, settings: Settings | None = None) -> Any:
+    return serve_app(create_app(engine_model, settings or Settings()))
 
 
 # ---- models, loaded once per session ---------------------------------------------------------

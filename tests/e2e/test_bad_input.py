@@ -9,11 +9,10 @@ The server is a GPT-2 (2 layers, d_model 64, 4 heads, d_mlp 256, vocab 1000, n_c
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +20,10 @@ import msgpack
 import pytest
 import torch
 
-from .e2e_servers import TINY_LIMITS, served_checkpoint
+from hooklab_server.api import create_app
+from hooklab_server.settings import Settings
+
+from .e2e_servers import TINY_LIMITS, engine_model, serve_app, served_checkpoint
 
 INTERNAL = "500 internal instead of a 4xx"
 TOKENS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]  # batch 2, pos 6
@@ -148,8 +150,6 @@ CASES: dict[str, Bad] = {
         run({"hook": "blocks.0.hook_resid_pre", "op": "set",
              "value": {"dtype": "F32", "shape": [1, 1, 1, D_MODEL], "data": [0.0] * D_MODEL}}),
         422, "bad_shape", [r"\[1, 1, 1, 64\]", r"\[2, 6, 64\]"],
-        xfail="BUG: a set tensor with more dims than the selection passes broadcast_shapes but "
-        "expand() fails in the hook: 500 internal instead of 422 bad_shape",
     ),
     "project_out_zero_direction": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "project_out",
@@ -199,40 +199,33 @@ CASES: dict[str, Bad] = {
     "huge_token_id": Bad(
         {"input": [[1, 2**70]]}, 422, {"bad_index", "validation_error", "bad_shape"},
         [r"token|input"], path="/v1/forward",
-        xfail=f"BUG: {INTERNAL} (ValueError: Overflow when unpacking long, in Runner._ids)",
     ),
     "huge_id_in_json_i64_tensor": Bad(
         {"input": {"dtype": "I64", "shape": [1, 2], "data": [1, 2**70]}}, 422,
         {"bad_shape", "validation_error"}, [r"I64"], path="/v1/forward",
-        xfail=f"BUG: {INTERNAL} (tensor_from_json catches RuntimeError/OverflowError, "
-        "not torch's ValueError)",
     ),
     "huge_attention_mask_value": Bad(
-        {"input": TOKENS, "attention_mask": [[2**70] * 6] * 2}, 422, "bad_shape", [r"0/1"],
-        path="/v1/forward", xfail=f"BUG: {INTERNAL} (ValueError in Runner._ids)",
+        {"input": TOKENS, "attention_mask": [[2**70] * 6] * 2}, 422,
+        {"bad_shape", "validation_error"}, [r"0/1|int64"],
+        path="/v1/forward",
     ),
     "deeply_nested_input": Bad(
-        b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422,
+        b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
         {"validation_error", "bad_request", "bad_shape"}, [r"input|nest|deep"],
-        path="/v1/forward", xfail=f"BUG: {INTERNAL} (RecursionError)",
+        path="/v1/forward",
     ),
     "loss_tokens_shape_mismatch": Bad(
         {"residual": {"dtype": "F32", "shape": [1, 2, D_MODEL], "data": [0.0] * 128},
          "start_at_layer": 1, "tokens": [[1, 2, 3]], "return_type": "loss"},
         422, "bad_shape", [r"tokens", r"\[1, 2\]"], path="/v1/forward",
-        xfail=f"BUG: {INTERNAL} (RuntimeError in the loss: tokens not checked against the "
-        "residual's [batch, pos])",
     ),
     "cache_names_glob": Bad(
-        {"input": TOKENS, "names": ["blocks.*.hook_resid_post"]}, 422, "validation_error",
-        [r"exact|glob|pattern"], path="/v1/run_with_cache",
-        xfail=f"BUG: {INTERNAL} (KeyError: Runner.cache_names lets a glob through "
-        "resolve_hook_names and the engine then looks it up; expand it or refuse it)",
+        {"input": TOKENS, "names": ["blocks.*.hook_nope"]}, 422, "unknown_hook",
+        [r"matches no hook point"], path="/v1/run_with_cache",
     ),
     "float8_steer_vector": Bad(
         run({"hook": "hook_embed", "op": "steer", "vector": vec(D_MODEL, "F8_E4M3")}), 200,
-        "", [], xfail=f"BUG: {INTERNAL} (NotImplementedError: steer multiplies the F8 vector by "
-        "coeff before casting it to the activation's dtype)",
+        "", [],
     ),
     "non_rectangular_tokens": Bad(
         {"input": [[1, 2, 3], [4, 5]]}, 422, "bad_shape", [r"rectangle"], path="/v1/forward"
@@ -370,12 +363,9 @@ CASES: dict[str, Bad] = {
                                 path="/v1/caches/c_missing", method="DELETE"),
     "unknown_route": Bad(
         None, 404, "not_found", [r"/v1/nope"], path="/v1/nope", method="GET",
-        xfail="GAP: unknown routes answer FastAPI's {'detail': 'Not Found'}, not the "
-        "{'error': {code, message, hint}} envelope (the client then raises InternalServerError)",
     ),
     "wrong_method": Bad(
         None, 405, {"bad_request", "not_found"}, [r"GET|method"], path="/v1/model", method="DELETE",
-        xfail="GAP: 405 answers FastAPI's {'detail': 'Method Not Allowed'}, not the error envelope",
     ),
     "store_negative_ttl": Bad(
         {"tensor": vec(4), "ttl_s": -1}, 422, "validation_error", [r"ttl_s", r"greater than 0"],
@@ -383,16 +373,15 @@ CASES: dict[str, Bad] = {
     ),
     "detokenize_negative_id": Bad(
         {"tokens": [1, -1]}, 422, {"bad_index", "validation_error"}, [r"-1"],
-        path="/v1/detokenize", xfail=f"BUG: {INTERNAL} (OverflowError in tokenizer.decode)",
+        path="/v1/detokenize",
     ),
     "detokenize_ragged": Bad(
         {"tokens": [[1, 2], [3]]}, 422, {"bad_shape", "validation_error"},
         [r"rectangle|ragged|length"],
-        path="/v1/detokenize", xfail=f"BUG: {INTERNAL} (ValueError from torch.tensor)",
+        path="/v1/detokenize",
     ),
     "tokenize_empty_list": Bad(
         {"input": []}, 422, "validation_error", [r"input"], path="/v1/tokenize",
-        xfail=f"BUG: {INTERNAL} (IndexError)",
     ),
     "tokenize_wrong_type": Bad(
         {"input": 12}, 422, "validation_error", [r"input"], path="/v1/tokenize"
@@ -484,35 +473,27 @@ def test_the_server_survives_the_table(bad_server: dict[str, Any]) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after an unhandled exception (500) the server closes the keep-alive connection "
-    "without 'Connection: close' (Starlette's ServerErrorMiddleware re-raises into uvicorn), so a "
-    "client's next request on that connection fails with httpx.ReadError (connection reset), "
-    "which the hooklab client does not map to a typed error. The trigger is the detokenize 500 "
-    "above: once that is fixed, pick another 500 or delete this test.",
-)
-def test_a_server_error_keeps_the_connection_usable(bad_server: dict[str, Any]) -> None:
-    served = bad_server["served"]
-    body = json.dumps({"tokens": [1, -1]}).encode()
-    request = (
-        b"POST /v1/detokenize HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
-    with socket.create_connection(("127.0.0.1", served.url.rsplit(":", 1)[1])) as sock:
-        sock.sendall(request)
-        sock.settimeout(2.0)
-        received = b""
-        closed = False
+def test_an_unexpected_server_error_is_a_500_envelope_and_the_connection_survives(
+    gpt2_checkpoint: Path,
+) -> None:
+    """Fault injection: the operation behind /v1/forward raises an unexpected exception. The
+    client gets the JSON error envelope (code internal) and the same keep-alive connection
+    serves the next request."""
+    app = create_app(engine_model(gpt2_checkpoint), Settings())
+    runner = app.state.runner
+
+    def broken(request: object) -> object:
+        raise RuntimeError("injected fault")
+
+    with serve_app(app) as running, httpx.Client(base_url=running.url) as client:
+        original, runner.run = runner.run, broken
         try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    closed = True
-                    break
-                received += chunk
-        except TimeoutError:
-            pass
-    head = received.split(b"\r\n\r\n", 1)[0].lower()
-    assert head.startswith(b"http/1.1 500"), head  # the trigger still answers 500
-    assert not closed or b"connection: close" in head, "closed without 'Connection: close'"
+            response = client.post("/v1/forward", json={"input": [[1, 2, 3]]})
+        finally:
+            runner.run = original
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal"
+        assert "RuntimeError" in response.json()["error"]["message"]
+        again = client.get("/healthz")  # same pooled connection
+        assert again.status_code == 200
+        assert client.post("/v1/forward", json={"input": [[1, 2, 3]]}).status_code == 200

@@ -271,12 +271,6 @@ def test_patch_from_a_cache_of_another_length_is_a_bad_shape(gpt2_server: Served
         model.delete_stored(cache.cache_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run_with_cache(store=True, remove_batch_dim=True) stores the batch-less cache, "
-    "which then cannot be a patch source (bad_shape [pos, d], expected [1, pos, d]); the stored "
-    "cache should keep its batch axis (remove_batch_dim only shapes the response)",
-)
 def test_stored_cache_with_remove_batch_dim_is_a_patch_source(gpt2_server: Served) -> None:
     model, tl = gpt2_server.model, gpt2_server.tl
     name = "blocks.0.hook_resid_post"

@@ -316,15 +316,8 @@ def test_exact_name_on_a_conditional_point_acts_as_with_tl_flag_on(
     assert_close(actual, expected, "logits")
 
 
-CONDITIONAL_BUG = (
-    "BUG: a predicate (client) or glob (server) hook name also matches conditional hook points "
-    "(attn.hook_result, hook_attn_in, hook_q/k/v_input, hook_mlp_in) that TL 3.9 never fires "
-    "with its flags off; hooklab fires them, so e.g. scale(0.9) on every 'blocks.0.' point "
-    "is applied again on those points and the logits differ from TL's"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=CONDITIONAL_BUG)
 @pytest.mark.parametrize("form", ["predicate", "glob"])
 def test_wide_name_pattern_hooks_only_points_that_fire(gpt2_server: Served, form: str) -> None:
     served = gpt2_server

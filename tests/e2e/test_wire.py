@@ -320,11 +320,6 @@ def test_openapi_hook_spec_union(openapi: dict[str, Any]) -> None:
     assert set(json_tensor_schema["required"]) == {"dtype", "shape", "data"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: /openapi.json lists only application/json request bodies, although every POST "
-    "also accepts application/msgpack with the same schema (DESIGN.md §4)",
-)
 def test_openapi_declares_msgpack_request_bodies(openapi: dict[str, Any]) -> None:
     for path in REQUEST_SCHEMAS:
         content = openapi["paths"][path]["post"]["requestBody"]["content"]

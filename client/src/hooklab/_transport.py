@@ -77,6 +77,10 @@ class Transport:
                 f"the hooklab server at {self.url} did not answer in time ({type(exc).__name__}); "
                 "pass a larger timeout= to from_server"
             ) from None
+        except httpx.TransportError as exc:
+            raise ConnectionFailedError(
+                f"the connection to {self.url} failed: {type(exc).__name__}: {exc}"
+            ) from None
 
     @staticmethod
     def _raise_for_status(response: httpx.Response) -> None:

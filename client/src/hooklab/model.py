@@ -84,8 +84,12 @@ class HookedTransformer:
             spec = _check_spec(hook)
             if isinstance(selector, str):
                 specs.append(spec.at(selector))
-            else:
-                specs.extend(spec.at(name) for name in self.hook_names if selector(name))
+            else:  # like TransformerLens: a predicate sees the hook points that fire
+                specs.extend(
+                    spec.at(name)
+                    for name in self.hook_names
+                    if self._fires[name] and selector(name)
+                )
         return specs
 
     def _body(self, input: Any, **kwargs: Any) -> dict[str, Any]:

@@ -106,6 +106,6 @@ def tensor_from_json(obj: Any) -> torch.Tensor:
     build_dtype = torch.float64 if dtype.is_floating_point else dtype
     try:
         tensor = torch.tensor(values, dtype=build_dtype)
-    except (RuntimeError, OverflowError) as exc:
+    except (RuntimeError, OverflowError, ValueError) as exc:
         raise WireFormatError(f"'data' does not fit {obj['dtype']}: {exc}") from None
     return tensor.to(dtype).reshape(shape)

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hooklab_proto import ErrorCode
+from hooklab_proto import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, ErrorCode
 
 from ..engine import HookedTransformer
 from ..ops import RequestError, Runner
 from ..ops.describe import tokenizer_files
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from .routes import error_response, router
-
-logger = logging.getLogger("hooklab_server")
+from .bodies import error_response
+from .routes import router
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -53,14 +52,32 @@ def create_app(
         message, hint = _validation_message(exc)
         return error_response(RequestError(ErrorCode.VALIDATION, message, hint))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            RequestError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}", status=500)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_REQUEST
+        hint = (
+            "see /docs or /openapi.json for the routes" if exc.status_code in (404, 405) else None
         )
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return error_response(RequestError(code, message, hint, status=exc.status_code))
 
+    app.openapi = lambda: _openapi_with_msgpack(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_with_msgpack(app: FastAPI) -> dict:
+    """OpenAPI where every JSON request body is also offered as msgpack (same schema)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                content = operation.get("requestBody", {}).get("content", {})
+                if JSON_MEDIA_TYPE in content:
+                    content[MSGPACK_MEDIA_TYPE] = content[JSON_MEDIA_TYPE]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 __all__ = ["create_app"]

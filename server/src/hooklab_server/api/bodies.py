@@ -3,13 +3,15 @@ frame streams or JSON depending on ``Accept``."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
 import torch
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
@@ -26,6 +28,8 @@ from hooklab_proto import (
 )
 
 from ..ops import RequestError
+
+logger = logging.getLogger("hooklab_server")
 
 _JSON_TYPES = ("application/json",)
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -73,6 +77,21 @@ class BodyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            try:
+                return await decoded_route(request)
+            except (RequestError, RequestValidationError, HTTPException):
+                raise  # answered by the app's handlers, keeping the connection open
+            except Exception as exc:
+                # Answer here rather than in a catch-all handler: Starlette re-raises those
+                # into the server, which then drops the keep-alive connection.
+                logger.exception("unhandled error on %s %s", request.method, request.url.path)
+                return error_response(
+                    RequestError(
+                        ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}", status=500
+                    )
+                )
+
+        async def decoded_route(request: Request) -> Response:
             if request.method not in ("POST", "PUT", "PATCH"):
                 return await handler(request)
             limit = request.app.state.settings.max_request_bytes
@@ -90,6 +109,10 @@ class BodyRoute(APIRoute):
                         f"send {JSON_MEDIA_TYPE} or {MSGPACK_MEDIA_TYPE}",
                         status=415,
                     )
+            except RecursionError:
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST, "the body is nested too deeply to decode", status=400
+                ) from None
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(
                     ErrorCode.BAD_REQUEST, f"the body is not valid {media}: {exc}", status=400
@@ -103,6 +126,11 @@ class BodyRoute(APIRoute):
             return await handler(wrapped)
 
         return route
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    body = {"error": {"code": str(error.code), "message": error.message, "hint": error.hint}}
+    return JSONResponse(body, status_code=error.status)
 
 
 def wants_json(request: Request) -> bool:

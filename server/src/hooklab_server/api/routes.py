@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from hooklab_proto import (
     DetokenizeRequest,
@@ -27,6 +26,7 @@ from hooklab_proto import (
 
 from ..ops import RequestError, Runner
 from ..ops.describe import describe_model, tokenize_text
+from ..ops.run import ids_tensor
 from ..store import Stored
 from .bodies import BodyRoute, tensors_response
 
@@ -88,7 +88,15 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     model = _runner(request).model
     if model.tokenizer is None:
         raise RequestError(ErrorCode.VALIDATION, "this model has no tokenizer")
-    return DetokenizeResponse(text=model.to_string(torch.tensor(body.tokens)))
+    tokens = ids_tensor(body.tokens, "tokens")
+    outside = tokens[(tokens < 0) | (tokens >= model.cfg.d_vocab)]
+    if outside.numel():
+        raise RequestError(
+            ErrorCode.BAD_INDEX,
+            f"token id {int(outside[0])} is outside the vocabulary (0..{model.cfg.d_vocab - 1})",
+        )
+    text = model.to_string(tokens if isinstance(body.tokens[0], list) else tokens[0])
+    return DetokenizeResponse(text=text)
 
 
 async def _run(body: ForwardRequest, request: Request) -> Response:
@@ -162,8 +170,3 @@ async def delete_tensor(object_id: str, request: Request) -> Response:
 async def delete_cache(object_id: str, request: Request) -> Response:
     _runner(request).store.delete("cache", object_id)
     return Response(status_code=204)
-
-
-def error_response(error: RequestError) -> JSONResponse:
-    body = {"error": {"code": str(error.code), "message": error.message, "hint": error.hint}}
-    return JSONResponse(body, status_code=error.status)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from hooklab_proto import (
+    ErrorCode,
     HookPointInfo,
     Limits,
     ModelInfo,
@@ -18,6 +19,7 @@ from hooklab_server.engine.shapes import fires_by_default, hook_shape
 from hooklab_server.engine.tokenization import attention_mask_for
 
 from ..settings import Settings
+from .errors import RequestError
 
 
 def describe_model(
@@ -68,6 +70,8 @@ def tokenizer_files(model: HookedTransformer) -> dict[str, str]:
 
 
 def tokenize_text(model: HookedTransformer, request: TokenizeRequest) -> TokenizeResponse:
+    if not request.input:
+        raise RequestError(ErrorCode.VALIDATION, "'input' must be a string or a non-empty list")
     prepend_bos, side = model._defaults(request.prepend_bos, request.padding_side)
     tokens = model.to_tokens(request.input, prepend_bos, side)  # type: ignore[arg-type]
     mask = attention_mask_for(model.tokenizer, tokens, prepend_bos, side)

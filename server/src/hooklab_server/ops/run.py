@@ -32,6 +32,20 @@ from .errors import RequestError
 from .specs import compile_specs, resolve_hook_names
 
 
+def ids_tensor(value: list, what: str) -> torch.Tensor:
+    """Nested lists of integer ids as a [batch, pos] tensor; RequestError when not rectangular
+    or outside int64."""
+    rows = value if value and isinstance(value[0], list) else [value]
+    if not rows or not rows[0] or any(len(row) != len(rows[0]) for row in rows):
+        raise RequestError(ErrorCode.BAD_SHAPE, f"{what} must be a non-empty rectangle of ids")
+    try:
+        return torch.tensor(rows, dtype=torch.long)
+    except (ValueError, OverflowError, RuntimeError, TypeError):
+        raise RequestError(
+            ErrorCode.VALIDATION, f"{what} must hold integers within the int64 range"
+        ) from None
+
+
 @dataclass
 class RunResult:
     outputs: dict[str, torch.Tensor]
@@ -88,12 +102,7 @@ class Runner:
     def _ids(self, value: object, what: str) -> torch.Tensor:
         """Integer ids [batch, pos] from nested lists or a tensor value."""
         if isinstance(value, list):
-            rows = value if value and isinstance(value[0], list) else [value]
-            if not rows or any(len(row) != len(rows[0]) for row in rows) or not rows[0]:
-                raise RequestError(
-                    ErrorCode.BAD_SHAPE, f"{what} must be a non-empty rectangle of ids"
-                )
-            return torch.tensor(rows, dtype=torch.long)
+            return ids_tensor(value, what)
         tensor = self.tensor(value)  # type: ignore[arg-type]
         if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() not in (1, 2):
             raise RequestError(
@@ -111,15 +120,27 @@ class Runner:
         if request.start_at_layer is not None:
             if request.residual is None:
                 raise RequestError(ErrorCode.VALIDATION, "start_at_layer needs 'residual'")
+            if request.input is not None:
+                raise RequestError(
+                    ErrorCode.VALIDATION,
+                    "with start_at_layer send the residual in 'residual', not 'input'",
+                )
             start = self.tensor(request.residual)
             if start.dim() != 3 or start.shape[-1] != cfg.d_model or not start.is_floating_point():
                 raise RequestError(
                     ErrorCode.BAD_SHAPE,
-                    f"residual must be floats [batch, pos, {cfg.d_model}], got {list(start.shape)}",
+                    f"residual must be floats [batch, pos, {cfg.d_model}], got {start.dtype} "
+                    f"{list(start.shape)}",
                 )
             start = start.to(cfg.dtype)
             if request.tokens is not None:
                 tokens = self._ids(request.tokens, "tokens")
+                if tokens.shape != start.shape[:2]:
+                    raise RequestError(
+                        ErrorCode.BAD_SHAPE,
+                        f"tokens {list(tokens.shape)} must match the residual's "
+                        f"[batch, pos] {list(start.shape[:2])}",
+                    )
         elif request.input is None:
             raise RequestError(ErrorCode.VALIDATION, "'input' (text or token ids) is required")
         elif isinstance(request.input, str) or (
@@ -188,14 +209,15 @@ class Runner:
             raise RequestError(ErrorCode.VALIDATION, "a loss needs token ids ('input' or 'tokens')")
 
     def cache_names(self, names: list[str] | None) -> list[str]:
-        """Validated exact names; None means every hook point that fires by default."""
+        """Validated names (exact or glob); None means every hook point that fires by default."""
         hook_names = self.model.hook_names
+        firing = [name for name in hook_names if fires_by_default(name, self.model.cfg)]
         if names is None:
-            return [name for name in hook_names if fires_by_default(name, self.model.cfg)]
-        for name in names:
-            if name not in hook_names:
-                resolve_hook_names(name, hook_names)  # raises with the nearest valid names
-        return list(dict.fromkeys(names))
+            return firing
+        resolved = [
+            match for name in names for match in resolve_hook_names(name, hook_names, firing)
+        ]
+        return list(dict.fromkeys(resolved))
 
     def _response_bytes(self, names: list[str], prepared: _Prepared) -> int:
         cfg = self.model.cfg
@@ -247,15 +269,16 @@ class Runner:
         )
         if caching is None:
             return RunResult(_outputs(self.model.forward(prepared.input, **kwargs), request))
-        out, cache = self.model.run_with_cache(
-            prepared.input,
-            names_filter=names,
-            remove_batch_dim=caching.remove_batch_dim,
-            **kwargs,
-        )
-        result = RunResult(_outputs(out, request), cache if caching.return_cache else {})
-        if caching.store:
+        out, cache = self.model.run_with_cache(prepared.input, names_filter=names, **kwargs)
+        result = RunResult(_outputs(out, request))
+        if caching.store:  # stored with its batch axis, so it can be a patch source
             result.cache_id = self.store.put("cache", cache).id
+        if caching.return_cache:
+            result.cache = (
+                {name: value[0] for name, value in cache.items()}
+                if caching.remove_batch_dim
+                else cache
+            )
         return result
 
 

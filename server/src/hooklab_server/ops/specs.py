@@ -30,7 +30,7 @@ from hooklab_proto import (
     TensorValue,
 )
 from hooklab_server.engine import HookedTransformer
-from hooklab_server.engine.shapes import axis_sizes, hook_shape
+from hooklab_server.engine.shapes import axis_sizes, fires_by_default, hook_shape
 
 from .errors import RequestError
 
@@ -41,10 +41,20 @@ HookFn = Callable[..., torch.Tensor]
 _SELECTOR_AXES = {"batch": ("batch",), "pos": ("pos",), "head": ("head", "kv_head")}
 
 
-def resolve_hook_names(pattern: str, hook_names: Sequence[str]) -> list[str]:
-    """Hook names matching an exact name or a glob; RequestError (with suggestions) if none."""
-    if any(char in pattern for char in "*?["):
-        matched = fnmatch.filter(hook_names, pattern)
+def is_pattern(name: str) -> bool:
+    return any(char in name for char in "*?[")
+
+
+def resolve_hook_names(
+    pattern: str, hook_names: Sequence[str], firing: Sequence[str] | None = None
+) -> list[str]:
+    """Hook names matching an exact name or a glob; RequestError (with suggestions) if none.
+
+    A glob expands over ``firing`` (the hook points that fire by default), as a predicate does
+    in TransformerLens; an exact name may also name a conditional hook point, which then fires.
+    """
+    if is_pattern(pattern):
+        matched = fnmatch.filter(hook_names if firing is None else firing, pattern)
         if not matched:
             raise RequestError(
                 ErrorCode.UNKNOWN_HOOK,
@@ -227,7 +237,7 @@ def _compile_one(
     if isinstance(spec, SteerSpec):
         vector = resolve(spec.vector)
         _expect_shape(vector, [(last,), selection], "steering vector", name)
-        scaled = vector * spec.coeff
+        scaled = vector.float() * spec.coeff
         if tuple(vector.shape) == (last,):
             return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
         index = target.index
@@ -246,7 +256,8 @@ def _compile_one(
             return _Edit(target, lambda x: torch.full_like(x, value), selected=False)
         tensor = resolve(spec.value)
         try:
-            torch.broadcast_shapes(tuple(tensor.shape), selection)
+            if torch.broadcast_shapes(tuple(tensor.shape), selection) != torch.Size(selection):
+                raise RuntimeError
         except RuntimeError:
             raise RequestError(
                 ErrorCode.BAD_SHAPE,
@@ -285,8 +296,9 @@ def compile_specs(
     """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec."""
     hooks: list[tuple[str, HookFn]] = []
     replaced: dict[str, list[tuple[int, _Target]]] = {}
+    firing = [name for name in model.hook_names if fires_by_default(name, model.cfg)]
     for number, spec in enumerate(specs):
-        for name in resolve_hook_names(spec.hook, model.hook_names):
+        for name in resolve_hook_names(spec.hook, model.hook_names, firing):
             target = _target(spec, name, model, batch, pos)
             if spec.op in REPLACING_OPS:
                 for other, earlier in replaced.get(name, []):
