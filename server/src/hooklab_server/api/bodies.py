@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -166,5 +166,8 @@ def tensors_response(
     )
 
 
-def _chunks(frames: Iterable[Any]) -> Iterable[bytes | memoryview]:
-    yield from stream_chunks(frames)
+async def _chunks(frames: Iterable[Any]) -> AsyncIterator[bytes | memoryview]:
+    # Async on purpose: Starlette would hop to a worker thread for every chunk of a sync one,
+    # and producing a chunk here costs no more than that hop (payloads are views).
+    for chunk in stream_chunks(frames):
+        yield chunk

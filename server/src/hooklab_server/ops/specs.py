@@ -74,19 +74,40 @@ def resolve_hook_names(
 
 @dataclass
 class _Target:
-    """One hook point a spec applies to: axis names and sizes, and the selection index."""
+    """One hook point a spec applies to: its axes, the shape validated against, and the
+    selected indices per axis (absent axes: everything)."""
 
     name: str
     axes: tuple[str, ...]
     shape: tuple[int, ...]
-    index: tuple[torch.Tensor, ...] | None  # open mesh over every axis; None = everything
-    chosen: dict[int, list[int]]  # axis position -> selected indices (absent: all)
+    chosen: dict[int, list[int]]  # axis position -> selected indices
+
+    def mesh(self, shape: torch.Size | tuple[int, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Open-mesh index of the selection in an activation of ``shape`` (None = all of it).
+        Built per call, because during generation the position axes grow step by step."""
+        if not self.chosen:
+            return None
+        mesh = []
+        for position, size in enumerate(shape):
+            ids = torch.tensor(self.chosen.get(position, range(size)), dtype=torch.long)
+            view = [1] * len(shape)
+            view[position] = -1
+            mesh.append(ids.view(view))
+        return tuple(mesh)
+
+    def axis(self, *names: str) -> int | None:
+        return next((i for i, axis in enumerate(self.axes) if axis in names), None)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.mesh(x.shape)
+        return x if index is None else x[index]
 
     @property
     def selection_shape(self) -> tuple[int, ...]:
-        if self.index is None:
-            return self.shape
-        return tuple(ix.numel() for ix in self.index)
+        return tuple(
+            len(self.chosen[axis]) if axis in self.chosen else size
+            for axis, size in enumerate(self.shape)
+        )
 
     def overlaps(self, other: _Target) -> bool:
         """Whether two selections on the same hook point share an element."""
@@ -94,12 +115,6 @@ class _Target:
             not set(self.chosen[axis]).isdisjoint(other.chosen[axis])
             for axis in self.chosen.keys() & other.chosen.keys()
         )
-
-    def axis(self, *names: str) -> int | None:
-        for position, axis in enumerate(self.axes):
-            if axis in names:
-                return position
-        return None
 
 
 def _indices(value: int | list[int] | None) -> list[int] | None:
@@ -140,16 +155,7 @@ def _target(spec: HookSpec, name: str, model: HookedTransformer, batch: int, pos
                 f"valid indices are {-size}..{size - 1}",
             )
         chosen[position] = [index % size for index in indices]
-    index = None
-    if chosen:
-        mesh = []
-        for position, size in enumerate(shape):
-            ids = torch.tensor(chosen.get(position, range(size)), dtype=torch.long)
-            view = [1] * len(shape)
-            view[position] = -1
-            mesh.append(ids.view(view))
-        index = tuple(mesh)
-    return _Target(name, axes, shape, index, chosen)
+    return _Target(name, axes, shape, chosen)
 
 
 def _expect_shape(
@@ -175,7 +181,7 @@ class _Edit:
         self.selected = selected  # values() returns the selection, not the whole activation
 
     def __call__(self, x: torch.Tensor, hook: object = None) -> torch.Tensor:
-        index = self.target.index
+        index = self.target.mesh(x.shape)
         new = self.values(x)
         if index is None:
             return new.expand_as(x).to(x.dtype) if self.selected else new.to(x.dtype)
@@ -240,10 +246,9 @@ def _compile_one(
         scaled = vector.float() * spec.coeff
         if tuple(vector.shape) == (last,):
             return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
-        index = target.index
         return _Edit(
             target,
-            lambda x: (x[index] if index is not None else x) + scaled.to(x.device, x.dtype),
+            lambda x: target.select(x) + scaled.to(x.device, x.dtype),
             selected=True,
         )
     if isinstance(spec, ScaleSpec):
@@ -265,7 +270,9 @@ def _compile_one(
                 f"{list(selection)} of {name!r}",
             ) from None
         return _Edit(
-            target, lambda x: tensor.to(x.device, x.dtype).expand(selection), selected=True
+            target,
+            lambda x: tensor.to(x.device, x.dtype).expand(target.select(x).shape),
+            selected=True,
         )
     if isinstance(spec, ProjectOutSpec):
         direction = resolve(spec.direction)
@@ -285,6 +292,34 @@ def _compile_one(
     raise RequestError(ErrorCode.VALIDATION, f"unsupported op {spec.op!r}")  # pragma: no cover
 
 
+def _check_for_generation(spec: HookSpec, resolve: TensorResolver) -> None:
+    """During generation each step sees new positions, so only position-free specs apply."""
+    if spec.pos is not None:
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"hook spec on {spec.hook!r}: 'pos' selectors are not supported during generation",
+            "drop 'pos' to apply the spec at every position of every step",
+        )
+    if isinstance(spec, PatchSpec) and not isinstance(spec.source, BatchSource):
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            "during generation 'patch' can only copy another prompt of the batch (source.batch)",
+        )
+    for value in (getattr(spec, "vector", None), getattr(spec, "direction", None)):
+        if value is not None and resolve(value).dim() != 1:
+            raise RequestError(
+                ErrorCode.BAD_SHAPE,
+                f"hook spec on {spec.hook!r}: during generation vectors must be 1-D "
+                "(the activation's last axis)",
+            )
+    value = getattr(spec, "value", None)
+    if value is not None and not isinstance(value, float | int) and resolve(value).dim() > 1:
+        raise RequestError(
+            ErrorCode.BAD_SHAPE,
+            f"hook spec on {spec.hook!r}: during generation a set value must be a number or 1-D",
+        )
+
+
 def compile_specs(
     specs: Sequence[HookSpec],
     model: HookedTransformer,
@@ -292,8 +327,16 @@ def compile_specs(
     pos: int,
     resolve: TensorResolver,
     cache_lookup: CacheLookup,
+    generation: bool = False,
 ) -> list[tuple[str, HookFn]]:
-    """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec."""
+    """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec.
+
+    Shapes are checked against a forward of ``batch`` x ``pos``; with ``generation`` the specs
+    must also hold for every later step (no position selectors, only 1-D vectors).
+    """
+    if generation:
+        for spec in specs:
+            _check_for_generation(spec, resolve)
     hooks: list[tuple[str, HookFn]] = []
     replaced: dict[str, list[tuple[int, _Target]]] = {}
     firing = [name for name in model.hook_names if fires_by_default(name, model.cfg)]
