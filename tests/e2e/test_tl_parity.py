@@ -316,8 +316,6 @@ def test_exact_name_on_a_conditional_point_acts_as_with_tl_flag_on(
     assert_close(actual, expected, "logits")
 
 
-
-
 @pytest.mark.parametrize("form", ["predicate", "glob"])
 def test_wide_name_pattern_hooks_only_points_that_fire(gpt2_server: Served, form: str) -> None:
     served = gpt2_server
