@@ -8,7 +8,7 @@ model.run_with_hooks(tokens, fwd_hooks=[("blocks.5.hook_resid_post", hooks.ablat
 
 from hooklab_proto import WireFormatError
 
-from . import errors, hooks, utils
+from . import errors, hooks, metrics, patching, utils
 from .activation_cache import ActivationCache
 from .factored_matrix import FactoredMatrix
 from .model import HookedTransformer
@@ -32,5 +32,7 @@ __all__ = [
     "connect",
     "errors",
     "hooks",
+    "metrics",
+    "patching",
     "utils",
 ]

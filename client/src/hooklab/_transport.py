@@ -116,6 +116,32 @@ class Transport:
         self._raise_for_status(response)
         return response.json()
 
+    def events(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        """POST and yield the server-sent events of the response as (event, decoded JSON data).
+        An ``error`` event raises the matching typed error; closing the iterator closes the
+        connection, which stops the work on the server."""
+        headers = {"content-type": MSGPACK_MEDIA_TYPE, "accept": "text/event-stream"}
+        with (
+            self._errors(),
+            self.client.stream(
+                "POST", path, content=_encoder.encode(body), headers=headers
+            ) as response,
+        ):
+            self._raise_for_status(response)
+            event, data = "message", []
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    payload = msgspec.json.decode("\n".join(data))
+                    if event == "error":
+                        error = payload["error"]
+                        raise server_error(error["code"], error["message"], error.get("hint"))
+                    yield event, payload
+                    event, data = "message", []
+
     def delete(self, path: str) -> None:
         with self._errors():
             response = self.client.delete(path)

@@ -17,6 +17,7 @@ from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL
 
 from ._transport import Transport
 from .activation_cache import ActivationCache
+from .errors import ConnectionFailedError
 from .factored_matrix import FactoredMatrix
 from .hooks import HookSpec
 
@@ -184,6 +185,77 @@ class HookedTransformer:
     ) -> Any:
         out, _, _ = self._call("/v1/run_with_hooks", model_args, fwd_hooks, [], **forward_kwargs)
         return out
+
+    # --- generation -----------------------------------------------------------------------
+
+    def _generate_body(self, input: Any, fwd_hooks: Sequence[FwdHook], **options: Any) -> dict:
+        body = {key: value for key, value in options.items() if value is not None}
+        if isinstance(input, torch.Tensor):
+            input = input if input.dim() == 2 else input.unsqueeze(0)
+        body["input"] = input
+        body["hooks"] = self._specs(fwd_hooks)
+        return body
+
+    def generate(
+        self,
+        input: str | list[str] | torch.Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        verbose: bool = True,
+        seed: int | None = None,
+        fwd_hooks: Sequence[FwdHook] = (),
+    ) -> str | list[str] | torch.Tensor:
+        """TransformerLens's ``generate`` on the server, under ``fwd_hooks`` and any hooks added
+        here (steering a generation). ``verbose`` prints tokens as they arrive."""
+        body = self._generate_body(
+            input, fwd_hooks, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            temperature=temperature, freq_penalty=freq_penalty,
+            use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
+            padding_side=padding_side, return_type=return_type, seed=seed, stream=verbose,
+        )  # fmt: skip
+        if verbose:
+            result = None
+            for event, payload in self._transport.events("/v1/generate", body):
+                if event == "token" and len(payload["text"]) == 1:
+                    print(payload["text"][0], end="", flush=True)
+                elif event == "done":
+                    result = payload
+            print()
+            if result is None:
+                raise ConnectionFailedError("the generation stream ended without a result")
+        else:
+            result = self._transport.post_json("/v1/generate", body)
+        output = result["output"]
+        if isinstance(output, list) and output and isinstance(output[0], list):
+            return torch.tensor(output)
+        return output
+
+    def generate_stream(
+        self,
+        input: str | list[str] | torch.Tensor = "",
+        max_new_tokens: int = 10,
+        fwd_hooks: Sequence[FwdHook] = (),
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield each step as it is generated: ``{"step", "tokens": [batch], "text": [batch]}``
+        (tokens as a tensor). Stop iterating (or ``close()`` the iterator) to stop the server."""
+        body = self._generate_body(
+            input, fwd_hooks, max_new_tokens=max_new_tokens, stream=True, **options
+        )
+        for event, payload in self._transport.events("/v1/generate", body):
+            if event == "token":
+                yield {**payload, "tokens": torch.tensor(payload["tokens"])}
 
     # --- hooks held client-side -----------------------------------------------------------
 

@@ -31,7 +31,23 @@ from ._api import (
 )
 from ._dtypes import DTYPE_CODES, dtype_code, torch_dtype
 from ._frames import CONTROL_KINDS, ControlFrame, Frame, TensorFrame, decode_frame, encode_control
+from ._generate import (
+    EVENT_DONE,
+    EVENT_ERROR,
+    EVENT_TOKEN,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStats,
+    GenerateStep,
+)
 from ._json import tensor_from_json, tensor_to_json
+from ._patching import (
+    PATCH_ACTIVATIONS,
+    PATCHING_LOGITS,
+    PATCHING_METRIC,
+    PatchingRequest,
+    PatchMetric,
+)
 from ._specs import (
     REPLACING_OPS,
     AblateSpec,
@@ -62,6 +78,9 @@ __all__ = [
     "CONTROL_KINDS",
     "DEFAULT_MAX_FRAME_BYTES",
     "DTYPE_CODES",
+    "EVENT_DONE",
+    "EVENT_ERROR",
+    "EVENT_TOKEN",
     "FORMAT_VERSION",
     "FRAMES_MEDIA_TYPE",
     "JSON_MEDIA_TYPE",
@@ -69,6 +88,9 @@ __all__ = [
     "OUTPUT_LOGITS",
     "OUTPUT_LOSS",
     "OUTPUT_RESIDUAL",
+    "PATCHING_LOGITS",
+    "PATCHING_METRIC",
+    "PATCH_ACTIVATIONS",
     "REPLACING_OPS",
     "AblateSpec",
     "BatchSource",
@@ -84,13 +106,19 @@ __all__ = [
     "ForwardRequest",
     "Frame",
     "FrameReader",
+    "GenerateRequest",
+    "GenerateResponse",
+    "GenerateStats",
+    "GenerateStep",
     "HookPointInfo",
     "HookSpec",
     "JsonTensor",
     "Limits",
     "ModelInfo",
     "MsgpackTensor",
+    "PatchMetric",
     "PatchSpec",
+    "PatchingRequest",
     "ProjectOutSpec",
     "RunWithCacheRequest",
     "RunWithHooksRequest",

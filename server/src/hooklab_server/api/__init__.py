@@ -13,9 +13,12 @@ from hooklab_proto import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, ErrorCode
 from ..engine import HookedTransformer
 from ..ops import RequestError, Runner
 from ..ops.describe import tokenizer_files
+from ..ops.generate import Counters
 from ..settings import Settings
 from ..store import MemoryStore, Store
+from . import patching
 from .bodies import error_response
+from .generate import router as generate_router
 from .routes import router
 
 
@@ -41,7 +44,10 @@ def create_app(
     app.state.settings = settings
     app.state.runner = Runner(model, store, settings)
     app.state.tokenizer_files = tokenizer_files(model)
+    app.state.counters = Counters()
     app.include_router(router)
+    app.include_router(generate_router)
+    app.include_router(patching.router)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:

@@ -43,7 +43,7 @@ def _runner(request: Request) -> Runner:
 
 
 def _stored(runner: Runner, stored: Stored) -> StoredObject:
-    remaining = runner.store.remaining_s(stored)  # type: ignore[attr-defined]
+    remaining = runner.store.remaining_s(stored)
     value = stored.value
     return StoredObject(
         id=stored.id,
@@ -89,12 +89,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     if model.tokenizer is None:
         raise RequestError(ErrorCode.VALIDATION, "this model has no tokenizer")
     tokens = ids_tensor(body.tokens, "tokens")
-    outside = tokens[(tokens < 0) | (tokens >= model.cfg.d_vocab)]
-    if outside.numel():
-        raise RequestError(
-            ErrorCode.BAD_INDEX,
-            f"token id {int(outside[0])} is outside the vocabulary (0..{model.cfg.d_vocab - 1})",
-        )
+    _runner(request).check_vocabulary(tokens)
     text = model.to_string(tokens if isinstance(body.tokens[0], list) else tokens[0])
     return DetokenizeResponse(text=text)
 

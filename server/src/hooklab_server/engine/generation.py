@@ -49,7 +49,7 @@ def sample_logits(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _prompt(
+def prompt_tokens(
     model: HookedTransformer,
     input: str | list[str] | torch.Tensor,
     prepend_bos: bool | None,
@@ -156,7 +156,7 @@ def generate(
 
     ``verbose`` is accepted for TransformerLens compatibility; the engine prints nothing.
     """
-    tokens, mask = _prompt(model, input, prepend_bos, padding_side, attention_mask)
+    tokens, mask = prompt_tokens(model, input, prepend_bos, padding_side, attention_mask)
     steps = generate_tokens(
         model, tokens, mask, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
         temperature, freq_penalty, use_past_kv_cache, fwd_hooks, seed,

@@ -99,7 +99,7 @@ class Runner:
             )
         return cache[name]
 
-    def _ids(self, value: object, what: str) -> torch.Tensor:
+    def ids(self, value: object, what: str) -> torch.Tensor:
         """Integer ids [batch, pos] from nested lists or a tensor value."""
         if isinstance(value, list):
             return ids_tensor(value, what)
@@ -113,6 +113,15 @@ class Runner:
         return (tensor if tensor.dim() == 2 else tensor.unsqueeze(0)).long()
 
     # --- inputs and limits ----------------------------------------------------------------
+
+    def check_vocabulary(self, tokens: torch.Tensor) -> None:
+        vocab = self.model.cfg.d_vocab
+        outside = tokens[(tokens < 0) | (tokens >= vocab)]
+        if outside.numel():
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"token id {int(outside[0])} is outside the vocabulary (0..{vocab - 1})",
+            )
 
     def prepare(self, request: ForwardRequest) -> _Prepared:
         model, cfg = self.model, self.model.cfg
@@ -134,7 +143,7 @@ class Runner:
                 )
             start = start.to(cfg.dtype)
             if request.tokens is not None:
-                tokens = self._ids(request.tokens, "tokens")
+                tokens = self.ids(request.tokens, "tokens")
                 if tokens.shape != start.shape[:2]:
                     raise RequestError(
                         ErrorCode.BAD_SHAPE,
@@ -155,16 +164,11 @@ class Runner:
             )
             tokens = start
         else:
-            start = tokens = self._ids(request.input, "input")
+            start = tokens = self.ids(request.input, "input")
         if tokens is not None:
-            bad = tokens[(tokens < 0) | (tokens >= cfg.d_vocab)]
-            if bad.numel():
-                raise RequestError(
-                    ErrorCode.BAD_INDEX,
-                    f"token id {int(bad[0])} is outside the vocabulary (0..{cfg.d_vocab - 1})",
-                )
+            self.check_vocabulary(tokens)
         if request.attention_mask is not None:
-            mask = self._ids(request.attention_mask, "attention_mask")
+            mask = self.ids(request.attention_mask, "attention_mask")
             if mask.shape != start.shape[:2] or bool(((mask != 0) & (mask != 1)).any()):
                 raise RequestError(
                     ErrorCode.BAD_SHAPE,

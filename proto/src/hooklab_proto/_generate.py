@@ -1,0 +1,57 @@
+"""Request and response bodies of ``POST /v1/generate`` and its server-sent events."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._api import TokenInput
+from ._specs import HookSpec
+
+EVENT_TOKEN = "token"  # one per step: GenerateStep
+EVENT_DONE = "done"  # last, on success: GenerateResponse
+EVENT_ERROR = "error"  # last, on failure: ErrorResponse
+
+
+class GenerateRequest(BaseModel):
+    """TransformerLens ``generate`` arguments, plus hook specs active at every step."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: TokenInput = Field("", description="a prompt, a list of prompts, or token ids")
+    max_new_tokens: int = Field(10, ge=0)
+    stop_at_eos: bool = True
+    eos_token_id: int | list[int] | None = None
+    do_sample: bool = True
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0)
+    freq_penalty: float = 0.0
+    use_past_kv_cache: bool = True
+    prepend_bos: bool | None = None
+    padding_side: Literal["left", "right"] | None = None
+    return_type: Literal["input", "str", "tokens"] = "input"
+    seed: int | None = Field(None, description="seed for reproducible sampling")
+    stream: bool = Field(False, description="send tokens as server-sent events as they come")
+    hooks: list[HookSpec] = Field(default_factory=list)
+
+
+class GenerateStep(BaseModel):
+    step: int
+    tokens: list[int] = Field(description="the new token of each batch row")
+    text: list[str] = Field(description="each new token decoded")
+
+
+class GenerateStats(BaseModel):
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float
+
+
+class GenerateResponse(BaseModel):
+    tokens: list[list[int]] = Field(description="prompt and new tokens, [batch, pos]")
+    text: list[str] | None = Field(None, description="decoded rows, special tokens skipped")
+    output: str | list[str] | list[list[int]] = Field(
+        description="what TransformerLens's generate returns for return_type"
+    )
+    stats: GenerateStats
