@@ -1,0 +1,110 @@
+"""Helpers shared by the benchmarks that talk to a real server: a gpt2-small-sized checkpoint,
+``hooklab-server`` in its own process on a free loopback port, and interleaved timing."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.checkpoints import GPT2_SMALL, build_checkpoint, build_tokenizer  # noqa: E402
+
+SEED = 0
+SERVER_START_TIMEOUT_S = 300.0
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]], runs: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each candidate, timed round-robin: each repetition runs every
+    candidate once, starting with a different one each time (after ``warmup`` untimed rounds).
+    Results are dropped before the next candidate runs."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+            gc.collect()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(runs):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    gc.collect()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextmanager
+def gpt2_small_checkpoint() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="hooklab-bench-") as tmp:
+        # A neutral folder name: TransformerLens 3.9 picks an architecture from path substrings.
+        tokenizer_dir = Path(tmp) / "tok"
+        build_tokenizer(tokenizer_dir)
+        checkpoint = Path(tmp) / "ckpt-a"
+        build_checkpoint("gpt2", checkpoint, seed=SEED, tokenizer_dir=tokenizer_dir, **GPT2_SMALL)
+        yield checkpoint
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(checkpoint: Path, port: int) -> list[str]:
+    script = Path(sys.executable).parent / "hooklab-server"
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "hooklab_server.cli"]
+    return [*launcher, "--model", str(checkpoint), "--port", str(port), "--device", "cpu"]
+
+
+@contextmanager
+def running_server(
+    checkpoint: Path, log_path: Path, threads: int
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``hooklab-server`` in its own process on a free loopback port; yields (url, process)
+    right after starting it — call :func:`wait_ready` before using it."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            server_command(checkpoint, port), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"hooklab-server exited with {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"hooklab-server did not become ready within {SERVER_START_TIMEOUT_S:.0f} s")
