@@ -30,8 +30,11 @@ lint: $(INSTALLED)
 serve: $(INSTALLED)  # SERVE_ARGS="--model gpt2 --port 8001" to change
 	$(VENV)/bin/hooklab-server $(SERVE_ARGS)
 
+# Each benchmark prints a table of medians and ratios against its reference, measured in the
+# same run; the whole set takes about half an hour on 2 cores. BENCH=codec runs one of them.
+BENCH ?= codec engine remote generate patching
 bench: $(INSTALLED)
-	$(PY) bench/codec.py
+	for name in $(BENCH); do echo "== bench/$$name.py"; $(PY) bench/$$name.py; done
 
 clean:
 	rm -rf $(VENV)
