@@ -53,6 +53,23 @@ def test_greedy_tokens_equal_hugging_face(arch: str, request: pytest.FixtureRequ
     assert torch.equal(ours, reference)
 
 
+def test_return_types_equal_transformerlens(gpt2_server: Served) -> None:
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5)
+    for return_type in ("str", "tokens", "embeds"):
+        ours = gpt2_server.model.generate(
+            tokens, max_new_tokens=6, return_type=return_type, **GREEDY
+        )
+        theirs = gpt2_server.tl.generate(
+            tokens, max_new_tokens=6, return_type=return_type, **GREEDY
+        )
+        if return_type == "embeds":
+            assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-6)
+        elif return_type == "tokens":
+            assert torch.equal(ours, theirs)
+        else:
+            assert ours == theirs
+
+
 def test_steering_during_generation_equals_the_same_hook_in_transformerlens(
     gpt2_server: Served,
 ) -> None:

@@ -210,7 +210,7 @@ class HookedTransformer:
         use_past_kv_cache: bool = True,
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
-        return_type: Literal["input", "str", "tokens"] = "input",
+        return_type: Literal["input", "str", "tokens", "embeds"] = "input",
         verbose: bool = True,
         seed: int | None = None,
         fwd_hooks: Sequence[FwdHook] = (),
@@ -237,6 +237,8 @@ class HookedTransformer:
         else:
             result = self._transport.post_json("/v1/generate", body)
         output = result["output"]
+        if return_type == "embeds":
+            return torch.tensor(output, dtype=self.cfg.dtype)
         if isinstance(output, list) and output and isinstance(output[0], list):
             return torch.tensor(output)
         return output

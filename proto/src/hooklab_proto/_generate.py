@@ -30,7 +30,7 @@ class GenerateRequest(BaseModel):
     use_past_kv_cache: bool = True
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
-    return_type: Literal["input", "str", "tokens"] = "input"
+    return_type: Literal["input", "str", "tokens", "embeds"] = "input"
     seed: int | None = Field(None, description="seed for reproducible sampling")
     stream: bool = Field(False, description="send tokens as server-sent events as they come")
     hooks: list[HookSpec] = Field(default_factory=list)
@@ -51,7 +51,8 @@ class GenerateStats(BaseModel):
 class GenerateResponse(BaseModel):
     tokens: list[list[int]] = Field(description="prompt and new tokens, [batch, pos]")
     text: list[str] | None = Field(None, description="decoded rows, special tokens skipped")
-    output: str | list[str] | list[list[int]] = Field(
-        description="what TransformerLens's generate returns for return_type"
+    output: str | list[str] | list[list[int]] | list[list[list[float]]] = Field(
+        description="what TransformerLens's generate returns for return_type (embeds: the "
+        "token embeddings of prompt and new tokens, [batch, pos, d_model])"
     )
     stats: GenerateStats

@@ -140,7 +140,10 @@ class Generation:
             if texts is None:
                 raise RequestError(ErrorCode.VALIDATION, "return_type 'str' needs a tokenizer")
             single = isinstance(self.request.input, str) or len(texts) == 1
-            output: str | list[str] | list[list[int]] = texts[0] if single else texts
+            output: str | list[str] | list[list[int]] | list[list[list[float]]]
+            output = texts[0] if single else texts
+        elif return_type == "embeds":
+            output = self.model.W_E[output_tokens].float().tolist()
         else:
             output = output_tokens.tolist()
         count = int(new.numel())
