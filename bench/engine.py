@@ -46,9 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
+from _serving import gpt2_small_checkpoint  # noqa: E402
 from _table import print_table  # noqa: E402
 
-from fixtures.checkpoints import GPT2_SMALL, build_checkpoint, build_tokenizer  # noqa: E402
 from fixtures.oracle import load_hf_model, load_tl_model  # noqa: E402
 from hooklab_server.engine import load_model  # noqa: E402
 
@@ -115,17 +115,6 @@ class Models:
     vocab: int  # token ids are drawn from [first_id, vocab)
     first_id: int
     eos_id: int | None
-
-
-@contextmanager
-def gpt2_small_checkpoint() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="hooklab-bench-") as tmp:
-        # A neutral folder name: TransformerLens 3.9 picks an architecture from path substrings.
-        tokenizer_dir = Path(tmp) / "tok"
-        build_tokenizer(tokenizer_dir)
-        checkpoint = Path(tmp) / "ckpt-a"
-        build_checkpoint("gpt2", checkpoint, seed=SEED, tokenizer_dir=tokenizer_dir, **GPT2_SMALL)
-        yield checkpoint
 
 
 def smollm2_unavailable() -> str | None:
