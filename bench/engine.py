@@ -348,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         "--runs", type=int, default=None, help="timed repetitions per row (default 5)"
     )
     parser.add_argument(
+        "--batches", default=",".join(map(str, BATCHES)),
+        help=f"comma-separated batch sizes of {SEQ}-token prompts (default {BATCHES})",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=THREADS,
         help=f"torch.set_num_threads (default {THREADS}; 1 is steadier on a busy machine)",
     )  # fmt: skip
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from gpt2, smollm2")
     runs = args.runs or (2 if args.quick else 5)
     gen_runs = args.gen_runs or min(runs, 3)
-    batches: tuple[int, ...] = BATCHES
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     if args.quick:
         models, batches = ["gpt2"], (1,)
 
