@@ -3,6 +3,7 @@
     .venv/bin/python bench/engine.py                  # gpt2-small-sized + SmolLM2-135M, 5 runs
     .venv/bin/python bench/engine.py --quick          # smoke run: gpt2-small-sized, 1x128 only
     .venv/bin/python bench/engine.py --models gpt2 --runs 9
+    .venv/bin/python bench/engine.py --threads 1 --batches 8    # steadier on a busy machine
 
 Models: (a) a gpt2-small-sized checkpoint (12 layers, d_model 768, vocab 50257) with seeded random
 weights, built into a temporary folder at start; (b) SmolLM2-135M-Instruct from the cached local
@@ -16,12 +17,14 @@ Rows, per model and per batch (1x128 and 8x128 random token ids, seeded):
 * ``run_with_cache`` with every hook point: engine vs TL;
 * greedy generation of 64 new tokens with a KV cache: engine vs HF vs TL, in tokens/s.
 
-Everything is fp32 on the CPU, ``torch.set_num_threads(2)``; HF and TL run under
+Everything is fp32 on the CPU, ``torch.set_num_threads(2)`` (``--threads``); HF and TL run under
 ``torch.inference_mode()`` (the engine does so itself). Measurements are interleaved: every
 repetition times each candidate once, in an order that rotates between repetitions, so that
 noise from other work on the machine hits all candidates alike; the table shows medians.
 Ratios are engine / reference for times (lower is better) and engine / reference for tokens/s
-(higher is better); the targets are those of the engine's performance issue.
+(higher is better); the targets are those of the engine's performance issue. On an
+idle 2-core machine the default run takes about 9 minutes; when other work oversubscribes the
+cores, 2-thread timings inflate several-fold (the 1-minute load average is printed at the end).
 """
 
 from __future__ import annotations
