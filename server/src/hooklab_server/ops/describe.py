@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from hooklab_proto import (
@@ -49,14 +50,7 @@ def describe_model(
             for name in model.hook_names
         ],
         tokenizer=tokenizer_info,
-        limits=Limits(
-            max_tokens=settings.max_tokens,
-            max_batch=settings.max_batch,
-            max_request_bytes=settings.max_request_bytes,
-            max_response_bytes=settings.max_response_bytes,
-            max_stored_bytes=settings.max_stored_bytes,
-            store_ttl_s=settings.store_ttl_s,
-        ),
+        limits=Limits(**asdict(settings)),  # the same field names, by design
     )
 
 
