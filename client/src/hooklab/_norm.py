@@ -49,15 +49,16 @@ def normalize(
 
 def _optional_parameter(model: Any, name: str) -> torch.Tensor | None:
     try:
-        return model.parameter(name)
+        parameter: torch.Tensor = model.parameter(name)
     except KeyError:
         return None
+    return parameter
 
 
 def norm_type(cfg: Any, module: str = "ln_final") -> str | None:
     """The type of a norm module (``"ln_final"``, ``"blocks.3.ln1"``): the model's, except that
     ``ln_final`` of a ``final_rms`` LN model is RMS (as in TransformerLens)."""
-    kind = cfg.normalization_type
+    kind: str | None = cfg.normalization_type
     if module == "ln_final" and kind in ("LN", "LNPre") and getattr(cfg, "final_rms", False):
         return "RMS" if kind == "LN" else "RMSPre"
     return kind

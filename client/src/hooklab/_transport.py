@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import msgspec
@@ -23,6 +23,9 @@ from hooklab_proto import (
 
 from .errors import ConnectionFailedError, RequestTimeoutError, server_error
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 # A progress bar appears for downloads expected to take longer than this.
 PROGRESS_AFTER_S = 1.0
 
@@ -30,7 +33,10 @@ PROGRESS_AFTER_S = 1.0
 def wire_tensor(tensor: torch.Tensor) -> dict[str, Any]:
     """A tensor as a msgpack tensor map inside a request body."""
     flat = tensor.detach().to("cpu").contiguous()
-    data = memoryview(flat.reshape(-1).view(torch.uint8).numpy()) if flat.numel() else b""
+    data: memoryview | bytes = b""
+    if flat.numel():
+        # An ndarray exports the buffer protocol; numpy's stubs declare it for Python 3.12+ only.
+        data = memoryview(cast("Buffer", flat.reshape(-1).view(torch.uint8).numpy()))
     return {
         "kind": "tensor",
         "v": 1,

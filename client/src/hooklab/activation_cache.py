@@ -59,6 +59,10 @@ class ActivationCache:
             residual stream; by default, whether they are in ``cache_dict`` (as in TL).
     """
 
+    # Declared for type checkers only: HookedTransformer.run_with_cache sets it (the stored
+    # cache's id with store=True, else None); a cache built any other way has no such attribute.
+    cache_id: str | None
+
     def __init__(
         self,
         cache_dict: dict[str, torch.Tensor],
@@ -82,7 +86,7 @@ class ActivationCache:
         """``cache["blocks.0.hook_resid_post"]``, ``cache["resid_post", -1]``, ``cache["k1"]``,
         ``cache["scale", 0, "ln1"]`` — see :func:`hooklab.utils.get_act_name`."""
         if key in self.cache_dict:
-            return self.cache_dict[key]  # type: ignore[index]
+            return self.cache_dict[key]  # `in` narrowed key to str
         if isinstance(key, str):
             return self.cache_dict[get_act_name(key)]
         if len(key) > 1 and key[1] is not None and key[1] < 0:
@@ -387,7 +391,7 @@ class ActivationCache:
         """
         layer = self._final_layer(layer)
         neuron_slice = as_slice(neuron_slice)
-        if neuron_slice.mode == "int":
+        if isinstance(neuron_slice.slice, int):  # mode "int"
             neuron_slice = Slice([neuron_slice.slice])
         pos_slice = as_slice(pos_slice)
         project, squeeze = _as_2d_projection(project_output_onto)
@@ -413,7 +417,7 @@ class ActivationCache:
                 ]
                 stack = _components_first(torch.cat(per_layer, dim=-2))
             else:
-                shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
+                shape: tuple[int, ...] = pos_slice.apply(self["hook_embed"], dim=-2).shape
                 if project is not None:
                     shape = (*shape[:-1], project.shape[-1])
                 stack = torch.zeros(0, *shape, device=self.model.cfg.device)
@@ -514,7 +518,7 @@ class ActivationCache:
         shape). Tokens may be a string, an int, or a ``[]``, ``[batch]`` or ``[batch, pos]``
         tensor.
         """
-        directions = self.model.tokens_to_residual_directions(tokens)
+        directions: torch.Tensor = self.model.tokens_to_residual_directions(tokens)
         if incorrect_tokens is not None:
             shape, incorrect_shape = self._token_shape(tokens), self._token_shape(incorrect_tokens)
             if shape != incorrect_shape:

@@ -34,7 +34,8 @@ class FactoredMatrix:
         self.rdim: int = B.size(-1)
         self.has_leading_dims: bool = A.ndim > 2 or B.ndim > 2
         try:
-            leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+            # torch.broadcast_shapes has no annotations (it returns a torch.Size).
+            leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])  # type: ignore[no-untyped-call]
         except RuntimeError as e:
             raise RuntimeError(
                 "Shape mismatch: Cannot broadcast leading dimensions. "
@@ -162,7 +163,8 @@ class FactoredMatrix:
         square = self.BA
         if square.dtype in (torch.float16, torch.bfloat16):
             square = square.to(torch.float32)  # eig has no 16-bit kernels
-        return torch.linalg.eig(square).eigenvalues
+        eigenvalues: torch.Tensor = torch.linalg.eig(square).eigenvalues
+        return eigenvalues
 
     def norm(self) -> torch.Tensor:
         """Frobenius norm ``[...]``, from the singular values."""

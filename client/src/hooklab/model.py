@@ -177,7 +177,7 @@ class HookedTransformer:
         if not return_cache_object:
             return out, tensors
         cache = ActivationCache(tensors, self, has_batch_dim=not remove_batch_dim)
-        cache.cache_id = meta.get("cache_id")  # type: ignore[attr-defined]
+        cache.cache_id = meta.get("cache_id")
         return out, cache
 
     def run_with_hooks(
@@ -188,7 +188,9 @@ class HookedTransformer:
 
     # --- generation -----------------------------------------------------------------------
 
-    def _generate_body(self, input: Any, fwd_hooks: Sequence[FwdHook], **options: Any) -> dict:
+    def _generate_body(
+        self, input: Any, fwd_hooks: Sequence[FwdHook], **options: Any
+    ) -> dict[str, Any]:
         body = {key: value for key, value in options.items() if value is not None}
         if isinstance(input, torch.Tensor):
             input = input if input.dim() == 2 else input.unsqueeze(0)
@@ -241,7 +243,8 @@ class HookedTransformer:
             return torch.tensor(output, dtype=self.cfg.dtype)
         if isinstance(output, list) and output and isinstance(output[0], list):
             return torch.tensor(output)
-        return output
+        text: str | list[str] = output
+        return text
 
     def generate_stream(
         self,
@@ -288,10 +291,11 @@ class HookedTransformer:
     def _tokenize(
         self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None
     ) -> dict[str, Any]:
-        return self._transport.post_json(
+        tokenized: dict[str, Any] = self._transport.post_json(
             "/v1/tokenize",
             {"input": input, "prepend_bos": prepend_bos, "padding_side": padding_side},
         )
+        return tokenized
 
     def to_tokens(
         self,
@@ -303,20 +307,25 @@ class HookedTransformer:
 
     def to_str_tokens(
         self,
-        input: str | torch.Tensor | list,
+        input: str | torch.Tensor | list[Any],
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
-    ) -> list:
+    ) -> list[Any]:
         if isinstance(input, list):
             return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
         if isinstance(input, str):
-            return self._tokenize(input, prepend_bos, padding_side)["str_tokens"][0]
+            tokenized = self._tokenize(input, prepend_bos, padding_side)
+            str_tokens: list[str] = tokenized["str_tokens"][0]
+            return str_tokens
         tokens = torch.as_tensor(input).reshape(-1).tolist()
         return [self.to_string([token]) for token in tokens]
 
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
         tokens = torch.as_tensor(tokens)
-        return self._transport.post_json("/v1/detokenize", {"tokens": tokens.tolist()})["text"]
+        text: str | list[str] = self._transport.post_json(
+            "/v1/detokenize", {"tokens": tokens.tolist()}
+        )["text"]
+        return text
 
     def to_single_token(self, string: str) -> int:
         tokens = self.to_tokens(string, prepend_bos=False)[0]
@@ -398,7 +407,8 @@ class HookedTransformer:
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        return self.W_U[:, torch.as_tensor(tokens)].movedim(0, -1)
+        W_U: torch.Tensor = self.W_U
+        return W_U[:, torch.as_tensor(tokens)].movedim(0, -1)
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
@@ -417,7 +427,8 @@ class HookedTransformer:
         from ._transport import wire_tensor
 
         body = {"tensor": wire_tensor(tensor), "ttl_s": ttl_s}
-        return self._transport.post_json("/v1/tensors", body)["id"]
+        tensor_id: str = self._transport.post_json("/v1/tensors", body)["id"]
+        return tensor_id
 
     def delete_stored(self, object_id: str) -> None:
         kind = "caches" if object_id.startswith("c_") else "tensors"

@@ -39,42 +39,54 @@ MAX_LOGITS_BYTES = 256 * 2**20
 # --- patch setters: TransformerLens's, usable locally; the server applies the same slices ------
 
 
-def layer_pos_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_pos_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, pos]: patch ``[:, pos, ...]``."""
     _, pos = index
     corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
     return corrupted_activation
 
 
-def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_pos_head_vector_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, pos, head_index]: patch ``[:, pos, head]``."""
     _, pos, head = index
     corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
     return corrupted_activation
 
 
-def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_head_vector_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, head_index]: patch ``[:, :, head]``."""
     _, head = index
     corrupted_activation[:, :, head] = clean_activation[:, :, head]
     return corrupted_activation
 
 
-def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_head_pattern_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, head_index]: patch ``[:, head, :, :]`` of a pattern."""
     _, head = index
     corrupted_activation[:, head] = clean_activation[:, head]
     return corrupted_activation
 
 
-def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_head_pos_pattern_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, head_index, dest_pos]: patch ``[:, head, dest, :]`` of a pattern."""
     _, head, dest = index
     corrupted_activation[:, head, dest] = clean_activation[:, head, dest]
     return corrupted_activation
 
 
-def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):  # type: ignore[no-untyped-def]
+def layer_head_dest_src_pos_pattern_patch_setter(
+    corrupted_activation: torch.Tensor, index: Sequence[int], clean_activation: torch.Tensor
+) -> torch.Tensor:
     """index = [layer, head_index, dest_pos, src_pos]: patch ``[:, head, dest, src]``."""
     _, head, dest, src = index
     corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]

@@ -7,6 +7,7 @@ arrays as torch tensors (TransformerLens converts them to numpy), so the client 
 
 from __future__ import annotations
 
+import builtins
 import re
 from typing import Literal, TypeAlias
 
@@ -95,10 +96,11 @@ class Slice:
     gathers those indices (or applies that boolean mask) and keeps the axis.
     """
 
-    slice: int | slice | torch.Tensor
+    # Inside this class body ``slice`` names the attribute, so annotations spell the builtin out.
+    slice: int | builtins.slice | torch.Tensor
     mode: SliceMode
 
-    def __init__(self, input_slice: SliceInput | slice = None) -> None:
+    def __init__(self, input_slice: SliceInput | builtins.slice = None) -> None:
         if isinstance(input_slice, tuple):
             self.slice, self.mode = slice(*input_slice), "slice"
         elif isinstance(input_slice, int):  # bool too, as in TL
@@ -115,7 +117,7 @@ class Slice:
 
     def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``tensor`` sliced along ``dim`` (negative dims count from the end)."""
-        index: list[object] = [slice(None)] * tensor.ndim
+        index: list[int | builtins.slice | torch.Tensor] = [slice(None)] * tensor.ndim
         selector = self.slice
         if isinstance(selector, torch.Tensor) and selector.device != tensor.device:
             selector = selector.to(tensor.device)

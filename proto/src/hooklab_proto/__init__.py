@@ -41,6 +41,7 @@ from ._generate import (
     GenerateStep,
 )
 from ._json import tensor_from_json, tensor_to_json
+from ._limits import TOO_LARGE_ERROR, limits_context
 from ._patching import (
     PATCH_ACTIVATIONS,
     PATCHING_LOGITS,
@@ -91,6 +92,7 @@ __all__ = [
     "PATCHING_LOGITS",
     "PATCHING_METRIC",
     "PATCH_ACTIVATIONS",
+    "TOO_LARGE_ERROR",
     "REPLACING_OPS",
     "AblateSpec",
     "BatchSource",
@@ -143,6 +145,7 @@ __all__ = [
     "encode_control",
     "encode_tensor",
     "inline_tensor",
+    "limits_context",
     "read_stream",
     "stream_chunks",
     "stream_length",

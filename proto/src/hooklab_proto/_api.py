@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from ._base import Body
+from ._limits import bounded_ids, bounded_length
 from ._specs import HookSpec
 from ._tensor_values import JsonTensor, MsgpackTensor, TensorValue
 
@@ -19,20 +21,31 @@ OUTPUT_LOGITS = "output.logits"
 OUTPUT_LOSS = "output.loss"
 OUTPUT_RESIDUAL = "output.residual"
 
-TokenInput = str | list[str] | list[int] | list[list[int]] | TensorValue
+TokenInput = Annotated[
+    str | list[str] | list[int] | list[list[int]] | TensorValue, bounded_ids("max_tokens")
+]
+TokenIds = Annotated[list[list[int]] | TensorValue, bounded_ids("max_tokens")]
+HookSpecs = Annotated[list[HookSpec], bounded_length("max_specs", "hook specs")]
+HookNames = Annotated[list[str], bounded_length("max_names", "hook names")]
 
 
 class ErrorCode(StrEnum):
-    BAD_REQUEST = "bad_request"  # malformed body, wrong content type
+    """Machine-readable error codes; each maps to one HTTP status (the server's api/errors.py)."""
+
+    BAD_REQUEST = "bad_request"  # malformed body
+    BAD_HOST = "bad_host"  # a Host header the server does not answer to
     VALIDATION = "validation_error"  # well-formed but a field is invalid
     UNKNOWN_HOOK = "unknown_hook"
     BAD_INDEX = "bad_index"
     BAD_SHAPE = "bad_shape"
     CONFLICT = "conflicting_specs"
-    TOO_LARGE = "too_large"  # over a token, batch, body or response limit
+    TOO_LARGE = "too_large"  # over a size limit: body, tokens, specs, rows, response …
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     STORE_FULL = "store_full"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"  # the body did not arrive in time
+    DEADLINE = "deadline_exceeded"  # the work passed the request's timeout_s
     INTERNAL = "internal"
 
 
@@ -40,41 +53,45 @@ class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
     hint: str | None = None
+    request_id: str | None = Field(None, description="also in the x-request-id header and logs")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Timeout = Annotated[
+    float | None,
+    Field(gt=0, description="seconds this request may run; capped by the server (limits)"),
+]
 
 
-class ForwardRequest(_Body):
+class ForwardRequest(Body):
     """TransformerLens ``forward`` arguments, plus hook specs active during this call."""
 
     input: TokenInput | None = Field(None, description="text, texts, or token ids [batch, pos]")
     residual: TensorValue | None = Field(
         None, description="residual stream [batch, pos, d_model] to start from (start_at_layer)"
     )
-    tokens: list[list[int]] | TensorValue | None = Field(
+    tokens: TokenIds | None = Field(
         None, description="token ids for the loss when starting from a residual"
     )
     return_type: Literal["logits", "loss", "both"] | None = "logits"
     loss_per_token: bool = False
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
-    attention_mask: list[list[int]] | TensorValue | None = None
+    attention_mask: TokenIds | None = None
     start_at_layer: int | None = None
     stop_at_layer: int | None = None
-    hooks: list[HookSpec] = Field(default_factory=list)
+    hooks: HookSpecs = Field(default_factory=list)
+    timeout_s: Timeout = None
 
 
 class RunWithCacheRequest(ForwardRequest):
     """``run_with_cache``: the forward plus the activations at ``names``."""
 
-    names: list[str] | None = Field(
-        None, description="exact hook names to cache; null caches every hook point that fires"
+    names: HookNames | None = Field(
+        None, description="hook names or globs to cache; null caches every hook point that fires"
     )
     remove_batch_dim: bool = False
     store: bool = Field(False, description="keep the cache on the server and return its id")
@@ -84,11 +101,11 @@ class RunWithCacheRequest(ForwardRequest):
 class RunWithHooksRequest(RunWithCacheRequest):
     """``run_with_hooks``: a forward with hook specs; caches nothing unless ``names`` is given."""
 
-    names: list[str] | None = Field(default_factory=list)
+    names: HookNames | None = Field(default_factory=list)
 
 
-class TokenizeRequest(_Body):
-    input: str | list[str]
+class TokenizeRequest(Body):
+    input: Annotated[str | list[str], bounded_length("max_batch", "texts")]
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
 
@@ -99,15 +116,15 @@ class TokenizeResponse(BaseModel):
     str_tokens: list[list[str]]
 
 
-class DetokenizeRequest(_Body):
-    tokens: list[int] | list[list[int]]
+class DetokenizeRequest(Body):
+    tokens: Annotated[list[int] | list[list[int]], bounded_ids("max_tokens")]
 
 
 class DetokenizeResponse(BaseModel):
     text: str | list[str]
 
 
-class StoreTensorRequest(_Body):
+class StoreTensorRequest(Body):
     tensor: MsgpackTensor | JsonTensor
     ttl_s: float | None = Field(None, gt=0, description="seconds to keep it (capped by the server)")
 
@@ -138,11 +155,26 @@ class TokenizerInfo(BaseModel):
 
 
 class Limits(BaseModel):
+    """The server's limits (its settings of the same names)."""
+
+    max_request_bytes: int
+    max_request_items: int
+    max_text_chars: int
     max_tokens: int
     max_batch: int
-    max_request_bytes: int
+    max_specs: int
+    max_selector_length: int
+    max_names: int
+    max_hook_applications: int
+    max_patching_rows: int
+    max_patching_forwards: int
+    patching_budget_bytes: int
     max_response_bytes: int
+    max_json_response_bytes: int
+    request_timeout_s: float
+    max_timeout_s: float
     max_stored_bytes: int
+    max_stored_objects: int
     store_ttl_s: float
 
 

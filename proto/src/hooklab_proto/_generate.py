@@ -2,38 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from ._api import TokenInput
-from ._specs import HookSpec
+from ._api import HookSpecs, Timeout, TokenInput
+from ._base import Body
+from ._limits import bounded_length
 
 EVENT_TOKEN = "token"  # one per step: GenerateStep
 EVENT_DONE = "done"  # last, on success: GenerateResponse
 EVENT_ERROR = "error"  # last, on failure: ErrorResponse
 
 
-class GenerateRequest(BaseModel):
-    """TransformerLens ``generate`` arguments, plus hook specs active at every step."""
+class GenerateRequest(Body):
+    """TransformerLens ``generate`` arguments, plus hook specs active at every step.
 
-    model_config = ConfigDict(extra="forbid")
+    The fields keep TransformerLens's names, defaults and order; the server groups them into
+    sampling and stopping parameters.
+    """
+
     input: TokenInput = Field("", description="a prompt, a list of prompts, or token ids")
-    max_new_tokens: int = Field(10, ge=0)
+    max_new_tokens: int = Field(10, ge=0, description="capped by the model's context")
     stop_at_eos: bool = True
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: Annotated[
+        int | list[int] | None, bounded_length("max_selector_length", "stop ids")
+    ] = Field(None, description="stop id(s), in the vocabulary; default: the tokenizer's eos")
     do_sample: bool = True
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    temperature: float = Field(1.0, ge=0.0)
-    freq_penalty: float = 0.0
+    temperature: float = Field(1.0, ge=0.0, description="0 is greedy")
+    freq_penalty: float = Field(
+        0.0, ge=-1e4, le=1e4, description="subtracted per earlier occurrence (TransformerLens)"
+    )
     use_past_kv_cache: bool = True
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
     return_type: Literal["input", "str", "tokens", "embeds"] = "input"
-    seed: int | None = Field(None, description="seed for reproducible sampling")
+    seed: int | None = Field(
+        None, ge=0, le=2**64 - 1, description="seed for reproducible sampling"
+    )
     stream: bool = Field(False, description="send tokens as server-sent events as they come")
-    hooks: list[HookSpec] = Field(default_factory=list)
+    hooks: HookSpecs = Field(default_factory=list)
+    timeout_s: Timeout = None
 
 
 class GenerateStep(BaseModel):

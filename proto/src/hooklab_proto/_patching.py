@@ -9,11 +9,13 @@ TransformerLens's one-forward-per-row loop computes, but batched.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ._api import TokenInput
+from ._api import Timeout, TokenInput
+from ._base import Body
+from ._limits import bounded_length
 from ._tensor_values import TensorValue
 
 PatchAxis = Literal["layer", "pos", "head_index", "head", "src_pos", "dest_pos"]
@@ -45,14 +47,10 @@ PATCH_ACTIVATIONS: dict[str, str] = {
 PATCHING_METRIC = "patching.metric"  # [rows]: the metric per index row
 PATCHING_LOGITS = "patching.logits"  # [rows, batch, positions, d_vocab]: metric kind "logits"
 
-TokenIds = int | list[int]
+TokenIds = Annotated[int | list[int], bounded_length("max_batch", "token ids")]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PatchMetric(_Body):
+class PatchMetric(Body):
     """What to measure on each patched run.
 
     ``logit_diff``: ``logits[b, pos_b, answer_b] - logits[b, pos_b, wrong_b]``; ``logit``,
@@ -67,15 +65,17 @@ class PatchMetric(_Body):
     kind: MetricKind
     answer: TokenIds | None = Field(None, description="token id, or one per batch row")
     wrong: TokenIds | None = Field(None, description="logit_diff: the wrong token id(s)")
-    pos: int | list[int] = Field(-1, description="position read, or one per batch row")
+    pos: Annotated[int | list[int], bounded_length("max_batch", "positions")] = Field(
+        -1, description="position read, or one per batch row"
+    )
     reduce: Literal["mean", "sum"] = "mean"
     normalize: bool = False
-    baselines: tuple[float, float] | None = Field(
-        None, description="(clean, corrupted) metric values for normalize"
+    baselines: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[clean, corrupted] metric values for normalize"
     )
-    positions: list[int] | None = Field(
-        None, description="kind=logits: positions returned (null: all)"
-    )
+    positions: Annotated[
+        list[int] | None, bounded_length("max_tokens", "positions")
+    ] = Field(None, description="kind=logits: positions returned (null: all)")
 
     @model_validator(mode="after")
     def _fields(self) -> PatchMetric:
@@ -89,7 +89,7 @@ class PatchMetric(_Body):
         return self
 
 
-class PatchingRequest(_Body):
+class PatchingRequest(Body):
     """A TransformerLens ``generic_activation_patch`` sweep. Exactly one clean source: ``clean``
     (tokens or text, run on the server), ``clean_cache`` (a stored cache id) or
     ``clean_activations`` (hook name -> tensor, inline or a stored-tensor ref)."""
@@ -97,19 +97,26 @@ class PatchingRequest(_Body):
     corrupted: TokenInput = Field(description="corrupted tokens [batch, pos] (or text)")
     clean: TokenInput | None = None
     clean_cache: str | None = Field(None, min_length=1, max_length=128)
-    clean_activations: dict[str, TensorValue] | None = None
+    clean_activations: Annotated[
+        dict[str, TensorValue] | None, bounded_length("max_names", "clean activations")
+    ] = None
     prepend_bos: bool | None = None
     activation: str = Field(description="short name: resid_pre, attn_out, z, q, k, v, pattern …")
     axes: list[PatchAxis] = Field(
         min_length=1, description="index axes, TransformerLens names; the first is 'layer'"
     )
-    index: list[list[int]] | None = Field(
-        None, description="explicit index rows (like index_df); null: every combination"
-    )
+    index: Annotated[
+        list[Annotated[list[int], Field(max_length=8)]] | None,
+        bounded_length("max_patching_rows", "index rows"),
+    ] = Field(None, description="explicit index rows (like index_df); null: every combination")
     metric: PatchMetric
     patches_per_forward: int | None = Field(
-        None, ge=1, description="cap on patched copies per forward (default: a memory budget)"
+        None,
+        ge=1,
+        description="cap on patched copies per forward (default and upper bound: the server's "
+        "memory budget)",
     )
+    timeout_s: Timeout = None
 
     @model_validator(mode="after")
     def _sources(self) -> PatchingRequest:

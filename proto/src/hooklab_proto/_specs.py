@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from ._base import Body
+from ._limits import bounded_length
 from ._tensor_values import TensorValue
 
-Indices = int | list[int] | None
+Indices = Annotated[
+    int | list[int] | None, bounded_length("max_selector_length", "selector indices")
+]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Spec(Body):
     hook: str = Field(min_length=1, max_length=256, description="hook name or glob pattern")
     batch: Indices = None
     pos: Indices = None
@@ -34,24 +37,23 @@ class AblateSpec(_Spec):
     mean_over: Literal["batch", "pos"] = Field(
         "batch", description="mode=mean: average over the batch (default) or over positions"
     )
-    source_batch: list[int] | None = Field(
+    source_batch: Annotated[
+        list[int] | None, bounded_length("max_batch", "source rows")
+    ] = Field(
         None, description="mode=resample: for each batch row, the row whose value replaces it "
         "(default: the next row, cyclically)",
     )  # fmt: skip
 
 
-class CacheSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CacheSource(Body):
     cache: str = Field(min_length=1, max_length=128, description="a stored cache id")
 
 
-class TensorSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TensorSource(Body):
     tensor: TensorValue
 
 
-class BatchSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BatchSource(Body):
     batch: int = Field(ge=0, description="a row of this request's batch (another prompt)")
 
 

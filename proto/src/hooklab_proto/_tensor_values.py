@@ -7,36 +7,41 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._base import Body
 from ._dtypes import torch_dtype
 from ._json import tensor_from_json
+from ._tensor import MAX_NDIM
 from .errors import WireFormatError
 
+# The largest size of one axis; larger shapes (even with a zero elsewhere) are refused.
+MAX_AXIS = 2**31 - 1
+Shape = Annotated[list[Annotated[int, Field(ge=0, le=MAX_AXIS)]], Field(max_length=MAX_NDIM)]
 
-class JsonTensor(BaseModel):
+
+class JsonTensor(Body):
     """``{"dtype", "shape", "data"}``: data nested like shape, or flat in C order."""
 
-    model_config = ConfigDict(extra="forbid")
     dtype: str
-    shape: list[int]
+    shape: Shape
     data: Any
 
 
 class MsgpackTensor(BaseModel):
     """A tensor map inside a msgpack request body (proto/README.md §1)."""
 
+    model_config = ConfigDict(strict=True)
     kind: Literal["tensor"]
     v: int = 1
     name: str = ""
     dtype: str
-    shape: list[int]
+    shape: Shape
     pad: bytes = b""
     data: bytes
 
 
-class TensorRef(BaseModel):
+class TensorRef(Body):
     """A tensor stored earlier with ``POST /v1/tensors``."""
 
-    model_config = ConfigDict(extra="forbid")
     ref: str = Field(min_length=1, max_length=128)
 
 

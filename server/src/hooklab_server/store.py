@@ -1,17 +1,19 @@
 """Stored tensors and caches: a small interface with an in-memory implementation.
 
-Objects expire after a TTL; the total size is capped, and a put that would exceed the cap is
-refused (never evicting another user's data). A Redis-backed store can implement the same
-interface.
+Objects expire after a TTL. The total size and the number of objects are capped; a put that
+would exceed either is refused (never evicting another user's data). Every object counts at
+least ``OBJECT_OVERHEAD`` bytes, so empty tensors are not free. A Redis-backed store can
+implement the same interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,20 +23,28 @@ from hooklab_proto import ErrorCode
 from .ops.errors import RequestError
 
 Cache = dict[str, torch.Tensor]
+# What an object costs beyond its elements (its record, id and tensor headers), in bytes.
+OBJECT_OVERHEAD = 256
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Stored:
     id: str
     kind: str  # "tensor" | "cache"
     value: torch.Tensor | Cache
-    nbytes: int
+    nbytes: int  # the elements' bytes
     expires_at: float
+
+    @property
+    def charged_bytes(self) -> int:
+        """What the object counts against the store's limit."""
+        count = len(self.value) if isinstance(self.value, dict) else 1
+        return self.nbytes + OBJECT_OVERHEAD * (1 + count)
 
 
 def nbytes_of(value: torch.Tensor | Cache) -> int:
     tensors = value.values() if isinstance(value, dict) else [value]
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Store(Protocol):
@@ -45,47 +55,76 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Thread-safe in-process store (the embedded default)."""
+    """Thread-safe in-process store (the embedded default). Puts, gets and deletes cost
+    O(log n): the byte total is kept as a running sum and expiry uses a heap."""
 
     def __init__(
-        self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        max_bytes: int,
+        ttl_s: float,
+        max_objects: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_bytes = max_bytes
+        self.max_objects = max_objects
         self.ttl_s = ttl_s
         self._clock = clock
         self._objects: dict[str, Stored] = {}
+        self._expiry: list[tuple[float, str]] = []  # (expires_at, id); stale entries skipped
+        self._used = 0
         self._lock = threading.Lock()
 
     @property
     def used_bytes(self) -> int:
         with self._lock:
             self._expire()
-            return sum(item.nbytes for item in self._objects.values())
+            return self._used
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire()
+            return len(self._objects)
 
     def _expire(self) -> None:
         now = self._clock()
-        for key in [key for key, item in self._objects.items() if item.expires_at <= now]:
-            del self._objects[key]
+        while self._expiry and self._expiry[0][0] <= now:
+            _, object_id = heapq.heappop(self._expiry)
+            stored = self._objects.get(object_id)
+            if stored is not None and stored.expires_at <= now:
+                self._remove(object_id)
+
+    def _remove(self, object_id: str) -> None:
+        stored = self._objects.pop(object_id, None)
+        if stored is not None:
+            self._used -= stored.charged_bytes
 
     def put(self, kind: str, value: torch.Tensor | Cache, ttl_s: float | None = None) -> Stored:
-        size = nbytes_of(value)
         ttl = self.ttl_s if ttl_s is None else min(ttl_s, self.ttl_s)
+        prefix = "t_" if kind == "tensor" else "c_"
+        stored = Stored(
+            prefix + secrets.token_hex(8), kind, _detached(value), nbytes_of(value), 0.0
+        )
+        size = stored.charged_bytes
         with self._lock:
             self._expire()
-            used = sum(item.nbytes for item in self._objects.values())
-            if used + size > self.max_bytes:
+            if len(self._objects) >= self.max_objects:
+                raise RequestError(
+                    ErrorCode.STORE_FULL,
+                    f"the store holds its limit of {self.max_objects} objects "
+                    "(server setting max_stored_objects)",
+                    "delete objects you no longer need, or wait for them to expire",
+                )
+            if self._used + size > self.max_bytes:
                 raise RequestError(
                     ErrorCode.STORE_FULL,
                     f"storing {size} bytes would exceed the store's limit of {self.max_bytes} "
-                    f"bytes ({used} in use)",
+                    f"bytes ({self._used} in use; server setting max_stored_bytes)",
                     "delete objects you no longer need, or wait for them to expire",
-                    status=507,
                 )
-            prefix = "t_" if kind == "tensor" else "c_"
-            stored = Stored(
-                prefix + secrets.token_hex(8), kind, _detached(value), size, self._clock() + ttl
-            )
+            stored = dataclasses.replace(stored, expires_at=self._clock() + ttl)
             self._objects[stored.id] = stored
+            self._used += size
+            heapq.heappush(self._expiry, (stored.expires_at, stored.id))
             return stored
 
     def get(self, kind: str, object_id: str) -> Stored:
@@ -95,16 +134,15 @@ class MemoryStore:
         if stored is None or stored.kind != kind:
             raise RequestError(
                 ErrorCode.NOT_FOUND,
-                f"no stored {kind} {object_id!r}",
+                f"no stored {kind} {object_id[:100]!r}",
                 "stored objects expire; store it again",
-                status=404,
             )
         return stored
 
     def delete(self, kind: str, object_id: str) -> None:
         self.get(kind, object_id)
         with self._lock:
-            self._objects.pop(object_id, None)
+            self._remove(object_id)
 
     def remaining_s(self, stored: Stored) -> float:
         return max(0.0, stored.expires_at - self._clock())

@@ -1,89 +1,77 @@
-"""The HTTP application: FastAPI routes over the operations, errors as JSON bodies."""
+"""The HTTP application: routes over the operations behind the execution seam; every error a
+JSON body with its status chosen in ``api/errors.py``."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hooklab_proto import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, ErrorCode
+from hooklab_proto import ErrorCode
 
 from ..engine import HookedTransformer
-from ..ops import RequestError, Runner
+from ..execution import Executor, ThreadExecutor
+from ..metrics import Metrics
+from ..ops import Operations, OpsContext, RequestError
 from ..ops.describe import tokenizer_files
-from ..ops.generate import Counters
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from . import patching
-from .bodies import error_response
-from .generate import router as generate_router
-from .routes import router
+from . import generate, patching, routes, service
+from .edge import EdgeMiddleware, request_id_of
+from .errors import error_response
+from .openapi import openapi_schema
 
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    message = first.get("msg", "invalid request")
-    return (f"{location}: {message}" if location else message), (
-        f"{len(exc.errors())} problems in the request body" if len(exc.errors()) > 1 else None
-    )
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 def create_app(
-    model: HookedTransformer, settings: Settings | None = None, store: Store | None = None
+    model: HookedTransformer,
+    settings: Settings | None = None,
+    store: Store | None = None,
+    executor: Executor | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
-    store = store or MemoryStore(settings.max_stored_bytes, settings.store_ttl_s)
+    store = store or MemoryStore(
+        settings.max_stored_bytes, settings.store_ttl_s, settings.max_stored_objects
+    )
+    metrics = Metrics()
+    operations = Operations(OpsContext(model, store, settings, metrics))
     app = FastAPI(
         title="hooklab",
         version="0.1.0",
         summary="TransformerLens-style run_with_cache / run_with_hooks over HTTP",
     )
     app.state.settings = settings
-    app.state.runner = Runner(model, store, settings)
+    app.state.metrics = metrics
+    app.state.operations = operations
+    app.state.executor = executor or ThreadExecutor(operations, metrics)
     app.state.tokenizer_files = tokenizer_files(model)
-    app.state.counters = Counters()
-    app.include_router(router)
-    app.include_router(generate_router)
-    app.include_router(patching.router)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, hint = _validation_message(exc)
-        return error_response(RequestError(ErrorCode.VALIDATION, message, hint))
+    for module in (service, routes, generate, patching):
+        app.include_router(module.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_REQUEST
-        hint = (
-            "see /docs or /openapi.json for the routes" if exc.status_code in (404, 405) else None
+        """Routing errors (no such route, wrong method) in the same envelope."""
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+        error = RequestError(
+            code,
+            f"{exc.detail}: {request.method} {request.url.path[:200]}",
+            "see /docs or /openapi.json for the routes",
         )
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        return error_response(RequestError(code, message, hint, status=exc.status_code))
+        return error_response(error, request_id_of(request.scope))
 
-    app.openapi = lambda: _openapi_with_msgpack(app)  # type: ignore[method-assign]
+    @app.on_event("shutdown")
+    async def close_executor() -> None:
+        await app.state.executor.aclose()
+
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=metrics,
+        allowed_hosts=settings.open_hosts,
+        write_timeout_s=settings.write_timeout_s,
+    )
     return app
-
-
-def _openapi_with_msgpack(app: FastAPI) -> dict:
-    """OpenAPI where every JSON request body is also offered as msgpack (same schema)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, summary=app.summary, routes=app.routes
-        )
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                content = operation.get("requestBody", {}).get("content", {})
-                if JSON_MEDIA_TYPE in content:
-                    content[MSGPACK_MEDIA_TYPE] = content[JSON_MEDIA_TYPE]
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 __all__ = ["create_app"]

@@ -1,136 +1,213 @@
-"""Transport at the edge: request bodies in JSON or msgpack (size-limited), and responses as
-frame streams or JSON depending on ``Accept``."""
+"""Transport at the edge: request bodies in JSON or msgpack, read within a size limit and a
+deadline, counted before they are decoded and validated (off the event loop); responses as
+frame streams or, when asked for, JSON built off the event loop."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 import torch
-from fastapi import HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from hooklab_proto import (
     FRAMES_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
+    TOO_LARGE_ERROR,
     ErrorCode,
     encode_control,
     encode_tensor,
+    limits_context,
     stream_chunks,
     stream_length,
     tensor_to_json,
 )
 
-from ..ops import RequestError
+from ..metrics import Metrics
+from ..ops import RequestError, too_large
+from ..settings import Settings
+from .errors import ClientGone
 
-logger = logging.getLogger("hooklab_server")
+Model = TypeVar("Model", bound=BaseModel)
 
 _JSON_TYPES = ("application/json",)
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def metrics_of(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+# --- request bodies ------------------------------------------------------------------------
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body: refused (413) past ``max_request_bytes``, (408) when it has not arrived
+    within ``body_timeout_s``; a client that leaves half-way raises :class:`ClientGone`."""
+    settings = settings_of(request)
+    limit = settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large("bytes of request body", int(declared), limit, "max_request_bytes")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive_all() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large("or more bytes of request body", size, limit, "max_request_bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive_all(), settings.body_timeout_s)
+    except TimeoutError:
+        metrics_of(request).add("body_timeouts")
+        raise RequestError(
+            ErrorCode.REQUEST_TIMEOUT,
+            f"the request body did not arrive within {settings.body_timeout_s:g} s "
+            f"({size} bytes received)",
+            "send the whole body at once",
+        ) from None
+    except ClientDisconnect:
+        raise ClientGone from None
+    return b"".join(chunks)
+
+
+def _count_json_items(body: bytes) -> int:
+    """An upper bound on the values in a JSON document: every value but the first follows a
+    comma, colon or opening bracket (counted at C speed; commas inside strings over-count)."""
+    return 1 + sum(body.count(mark) for mark in (b",", b":", b"[", b"{"))
+
+
+# msgpack type bytes (github.com/msgpack/msgpack/blob/master/spec.md): str/bin with a length
+# field of this many bytes; numbers and array/map counts of this many bytes; extension types.
+_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4}
+_FIXED |= {0xD3: 8, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
+_EXT = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
+_UNSIGNED = {1: ">B", 2: ">H", 4: ">I"}
+
+
+def _count_msgpack_items(body: bytes, limit: int) -> int:
+    """The values in a msgpack document, stopping once past ``limit``: a walk over the headers
+    that jumps over string, binary and number payloads (a tensor's bin counts once)."""
+    count, offset, end = 0, 0, len(body)
+    while offset < end and count <= limit:
+        first = body[offset]
+        count += 1
+        offset += 1
+        if first <= 0x7F or first >= 0xE0 or 0x80 <= first <= 0x9F or first in (0xC0, 0xC2, 0xC3):
+            continue  # fixint, fixmap/fixarray header, nil, bool
+        if 0xA0 <= first <= 0xBF:  # fixstr
+            offset += first & 0x1F
+        elif first in _EXT:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "msgpack extension types are not allowed in a body"
+            )
+        elif first in _LENGTH:
+            width = _LENGTH[first]
+            if offset + width > end:
+                break  # truncated: the decoder says so
+            (length,) = struct.unpack_from(_UNSIGNED[width], body, offset)
+            offset += width + length
+        elif first in _FIXED:
+            offset += _FIXED[first]
+        else:
+            break  # 0xC1 is never used: the decoder says so
+    return count
+
+
+def _reject_ext(code: int, data: memoryview) -> Any:
+    raise RequestError(ErrorCode.BAD_REQUEST, "msgpack extension types are not allowed in a body")
+
+
+_msgpack_decoder = msgspec.msgpack.Decoder(ext_hook=_reject_ext)
+
+
+def decode_body(body: bytes, media: str, settings: Settings) -> dict[str, Any]:
+    """A JSON object or msgpack map, its values counted before any is built."""
+    limit = settings.max_request_items
+    if media in _MSGPACK_TYPES:
+        count = _count_msgpack_items(body, limit)
+    elif media in _JSON_TYPES or media.endswith("+json"):
+        count = _count_json_items(body)
+    else:
+        raise RequestError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"unsupported content type {media or '(none)'!r}",
+            f"send {JSON_MEDIA_TYPE} or {MSGPACK_MEDIA_TYPE}",
+        )
+    if count > limit:
+        raise too_large(
+            "or more values in the request body", count, limit, "max_request_items",
+            "send large tensors as msgpack bin (hooklab's tensor maps), or store them first",
+        )  # fmt: skip
+    try:
+        decoded = (
+            _msgpack_decoder.decode(body) if media in _MSGPACK_TYPES else msgspec.json.decode(body)
+        )
+    except RecursionError:
+        raise RequestError(ErrorCode.BAD_REQUEST, "the body is nested too deeply to decode") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"the body is not valid {media}: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"the body must be a JSON object (a msgpack map), not {type(decoded).__name__}",
+        )
+    return decoded
+
+
+def validate_body(data: dict[str, Any], model: type[Model], settings: Settings) -> Model:
+    try:
+        return model.model_validate(data, context=limits_context(settings.limits()))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> RequestError:
+    """The first problem (a size refusal first of all), with its field's location."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = next((e for e in errors if e["type"] == TOO_LARGE_ERROR), errors[0])
+    location = ".".join(str(part) for part in first["loc"])
+    message = f"{location}: {first['msg']}" if location else first["msg"]
+    code = ErrorCode.TOO_LARGE if first["type"] == TOO_LARGE_ERROR else ErrorCode.VALIDATION
+    hint = f"{len(errors)} problems in the request body" if len(errors) > 1 else None
+    return RequestError(code, message, hint)
 
 
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) anything over ``limit`` before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(
-            ErrorCode.TOO_LARGE, f"request body of {declared} bytes exceeds {limit}", status=413
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(
-                ErrorCode.TOO_LARGE, f"request body exceeds {limit} bytes", status=413
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def parse(request: Request, model: type[Model]) -> Model:
+    """The request's body as ``model``: read on the event loop, counted, decoded and validated
+    in a worker thread."""
+    body = await read_body(request)
+    settings, media = settings_of(request), _media_type(request)
+
+    def decode_and_validate() -> Model:
+        return validate_body(decode_body(body, media, settings), model, settings)
+
+    return await run_in_threadpool(decode_and_validate)
 
 
-class _DecodedRequest(Request):
-    """A request whose ``json()`` is the already-decoded JSON or msgpack body."""
-
-    decoded: Any = None
-
-    async def json(self) -> Any:
-        return self.decoded
-
-
-class BodyRoute(APIRoute):
-    """Routes whose pydantic body may arrive as JSON or msgpack, within the body-size limit.
-
-    FastAPI validates the body through ``request.json()``; for msgpack we decode first and
-    present the result the same way, so one schema serves both encodings (and OpenAPI).
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await decoded_route(request)
-            except (RequestError, RequestValidationError, HTTPException):
-                raise  # answered by the app's handlers, keeping the connection open
-            except Exception as exc:
-                # Answer here rather than in a catch-all handler: Starlette re-raises those
-                # into the server, which then drops the keep-alive connection.
-                logger.exception("unhandled error on %s %s", request.method, request.url.path)
-                return error_response(
-                    RequestError(
-                        ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}", status=500
-                    )
-                )
-
-        async def decoded_route(request: Request) -> Response:
-            if request.method not in ("POST", "PUT", "PATCH"):
-                return await handler(request)
-            limit = request.app.state.settings.max_request_bytes
-            body = await read_body(request, limit)
-            media = _media_type(request)
-            try:
-                if media in _MSGPACK_TYPES:
-                    decoded = msgspec.msgpack.decode(body)
-                elif media in _JSON_TYPES or media.endswith("+json"):
-                    decoded = msgspec.json.decode(body)
-                else:
-                    raise RequestError(
-                        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                        f"unsupported content type {media or '(none)'!r}",
-                        f"send {JSON_MEDIA_TYPE} or {MSGPACK_MEDIA_TYPE}",
-                        status=415,
-                    )
-            except RecursionError:
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST, "the body is nested too deeply to decode", status=400
-                ) from None
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST, f"the body is not valid {media}: {exc}", status=400
-                ) from None
-            scope = dict(request.scope)
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope["headers"] = [*headers, (b"content-type", JSON_MEDIA_TYPE.encode())]
-            wrapped = _DecodedRequest(scope, request.receive)
-            wrapped._body = body
-            wrapped.decoded = decoded
-            return await handler(wrapped)
-
-        return route
-
-
-def error_response(error: RequestError) -> JSONResponse:
-    body = {"error": {"code": str(error.code), "message": error.message, "hint": error.hint}}
-    return JSONResponse(body, status_code=error.status)
+# --- responses -----------------------------------------------------------------------------
 
 
 def wants_json(request: Request) -> bool:
@@ -138,16 +215,20 @@ def wants_json(request: Request) -> bool:
     return JSON_MEDIA_TYPE in accept and FRAMES_MEDIA_TYPE not in accept
 
 
-def tensors_response(
-    request: Request,
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any] | None = None,
+def json_body(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    """``{**meta, "tensors": {name: JSON tensor}}`` encoded (slow: run it in a thread)."""
+    body = {**meta, "tensors": {name: tensor_to_json(t) for name, t in tensors.items()}}
+    return msgspec.json.encode(body)
+
+
+async def tensors_response(
+    request: Request, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
 ) -> Response:
     """Named tensors as a frame stream (with Content-Length), or JSON when asked for."""
     meta = meta or {}
     if wants_json(request):
-        body = {**meta, "tensors": {name: tensor_to_json(t) for name, t in tensors.items()}}
-        return JSONResponse(body)
+        content = await run_in_threadpool(json_body, meta, tensors)
+        return Response(content, media_type=JSON_MEDIA_TYPE)
     started = time.perf_counter()
     frames = [
         encode_control("begin", n_tensors=len(tensors), **meta),
@@ -171,3 +252,4 @@ async def _chunks(frames: Iterable[Any]) -> AsyncIterator[bytes | memoryview]:
     # and producing a chunk here costs no more than that hop (payloads are views).
     for chunk in stream_chunks(frames):
         yield chunk
+

@@ -1,39 +1,35 @@
-"""``POST /v1/generate`` (JSON, or server-sent events with ``stream``) and ``GET /metrics``."""
+"""``POST /v1/generate``: JSON, or server-sent events with ``stream``."""
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from hooklab_proto import (
     EVENT_DONE,
     EVENT_ERROR,
     EVENT_TOKEN,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
 )
 
-from ..ops import RequestError
-from ..ops.generate import Counters, Generation
-from .bodies import BodyRoute
+from ..ops import CancelToken, GenerateWork, RequestError
+from .bodies import parse
+from .edge import request_id_of
+from .errors import ClientGone, error_json, internal_error
+from .openapi import request_body
+from .routes import ERRORS
+from .running import HooklabRoute, cancel_token, collect_generation, generation, validate
 
-router = APIRouter(
-    route_class=BodyRoute,
-    responses={status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422)},
-)
+logger = logging.getLogger("hooklab_server")
+router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
 def _event(name: str, data: str) -> bytes:
     return f"event: {name}\ndata: {data}\n\n".encode()
-
-
-def _counters(request: Request) -> Counters:
-    return request.app.state.counters
 
 
 @router.post(
@@ -41,49 +37,40 @@ def _counters(request: Request) -> Counters:
     response_model=GenerateResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
     tags=["run"],
+    openapi_extra=request_body(GenerateRequest),
 )
-async def generate(body: GenerateRequest, request: Request) -> Response:
+async def generate(request: Request) -> Response | GenerateResponse:
     """TransformerLens ``generate`` with hook specs active at every step. With ``stream`` the
     tokens arrive as server-sent events (``token`` per step, then ``done`` or ``error``);
     closing the connection stops the generation at the next step."""
-    runner = request.app.state.runner
-    generation = await run_in_threadpool(Generation, runner, body, _counters(request))
+    body = await parse(request, GenerateRequest)
+    work = await validate(request, body)
+    assert isinstance(work, GenerateWork)
+    token = cancel_token(request, body.timeout_s)
     if not body.stream:
-        return await run_in_threadpool(generation.run)
+        return await collect_generation(request, work, token)
     return StreamingResponse(
-        _events(generation, request),
+        _events(request, work, token),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
 
 
-async def _events(generation: Generation, request: Request) -> AsyncIterator[bytes]:
-    steps = iter(generation)
-    finished = False
+async def _events(request: Request, work: GenerateWork, token: CancelToken) -> AsyncIterator[bytes]:
+    """Token events, then ``done``; any failure after the stream started is an ``error``
+    event, never a bare close. A client that leaves stops the generation (Starlette cancels
+    this generator, which closes the executor's)."""
+    request_id = request_id_of(request.scope)
     try:
-        while True:
-            if await request.is_disconnected():
-                break
-            step = await run_in_threadpool(next, steps, None)
-            if step is None:
-                break
-            yield _event(EVENT_TOKEN, step.model_dump_json())
-        response = await run_in_threadpool(generation.response)
-        finished = True
-        yield _event(EVENT_DONE, response.model_dump_json())
+        async for item in generation(request, work, token):
+            name = EVENT_DONE if isinstance(item, GenerateResponse) else EVENT_TOKEN
+            yield _event(name, item.model_dump_json())
     except RequestError as error:
-        finished = True
-        body = {"error": {"code": str(error.code), "message": error.message, "hint": error.hint}}
-        yield _event(EVENT_ERROR, json.dumps(body))
+        yield _event(EVENT_ERROR, error_json(error, request_id))
+    except ClientGone:
+        return
+    except Exception as exc:
+        logger.exception("generation failed [%s]", request_id)
+        yield _event(EVENT_ERROR, error_json(internal_error(exc), request_id))
     finally:
-        if not finished:  # the client went away: count it, and run no further step
-            generation.cancel()
-
-
-@router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
-async def metrics(request: Request) -> str:
-    """Prometheus text format."""
-    lines = []
-    for name, value in _counters(request).values.items():
-        lines += [f"# TYPE hooklab_{name}_total counter", f"hooklab_{name}_total {value}"]
-    return "\n".join(lines) + "\n"
+        token.cancel("disconnect")  # no-op once finished; stops the work if we are cancelled

@@ -1,22 +1,27 @@
-"""``POST /v1/patching``: transport only — parse, run the sweep in a worker thread, send tensors."""
+"""``POST /v1/patching``: transport only — parse, validate and run the sweep, send tensors."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import PatchingRequest
 
-from ..ops.patching import Patcher
-from .bodies import BodyRoute, tensors_response
+from .bodies import parse, tensors_response
+from .openapi import request_body
 from .routes import ERRORS, STREAM
+from .running import HooklabRoute, cancel_token, run, validate
 
-router = APIRouter(route_class=BodyRoute, responses=ERRORS)
+router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
-@router.post("/v1/patching", responses=STREAM, tags=["patching"])
-async def patching(body: PatchingRequest, request: Request) -> Response:
+@router.post(
+    "/v1/patching", responses=STREAM, tags=["patching"],
+    openapi_extra=request_body(PatchingRequest),
+)  # fmt: skip
+async def patching(request: Request) -> Response:
     """TransformerLens ``generic_activation_patch``, batched: ``patching.metric`` [rows] (or
     ``patching.logits`` [rows, batch, positions, d_vocab]); the begin frame holds ``shape``."""
-    result = await run_in_threadpool(Patcher(request.app.state.runner).run, body)
-    return tensors_response(request, result.tensors, result.meta)
+    body = await parse(request, PatchingRequest)
+    work = await validate(request, body)
+    result = await run(request, work, cancel_token(request, body.timeout_s))
+    return await tensors_response(request, result.tensors, result.meta)

@@ -1,4 +1,4 @@
-"""HTTP routes: parse, call an operation in a worker thread, send the result. No logic here."""
+"""HTTP routes: parse, validate and run through the executor, send the result. No logic here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from fastapi.concurrency import run_in_threadpool
 from hooklab_proto import (
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorCode,
     ErrorResponse,
     ForwardRequest,
     ModelInfo,
@@ -24,26 +23,25 @@ from hooklab_proto import (
     TokenizeResponse,
 )
 
-from ..ops import RequestError, Runner
-from ..ops.describe import describe_model, tokenize_text
-from ..ops.run import ids_tensor
+from ..ops import objects
+from ..ops.describe import describe_model, detokenize_ids, tokenize_text
 from ..store import Stored
-from .bodies import BodyRoute, tensors_response
+from .bodies import parse, tensors_response, wants_json
+from .openapi import request_body
+from .running import HooklabRoute, cancel_token, operations_of, run, validate
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 507)
+    status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 415, 422, 504, 507)
 }
-STREAM = {200: {"content": {"application/vnd.hooklab.frames+msgpack": {}, "application/json": {}}}}
+STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/vnd.hooklab.frames+msgpack": {}, "application/json": {}}}
+}
 
-router = APIRouter(route_class=BodyRoute, responses=ERRORS)
-
-
-def _runner(request: Request) -> Runner:
-    return request.app.state.runner
+router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
-def _stored(runner: Runner, stored: Stored) -> StoredObject:
-    remaining = runner.store.remaining_s(stored)
+def _stored(request: Request, stored: Stored) -> StoredObject:
+    remaining = operations_of(request).ctx.store.remaining_s(stored)
     value = stored.value
     return StoredObject(
         id=stored.id,
@@ -56,20 +54,10 @@ def _stored(runner: Runner, stored: Stored) -> StoredObject:
     )
 
 
-@router.get("/healthz", tags=["service"])
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get("/readyz", tags=["service"])
-async def readyz(request: Request) -> dict[str, str]:
-    return {"status": "ready", "model": _runner(request).model.cfg.model_name}
-
-
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"])
 async def model_info(request: Request) -> ModelInfo:
-    runner = _runner(request)
-    return describe_model(runner.model, runner.settings, list(request.app.state.tokenizer_files))
+    ctx = operations_of(request).ctx
+    return describe_model(ctx.model, ctx.settings, list(request.app.state.tokenizer_files))
 
 
 @router.get("/v1/tokenizer", tags=["model"])
@@ -78,90 +66,97 @@ async def tokenizer(request: Request) -> dict[str, dict[str, str]]:
     return {"files": request.app.state.tokenizer_files}
 
 
-@router.post("/v1/tokenize", response_model=TokenizeResponse, tags=["model"])
-async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    return await run_in_threadpool(tokenize_text, _runner(request).model, body)
+@router.post(
+    "/v1/tokenize", response_model=TokenizeResponse, tags=["model"],
+    openapi_extra=request_body(TokenizeRequest),
+)  # fmt: skip
+async def tokenize(request: Request) -> TokenizeResponse:
+    body = await parse(request, TokenizeRequest)
+    return await run_in_threadpool(tokenize_text, operations_of(request).ctx, body)
 
 
-@router.post("/v1/detokenize", response_model=DetokenizeResponse, tags=["model"])
-async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    model = _runner(request).model
-    if model.tokenizer is None:
-        raise RequestError(ErrorCode.VALIDATION, "this model has no tokenizer")
-    tokens = ids_tensor(body.tokens, "tokens")
-    _runner(request).check_vocabulary(tokens)
-    text = model.to_string(tokens if isinstance(body.tokens[0], list) else tokens[0])
-    return DetokenizeResponse(text=text)
+@router.post(
+    "/v1/detokenize", response_model=DetokenizeResponse, tags=["model"],
+    openapi_extra=request_body(DetokenizeRequest),
+)  # fmt: skip
+async def detokenize(request: Request) -> DetokenizeResponse:
+    body = await parse(request, DetokenizeRequest)
+    return await run_in_threadpool(detokenize_ids, operations_of(request).ctx, body)
 
 
-async def _run(body: ForwardRequest, request: Request) -> Response:
-    runner = _runner(request)
-    result = await run_in_threadpool(runner.run, body)
-    meta = {"cache_id": result.cache_id} if result.cache_id else {}
-    return tensors_response(request, {**result.outputs, **result.cache}, meta)
+async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
+    body = await parse(request, model)
+    work = await validate(request, body)
+    result = await run(request, work, cancel_token(request, body.timeout_s))
+    return await tensors_response(request, result.tensors, result.meta)
 
 
-@router.post("/v1/forward", responses=STREAM, tags=["run"])
-async def forward(body: ForwardRequest, request: Request) -> Response:
+@router.post(
+    "/v1/forward", responses=STREAM, tags=["run"], openapi_extra=request_body(ForwardRequest)
+)
+async def forward(request: Request) -> Response:
     """TransformerLens ``forward`` with optional hook specs; returns logits / loss / residual."""
-    return await _run(body, request)
+    return await _forward(request, ForwardRequest)
 
 
-@router.post("/v1/run_with_cache", responses=STREAM, tags=["run"])
-async def run_with_cache(body: RunWithCacheRequest, request: Request) -> Response:
+@router.post(
+    "/v1/run_with_cache", responses=STREAM, tags=["run"],
+    openapi_extra=request_body(RunWithCacheRequest),
+)  # fmt: skip
+async def run_with_cache(request: Request) -> Response:
     """``run_with_cache``: outputs (``output.*``) then the activations, by hook name."""
-    return await _run(body, request)
+    return await _forward(request, RunWithCacheRequest)
 
 
-@router.post("/v1/run_with_hooks", responses=STREAM, tags=["run"])
-async def run_with_hooks(body: RunWithHooksRequest, request: Request) -> Response:
+@router.post(
+    "/v1/run_with_hooks", responses=STREAM, tags=["run"],
+    openapi_extra=request_body(RunWithHooksRequest),
+)  # fmt: skip
+async def run_with_hooks(request: Request) -> Response:
     """A forward under hook specs; with ``names`` it also returns those activations."""
-    return await _run(body, request)
+    return await _forward(request, RunWithHooksRequest)
 
 
 @router.get("/v1/weights/{name:path}", responses=STREAM, tags=["model"])
 async def weight(name: str, request: Request) -> Response:
     """Any parameter by TransformerLens name: W_E, W_U, W_Q (stacked), blocks.0.attn.W_O, …"""
-    model = _runner(request).model
-    try:
-        value = model.parameter(name)
-    except KeyError:
-        raise RequestError(
-            ErrorCode.NOT_FOUND,
-            f"no weight named {name!r}",
-            "stacked: W_E W_pos W_U b_U W_Q W_K W_V W_O b_Q b_K b_V b_O W_in W_gate W_out b_in "
-            "b_out; per layer: blocks.{L}.attn.W_Q, blocks.{L}.ln1.w, ln_final.w, …",
-            status=404,
-        ) from None
-    return tensors_response(request, {name: value})
+    ctx = operations_of(request).ctx
+    value = await run_in_threadpool(objects.weight, ctx, name, wants_json(request))
+    return await tensors_response(request, {name: value})
 
 
-@router.post("/v1/tensors", response_model=StoredObject, status_code=201, tags=["store"])
-async def store_tensor(body: StoreTensorRequest, request: Request) -> StoredObject:
-    runner = _runner(request)
-    tensor = runner.tensor(body.tensor)
-    return _stored(runner, runner.store.put("tensor", tensor, body.ttl_s))
+@router.post(
+    "/v1/tensors", response_model=StoredObject, status_code=201, tags=["store"],
+    openapi_extra=request_body(StoreTensorRequest),
+)  # fmt: skip
+async def store_tensor(request: Request) -> StoredObject:
+    body = await parse(request, StoreTensorRequest)
+    stored = await run_in_threadpool(objects.store_tensor, operations_of(request).ctx, body)
+    return _stored(request, stored)
 
 
 @router.get("/v1/tensors/{object_id}", responses=STREAM, tags=["store"])
 async def get_tensor(object_id: str, request: Request) -> Response:
-    stored = _runner(request).store.get("tensor", object_id)
-    return tensors_response(request, {object_id: stored.value})  # type: ignore[dict-item]
+    ctx = operations_of(request).ctx
+    value = objects.stored_tensor(ctx, object_id, wants_json(request))
+    return await tensors_response(request, {object_id: value})
 
 
 @router.get("/v1/caches/{object_id}", responses=STREAM, tags=["store"])
 async def get_cache(object_id: str, request: Request) -> Response:
-    stored = _runner(request).store.get("cache", object_id)
-    return tensors_response(request, stored.value, {"cache_id": object_id})  # type: ignore[arg-type]
+    ctx = operations_of(request).ctx
+    value = objects.stored_cache(ctx, object_id, wants_json(request))
+    return await tensors_response(request, value, {"cache_id": object_id})
 
 
 @router.delete("/v1/tensors/{object_id}", status_code=204, tags=["store"])
 async def delete_tensor(object_id: str, request: Request) -> Response:
-    _runner(request).store.delete("tensor", object_id)
+    operations_of(request).ctx.store.delete("tensor", object_id)
     return Response(status_code=204)
 
 
 @router.delete("/v1/caches/{object_id}", status_code=204, tags=["store"])
 async def delete_cache(object_id: str, request: Request) -> Response:
-    _runner(request).store.delete("cache", object_id)
+    operations_of(request).ctx.store.delete("cache", object_id)
     return Response(status_code=204)
+

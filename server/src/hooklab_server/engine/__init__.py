@@ -6,10 +6,11 @@ model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", fn)])
 model.generate(tokens, max_new_tokens=20)
 """
 
+from .catalogue import act_names, hook_names
 from .config import HookedConfig
 from .hook_points import HookPoint, HookRun
 from .loading import from_hf, load_hf, load_model, load_model_no_processing
-from .model import HookedTransformer, KVCache, Output, hook_names, lm_cross_entropy_loss
+from .model import HookedTransformer, KVCache, Output, lm_cross_entropy_loss
 
 __all__ = [
     "HookPoint",
@@ -18,6 +19,7 @@ __all__ = [
     "HookedTransformer",
     "KVCache",
     "Output",
+    "act_names",
     "from_hf",
     "hook_names",
     "lm_cross_entropy_loss",

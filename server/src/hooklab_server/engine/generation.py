@@ -3,7 +3,8 @@ TransformerLens's sampling rules (temperature, frequency penalty, top-k or top-p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -14,34 +15,71 @@ if TYPE_CHECKING:
     from .model import FwdHooks, HookedTransformer
 
 
+class NonFiniteLogits(ValueError):
+    """Sampling met NaN or infinite logits (an intervention pushed the model out of range)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen (TransformerLens's ``generate`` arguments)."""
+
+    do_sample: bool = True
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    freq_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"top_k must be positive, not {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be at least 0, not {self.temperature}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    """When generation ends: after ``max_new_tokens``, or when every row produced a stop id."""
+
+    max_new_tokens: int = 10
+    stop_at_eos: bool = True
+    eos_token_id: int | list[int] | None = None
+
+
 def sample_logits(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    freq_penalty: float = 0.0,
+    params: SamplingParams,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [batch] from the last logits [batch, d_vocab] (TransformerLens's rules)."""
-    if temperature == 0.0:
+    if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if freq_penalty > 0:
+    logits = logits.float()
+    if not bool(logits.isfinite().all()):
+        raise NonFiniteLogits("the logits hold NaN or infinite values; cannot sample from them")
+    scaled = logits / params.temperature
+    if not bool(scaled.isfinite().all()):
+        # A tiny temperature overflows; softmax is shift-invariant, so scale from the maximum.
+        scaled = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    logits = scaled
+    if params.freq_penalty > 0:
         counts = torch.zeros_like(logits)
         counts.scatter_add_(-1, tokens, torch.ones_like(tokens, dtype=logits.dtype))
-        logits = logits - freq_penalty * counts
-    if top_k is not None:
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, not {top_k}")
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits - params.freq_penalty * counts
+    if params.top_k is not None:
+        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], not {top_p}")
+    elif params.top_p is not None:
         sorted_logits, order = logits.sort(descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative > top_p
+        drop = cumulative > params.top_p
         drop[..., 1:] = drop[..., :-1].clone()
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
@@ -55,6 +93,7 @@ def prompt_tokens(
     prepend_bos: bool | None,
     padding_side: str | None,
     attention_mask: torch.Tensor | None,
+    truncate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids and padding mask; several strings are left-padded (TransformerLens 3.x) so that
     every row's last position is real."""
@@ -64,7 +103,7 @@ def prompt_tokens(
     prepend_bos, side = model._defaults(prepend_bos, padding_side)  # type: ignore[arg-type]
     if isinstance(input, list) and len(input) > 1:
         side = "left"
-    tokens = model.to_tokens(input, prepend_bos, side)  # type: ignore[arg-type]
+    tokens = model.to_tokens(input, prepend_bos, side, truncate=truncate)  # type: ignore[arg-type]
     mask = attention_mask_for(model.tokenizer, tokens, prepend_bos, side)
     return tokens, mask if side == "left" and not bool(mask.all()) else None
 
@@ -73,19 +112,15 @@ def generate_tokens(
     model: HookedTransformer,
     tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 10,
-    stop_at_eos: bool = True,
-    eos_token_id: int | list[int] | None = None,
-    do_sample: bool = True,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    freq_penalty: float = 0.0,
+    sampling: SamplingParams = SamplingParams(),
+    stopping: StoppingParams = StoppingParams(),
     use_past_kv_cache: bool = True,
     fwd_hooks: FwdHooks = (),
-    seed: int | None = None,
+    interrupt: Callable[[], None] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids [batch] step by step (callers may stop early)."""
+    """Yield the next token ids [batch] step by step (callers may stop early). ``interrupt`` is
+    called before every block of every step; it stops the generation by raising."""
+    eos_token_id, stop_at_eos = stopping.eos_token_id, stopping.stop_at_eos
     if eos_token_id is None and stop_at_eos:
         if model.tokenizer is None or model.tokenizer.eos_token_id is None:
             raise ValueError("stop_at_eos needs eos_token_id when the model has no tokenizer")
@@ -100,21 +135,15 @@ def generate_tokens(
     else:
         pad_id = tokenizer_eos
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=tokens.device).manual_seed(seed)
-    hooks = model.hook_run(fwd_hooks)
+    if sampling.seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
+    hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
     cache = model.init_kv_cache() if use_past_kv_cache else None
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     step_input, mask = tokens, attention_mask
-    for _ in range(max_new_tokens):
+    for _ in range(stopping.max_new_tokens):
         logits = model.forward(step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks)
-        last = logits[:, -1, :]
-        if do_sample:
-            next_tokens = sample_logits(
-                last, tokens, top_k, top_p, temperature, freq_penalty, generator
-            )
-        else:
-            next_tokens = last.argmax(-1)
+        next_tokens = sample_logits(logits[:, -1, :], tokens, sampling, generator)
         if stop_at_eos and eos_ids:
             next_tokens = torch.where(finished, pad_id, next_tokens)
             finished |= torch.isin(next_tokens, eos)
@@ -157,10 +186,9 @@ def generate(
     ``verbose`` is accepted for TransformerLens compatibility; the engine prints nothing.
     """
     tokens, mask = prompt_tokens(model, input, prepend_bos, padding_side, attention_mask)
-    steps = generate_tokens(
-        model, tokens, mask, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
-        temperature, freq_penalty, use_past_kv_cache, fwd_hooks, seed,
-    )  # fmt: skip
+    sampling = SamplingParams(do_sample, top_k, top_p, temperature, freq_penalty, seed)
+    stopping = StoppingParams(max_new_tokens, stop_at_eos, eos_token_id)
+    steps = generate_tokens(model, tokens, mask, sampling, stopping, use_past_kv_cache, fwd_hooks)
     new = [step[:, None] for step in steps]
     output = torch.cat((tokens, *new), dim=1)
     if return_type == "input":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .catalogue import hook_names
 from .components.attention import AttentionMask, LayerKV
 from .components.block import TransformerBlock
 from .components.embed import Embed, PosEmbed, Unembed
@@ -45,38 +46,6 @@ class KVCache:
     def length(self) -> int:
         first = self.layers[0]
         return 0 if first is None else first.keys.shape[1]
-
-
-def hook_names(cfg: HookedConfig) -> list[str]:
-    """Every hook point, in firing order (TransformerLens's ``hook_dict`` for the architecture)."""
-    names = ["hook_embed"]
-    if cfg.positional_embedding_type == "standard":
-        names.append("hook_pos_embed")
-    for layer in range(cfg.n_layers):
-        block = f"blocks.{layer}"
-        names += [
-            f"{block}.hook_{n}" for n in ("resid_pre", "attn_in", "q_input", "k_input", "v_input")
-        ]
-        names += [f"{block}.ln1.hook_scale", f"{block}.ln1.hook_normalized"]
-        attn = [f"{block}.attn.hook_{n}" for n in ("q", "k", "v")]
-        if cfg.positional_embedding_type == "rotary":
-            attn += [f"{block}.attn.hook_rot_q", f"{block}.attn.hook_rot_k"]
-        attn += [f"{block}.attn.hook_{n}" for n in ("attn_scores", "pattern", "z", "result")]
-        names += attn
-        names.append(f"{block}.hook_attn_out")
-        if not cfg.parallel_attn_mlp:
-            names.append(f"{block}.hook_resid_mid")
-        names += [f"{block}.hook_mlp_in", f"{block}.ln2.hook_scale", f"{block}.ln2.hook_normalized"]
-        mlp = ["pre", "pre_linear", "post"] if cfg.gated_mlp else ["pre", "post"]
-        names += [f"{block}.mlp.hook_{n}" for n in mlp]
-        names += [f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
-    names += [
-        "ln_final.hook_scale",
-        "ln_final.hook_normalized",
-        "unembed.hook_in",
-        "unembed.hook_out",
-    ]
-    return names
 
 
 def lm_cross_entropy_loss(

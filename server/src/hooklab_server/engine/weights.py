@@ -10,7 +10,13 @@ import torch
 
 from .config import HookedConfig
 
-_BLOCK_PARAM = re.compile(r"^blocks\.(\d+)\.(attn|mlp|ln1|ln2)\.(_?[Wbw]\w*)$")
+# At most six digits of layer: a longer number names no layer (and int() of 5,000 digits raises).
+_BLOCK_PARAM = re.compile(r"^blocks\.(\d{1,6})\.(attn|mlp|ln1|ln2)\.(_?[Wbw]\w*)$")
+_PER_LAYER = (
+    *(f"attn.{name}" for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")),
+    *(f"mlp.{name}" for name in ("W_in", "W_gate", "W_out", "b_in", "b_out")),
+    "ln1.w", "ln1.b", "ln2.w", "ln2.b",
+)  # fmt: skip
 
 STACKED = (
     "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
@@ -96,6 +102,21 @@ class WeightViews:
         if value is None:
             raise KeyError(f"no parameter named {name!r}")
         return value.detach()
+
+    def parameter_names(self, layer: int = 0) -> list[str]:
+        """The names :meth:`parameter` answers for this model (per-layer ones for ``layer``)."""
+        candidates = [
+            *STACKED, *GLOBAL, "ln_final.w", "ln_final.b",
+            *(f"blocks.{layer}.{name}" for name in _PER_LAYER),
+        ]  # fmt: skip
+        names = []
+        for name in candidates:
+            try:
+                self.parameter(name)
+            except KeyError:
+                continue
+            names.append(name)
+        return names
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
         """Unembedding directions ``W_U[:, tokens]``, with d_model as the last axis."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from hooklab_proto import (
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorCode,
     HookPointInfo,
     Limits,
@@ -20,7 +21,18 @@ from hooklab_server.engine.shapes import fires_by_default, hook_shape
 from hooklab_server.engine.tokenization import attention_mask_for
 
 from ..settings import Settings
+from .context import OpsContext
 from .errors import RequestError
+from .inputs import check_text, check_vocabulary, ids_tensor
+
+
+def public_name(name: str | None) -> str | None:
+    """A model name fit to show clients: a local path becomes its last component (the
+    server's file layout is nobody's business)."""
+    if name is None:
+        return None
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
 
 
 def describe_model(
@@ -38,9 +50,12 @@ def describe_model(
             prepends_bos=bool(cfg.tokenizer_prepends_bos),
             files=sorted(tokenizer_file_names),
         )
+    shown = cfg.to_dict()
+    shown["model_name"] = public_name(cfg.model_name)
+    shown["tokenizer_name"] = public_name(cfg.tokenizer_name)
     return ModelInfo(
-        model_name=cfg.model_name,
-        cfg=cfg.to_dict(),
+        model_name=shown["model_name"],
+        cfg=shown,
         hook_points=[
             HookPointInfo(
                 name=name,
@@ -50,7 +65,7 @@ def describe_model(
             for name in model.hook_names
         ],
         tokenizer=tokenizer_info,
-        limits=Limits(**asdict(settings)),  # the same field names, by design
+        limits=Limits(**settings.limits()),  # the same field names, by design
     )
 
 
@@ -63,10 +78,13 @@ def tokenizer_files(model: HookedTransformer) -> dict[str, str]:
         return {path.name: path.read_text() for path in Path(folder).iterdir() if path.is_file()}
 
 
-def tokenize_text(model: HookedTransformer, request: TokenizeRequest) -> TokenizeResponse:
+def tokenize_text(ctx: OpsContext, request: TokenizeRequest) -> TokenizeResponse:
+    model = ctx.model
     if not request.input:
         raise RequestError(ErrorCode.VALIDATION, "'input' must be a string or a non-empty list")
+    check_text(ctx, request.input)
     prepend_bos, side = model._defaults(request.prepend_bos, request.padding_side)
+    # TransformerLens's to_tokens: cut to the context (a forward refuses such input instead).
     tokens = model.to_tokens(request.input, prepend_bos, side)  # type: ignore[arg-type]
     mask = attention_mask_for(model.tokenizer, tokens, prepend_bos, side)
     return TokenizeResponse(
@@ -74,3 +92,13 @@ def tokenize_text(model: HookedTransformer, request: TokenizeRequest) -> Tokeniz
         attention_mask=mask.tolist(),
         str_tokens=[model.to_str_tokens(row) for row in tokens],  # type: ignore[misc]
     )
+
+
+def detokenize_ids(ctx: OpsContext, request: DetokenizeRequest) -> DetokenizeResponse:
+    model = ctx.model
+    if model.tokenizer is None:
+        raise RequestError(ErrorCode.VALIDATION, "this model has no tokenizer")
+    tokens = ids_tensor(request.tokens, "tokens")
+    check_vocabulary(ctx, tokens)
+    text = model.to_string(tokens if isinstance(request.tokens[0], list) else tokens[0])
+    return DetokenizeResponse(text=text)

@@ -1,4 +1,5 @@
-"""The one exception type operations raise for a request that cannot be served as asked."""
+"""The exceptions operations raise: a request that cannot be served as asked, and work stopped
+because nobody waits for it any more. Neither knows about HTTP: the API maps codes to statuses."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ from hooklab_proto import ErrorCode
 
 
 class RequestError(Exception):
-    """Bad input detected before (or while) running; becomes a 4xx with a JSON error body."""
+    """Bad input detected before (or while) running, with a machine-readable code."""
 
-    def __init__(self, code: ErrorCode, message: str, hint: str | None = None, status: int = 422):
+    def __init__(self, code: ErrorCode, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.hint = hint
-        self.status = status
+
+
+def too_large(what: str, count: int, limit: int, setting: str, hint: str | None = None) -> RequestError:
+    """The one wording of every size refusal: what, how many, the limit and its setting."""
+    return RequestError(
+        ErrorCode.TOO_LARGE, f"{count} {what} exceed the limit of {limit} (server setting {setting})", hint
+    )

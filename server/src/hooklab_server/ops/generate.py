@@ -1,11 +1,12 @@
-"""Generation behind /v1/generate: validate, then step the engine's KV-cache loop so the API can
-stream each token and stop as soon as the client goes away."""
+"""Generation behind /v1/generate: ``validate_generation`` checks the request once; a
+:class:`Generation` then steps the engine's KV-cache loop so the API can stream each token and
+stop as soon as the client goes away or the deadline passes."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -16,102 +17,134 @@ from hooklab_proto import (
     GenerateStats,
     GenerateStep,
 )
-from hooklab_server.engine.generation import generate_tokens, prompt_tokens
+from hooklab_server.engine.generation import (
+    NonFiniteLogits,
+    SamplingParams,
+    StoppingParams,
+    generate_tokens,
+)
 
+from .cancel import CancelToken
+from .context import OpsContext
+from .cost import (
+    JSON_BUILD_BYTES_PER_FLOAT,
+    JSON_BYTES_PER_FLOAT,
+    Cost,
+    check_response,
+    with_slack,
+    working_bytes,
+)
 from .errors import RequestError
-from .run import Runner
-from .specs import compile_specs
+from .inputs import TokenBatch, token_batch
+from .specs import HookFn, compile_specs
 
 
-class Counters:
-    """Service counters (exported at /metrics)."""
+@dataclass
+class GenerateWork:
+    prompt: TokenBatch
+    sampling: SamplingParams
+    stopping: StoppingParams
+    hooks: list[tuple[str, HookFn]]
+    request: GenerateRequest
+    cost: Cost
+    op: str = "generate"
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.values: dict[str, int] = {
-            "generations_started": 0,
-            "generations_finished": 0,
-            "generations_cancelled": 0,
-            "generated_tokens": 0,
-        }
 
-    def add(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self.values[name] += amount
+def _stop_ids(ctx: OpsContext, request: GenerateRequest) -> int | list[int] | None:
+    eos = request.eos_token_id
+    if eos is not None:
+        listed = [eos] if isinstance(eos, int) else eos
+        vocab = ctx.model.cfg.d_vocab
+        outside = [value for value in listed if not 0 <= value < vocab]
+        if not listed or outside:
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"eos_token_id {outside[0] if outside else '[]'} is not a token id "
+                f"(0..{vocab - 1})",
+            )
+        return eos
+    tokenizer = ctx.model.tokenizer
+    if request.stop_at_eos and (tokenizer is None or tokenizer.eos_token_id is None):
+        raise RequestError(ErrorCode.VALIDATION, "stop_at_eos needs eos_token_id for this model")
+    return None
+
+
+def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWork:
+    model, cfg = ctx.model, ctx.model.cfg
+    new = request.max_new_tokens
+    prompt = token_batch(
+        ctx, request.input, "input", request.prepend_bos, request.padding_side,
+        generation=True, extra=new,
+    )  # fmt: skip
+    stopping = StoppingParams(new, request.stop_at_eos, _stop_ids(ctx, request))
+    sampling = SamplingParams(
+        request.do_sample, request.top_k, request.top_p, request.temperature,
+        request.freq_penalty, request.seed,
+    )  # fmt: skip
+    if request.return_type == "str" or (request.return_type == "input" and prompt.text):
+        if model.tokenizer is None:
+            raise RequestError(ErrorCode.VALIDATION, "return_type 'str' needs a tokenizer")
+    hooks = compile_specs(ctx, request.hooks, prompt.batch, prompt.pos, generation=True)
+    total = prompt.batch * (prompt.pos + new)
+    sent = total * 8  # token ids (and text) as JSON
+    building = 0
+    if request.return_type == "embeds":
+        sent += total * cfg.d_model * JSON_BYTES_PER_FLOAT
+        building = total * cfg.d_model * JSON_BUILD_BYTES_PER_FLOAT
+    check_response(sent, True, ctx.settings)
+    kv = 2 * cfg.n_layers * total * cfg.n_key_value_heads * cfg.d_head * cfg.dtype.itemsize  # type: ignore[operator]
+    logits = prompt.batch * prompt.pos * cfg.d_vocab_out * 4
+    peak = kv + logits + building + working_bytes(model, prompt.batch, prompt.pos, False)
+    cost = Cost(total, new, with_slack(peak), sent)
+    return GenerateWork(prompt, sampling, stopping, hooks, request, cost)
 
 
 class Generation:
-    """One validated generation; iterate to run it a step at a time."""
+    """One running generation; iterate to run it a step at a time. Counts itself in the metrics:
+    started here, then finished (``response``), failed or cancelled (``fail`` / ``cancel``)."""
 
-    def __init__(self, runner: Runner, request: GenerateRequest, counters: Counters) -> None:
-        model, settings = runner.model, runner.settings
-        self.model, self.request, self.counters = model, request, counters
-        text = isinstance(request.input, str) or (
-            isinstance(request.input, list) and bool(request.input)
-            and isinstance(request.input[0], str)
-        )  # fmt: skip
-        if text and model.tokenizer is None:
-            raise RequestError(ErrorCode.VALIDATION, "this model has no tokenizer; send token ids")
-        if text:
-            tokens, mask = prompt_tokens(
-                model, request.input, request.prepend_bos, request.padding_side, None
-            )
-        else:
-            tokens, mask = runner.ids(request.input, "input").to(model.device), None
-        self.text_input = text
-        batch, pos = tokens.shape
-        total = pos + request.max_new_tokens
-        if total > model.cfg.n_ctx:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"{pos} prompt tokens + {request.max_new_tokens} new exceed the context of "
-                f"{model.cfg.n_ctx}",
-                status=413,
-            )
-        if batch > settings.max_batch or batch * total > settings.max_tokens:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"{batch} prompts x {total} tokens exceed the limits (batch {settings.max_batch}, "
-                f"{settings.max_tokens} tokens per request)",
-                status=413,
-            )
-        bad = tokens[(tokens < 0) | (tokens >= model.cfg.d_vocab)]
-        if bad.numel():
-            raise RequestError(
-                ErrorCode.BAD_INDEX, f"token id {int(bad[0])} is outside the vocabulary"
-            )
-        eos = request.eos_token_id
-        has_eos = model.tokenizer is not None and model.tokenizer.eos_token_id is not None
-        if request.stop_at_eos and eos is None and not has_eos:
-            raise RequestError(
-                ErrorCode.VALIDATION, "stop_at_eos needs eos_token_id for this model"
-            )
-        hooks = compile_specs(
-            request.hooks, model, batch, pos, runner.tensor, runner.cached_activation,
-            generation=True,
-        )  # fmt: skip
-        self.prompt = tokens
+    def __init__(self, ctx: OpsContext, work: GenerateWork, token: CancelToken) -> None:
+        self.ctx, self.work, self.token = ctx, work, token
+        self.model = ctx.model
         self.new: list[torch.Tensor] = []
+
+        def between_layers() -> None:
+            token.check()
+
         self.steps = generate_tokens(
-            model, tokens, mask, request.max_new_tokens, request.stop_at_eos, eos,
-            request.do_sample, request.top_k, request.top_p, request.temperature,
-            request.freq_penalty, request.use_past_kv_cache, hooks, request.seed,
+            self.model, work.prompt.tokens, work.prompt.mask, work.sampling, work.stopping,
+            work.request.use_past_kv_cache, work.hooks, between_layers,
         )  # fmt: skip
         self.started = time.perf_counter()
-        counters.add("generations_started")
+        ctx.metrics.add("generations_started")
 
     def __iter__(self) -> Iterator[GenerateStep]:
-        for step, next_tokens in enumerate(self.steps):
+        metrics = self.ctx.metrics
+        while True:
+            self.token.check()
+            try:
+                next_tokens = next(self.steps)
+            except StopIteration:
+                return
+            except NonFiniteLogits as exc:
+                raise RequestError(
+                    ErrorCode.VALIDATION,
+                    f"cannot sample: {exc}",
+                    "an intervention pushed the activations out of range; use smaller values "
+                    "or do_sample=false",
+                ) from None
             self.new.append(next_tokens)
-            self.counters.add("generated_tokens", next_tokens.numel())
+            metrics.add("work_units", op=self.work.op)
+            metrics.add("generated_tokens", next_tokens.numel())
             yield GenerateStep(
-                step=step, tokens=next_tokens.tolist(), text=self._decode_each(next_tokens)
+                step=len(self.new) - 1,
+                tokens=next_tokens.tolist(),
+                text=self._decode_each(next_tokens),
             )
 
-    def cancel(self) -> None:
-        """Stop the engine loop (the client went away)."""
-        self.steps.close()
-        self.counters.add("generations_cancelled")
+    def close(self) -> None:
+        """Stop the engine loop and free its KV cache."""
+        self.steps.close()  # type: ignore[attr-defined]
 
     def _decode_each(self, tokens: torch.Tensor) -> list[str]:
         tokenizer = self.model.tokenizer
@@ -125,22 +158,22 @@ class Generation:
         return self.response()
 
     def response(self) -> GenerateResponse:
-        self.counters.add("generations_finished")
+        self.ctx.metrics.add("generations_finished")
+        request, prompt = self.work.request, self.work.prompt.tokens
         seconds = time.perf_counter() - self.started
-        new = torch.stack(self.new, dim=1) if self.new else self.prompt[:, :0]
-        output_tokens = torch.cat((self.prompt, new), dim=1)
+        new = torch.stack(self.new, dim=1) if self.new else prompt[:, :0]
+        output_tokens = torch.cat((prompt, new), dim=1)
         tokenizer = self.model.tokenizer
         texts = (
             tokenizer.batch_decode(output_tokens, skip_special_tokens=True) if tokenizer else None
         )
-        return_type = self.request.return_type
+        return_type = request.return_type
         if return_type == "input":
-            return_type = "str" if self.text_input else "tokens"
+            return_type = "str" if self.work.prompt.text else "tokens"
+        output: str | list[str] | list[list[int]] | list[list[list[float]]]
         if return_type == "str":
-            if texts is None:
-                raise RequestError(ErrorCode.VALIDATION, "return_type 'str' needs a tokenizer")
-            single = isinstance(self.request.input, str) or len(texts) == 1
-            output: str | list[str] | list[list[int]] | list[list[list[float]]]
+            assert texts is not None  # validated: str needs a tokenizer
+            single = isinstance(request.input, str) or len(texts) == 1
             output = texts[0] if single else texts
         elif return_type == "embeds":
             output = self.model.W_E[output_tokens].float().tolist()

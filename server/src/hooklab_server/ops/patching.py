@@ -12,6 +12,8 @@ positions the metric reads go through the final norm and unembedding.
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,6 @@ from hooklab_proto import (
     PATCHING_LOGITS,
     PATCHING_METRIC,
     ErrorCode,
-    ForwardRequest,
     PatchingRequest,
     PatchMetric,
 )
@@ -30,20 +31,14 @@ from hooklab_server.engine import HookedTransformer, HookPoint, lm_cross_entropy
 from hooklab_server.engine.hook_points import NO_HOOKS
 from hooklab_server.engine.shapes import axis_sizes, hook_shape
 
-from .errors import RequestError
-from .run import Runner
-
-# Activation memory one forward may use for its patched copies, when the request sets no cap.
-BUDGET_BYTES = 512 * 2**20
-MAX_ROWS = 1_000_000
+from .cancel import CancelToken
+from .context import OpsContext
+from .cost import Cost, check_response, response_size, with_slack
+from .errors import RequestError, too_large
+from .inputs import TokenBatch, token_batch
+from .run import TensorsResult
 
 Index = tuple[int | slice, ...]
-
-
-@dataclass
-class PatchingResult:
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
 
 
 @dataclass
@@ -68,7 +63,7 @@ class _Plan:
         return tuple(picks.get(axis, slice(None)) for axis in range(depth + 1))
 
 
-def _plan(model: HookedTransformer, request: PatchingRequest, pos: int) -> _Plan:
+def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows: int) -> _Plan:
     cfg = model.cfg
     if request.activation not in PATCH_ACTIVATIONS:
         raise RequestError(
@@ -104,12 +99,13 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int) -> _Plan
         count = 1
         for size in ranges:
             count *= size
-        if count > MAX_ROWS:
-            raise RequestError(ErrorCode.TOO_LARGE, f"{count} index rows exceed {MAX_ROWS}")
+        if count > max_rows:
+            raise too_large(
+                "index rows (every combination of the axes)", count, max_rows,
+                "max_patching_rows", "fix some axes with explicit 'index' rows, or split the sweep",
+            )  # fmt: skip
         rows = list(itertools.product(*(range(size) for size in ranges)))
         return _Plan(request.activation, axes, ranges, rows, ranges, axis_of)
-    if len(request.index) > MAX_ROWS:
-        raise RequestError(ErrorCode.TOO_LARGE, f"{len(request.index)} rows exceed {MAX_ROWS}")
     rows = []
     for row in request.index:
         if len(row) != len(axes):
@@ -190,211 +186,255 @@ def _token_ids(value: int | list[int] | None, batch: int, d_vocab: int, what: st
     return torch.tensor(ids)
 
 
-class Patcher:
-    """Runs patching sweeps on the shared, read-only model of a :class:`Runner`."""
+@dataclass
+class PatchingWork:
+    """A validated sweep: inputs resolved, plan and chunking fixed, cost known."""
 
-    def __init__(self, runner: Runner, budget_bytes: int = BUDGET_BYTES) -> None:
-        self.runner = runner
-        self.model = runner.model
-        self.budget_bytes = budget_bytes
+    corrupted: TokenBatch
+    clean_tokens: TokenBatch | None  # run on the server; else clean_activations holds the values
+    clean_activations: dict[int, torch.Tensor]  # layer -> clean activation
+    clean_start: torch.Tensor | None  # clean blocks.0.hook_resid_pre, for normalize baselines
+    plan: _Plan
+    metric: _Metric
+    layers: list[int]
+    per_forward: int
+    request: PatchingRequest
+    cost: Cost
+    op: str = "patching"
 
-    def run(self, request: PatchingRequest) -> PatchingResult:
-        with torch.inference_mode():
-            return self._run(request)
 
-    def _run(self, request: PatchingRequest) -> PatchingResult:
-        model, cfg = self.model, self.model.cfg
-        corrupted = self.runner.prepare(
-            ForwardRequest(input=request.corrupted, prepend_bos=request.prepend_bos)
+def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: bool) -> PatchingWork:
+    model, cfg, settings = ctx.model, ctx.model.cfg, ctx.settings
+    corrupted = token_batch(ctx, request.corrupted, "corrupted", request.prepend_bos, None)
+    batch, pos = corrupted.batch, corrupted.pos
+    plan = _plan(model, request, pos, settings.max_patching_rows)
+    metric = _Metric(request.metric, corrupted.tokens, cfg.d_vocab_out)
+    layers = sorted({row[0] for row in plan.rows})
+    clean_tokens, clean_activations, clean_start = None, {}, None
+    if request.clean is not None:
+        clean_tokens = token_batch(ctx, request.clean, "clean", request.prepend_bos, None)
+        if clean_tokens.tokens.shape != corrupted.tokens.shape:
+            raise RequestError(
+                ErrorCode.BAD_SHAPE,
+                f"clean tokens {list(clean_tokens.tokens.shape)} and corrupted tokens "
+                f"{list(corrupted.tokens.shape)} differ in shape",
+                "clean and corrupted inputs need the same batch and length",
+            )
+    else:
+        clean_activations = _clean_activations(ctx, request, plan, layers, batch, pos)
+        clean_start = _clean_start(ctx, request)
+    if (
+        request.metric.normalize
+        and request.metric.baselines is None
+        and clean_tokens is None
+        and clean_start is None
+    ):
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            "normalize without 'baselines' needs the clean logits: send 'clean' tokens, or a "
+            "clean source holding 'blocks.0.hook_resid_pre'",
+            "or pass baselines=[clean_value, corrupted_value]",
         )
-        tokens, mask = corrupted.input, corrupted.attention_mask
-        batch, pos = tokens.shape
-        plan = _plan(model, request, pos)
-        metric = _Metric(request.metric, tokens, cfg.d_vocab_out)
-        if request.metric.kind == "logits":
-            size = len(plan.rows) * batch * len(metric.positions) * cfg.d_vocab_out * 4
-            if size > self.runner.settings.max_response_bytes:
-                raise RequestError(
-                    ErrorCode.TOO_LARGE,
-                    f"the logits of {len(plan.rows)} patches would be {size} bytes, over the "
-                    f"limit of {self.runner.settings.max_response_bytes}",
-                    "send fewer index rows per request, or fewer positions",
-                    status=413,
-                )
-        layers = sorted({row[0] for row in plan.rows})
-        clean, clean_logits = self._clean(request, plan, layers, batch, pos)
 
-        # The unpatched corrupted run: each layer's starting residual, and the baseline.
-        starts = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-        corrupted_logits, cache = model.run_with_cache(
-            tokens, names_filter=starts, attention_mask=mask
-        )
-        forwards = 1 + (request.clean is not None)
-        values: list[torch.Tensor | None] = [None] * len(plan.rows)
-        per_forward = self._copies_per_forward(request, metric, batch, pos)
-        for layer in layers:
-            members = [i for i, row in enumerate(plan.rows) if row[0] == layer]
-            for begin in range(0, len(members), per_forward):
-                chunk = members[begin : begin + per_forward]
-                logits = self._patched_logits(
-                    plan, layer, [plan.rows[i] for i in chunk], clean[layer],
-                    cache[f"blocks.{layer}.hook_resid_pre"], mask, metric.positions,
-                )  # fmt: skip
-                forwards += 1
-                result = logits if request.metric.kind == "logits" else metric(logits)
-                for slot, i in enumerate(chunk):
-                    values[i] = result[slot]
-        meta: dict[str, Any] = {
-            "shape": plan.shape,
-            "axes": plan.axes,
-            "rows": len(plan.rows),
-            "forwards": forwards,
-            "copies_per_forward": per_forward,
+    per_copy = _bytes_per_copy(model, metric, batch, pos)
+    budget = max(1, settings.patching_budget_bytes // per_copy)
+    per_forward = min(request.patches_per_forward or budget, budget)
+    per_forward = max(1, min(per_forward, settings.max_tokens // max(1, batch * pos)))
+    by_layer = [sum(1 for row in plan.rows if row[0] == layer) for layer in layers]
+    patched_forwards = sum(math.ceil(count / per_forward) for count in by_layer)
+    forwards = 1 + patched_forwards + (clean_tokens is not None)
+    forwards += request.metric.normalize and clean_tokens is None and request.metric.baselines is None
+    if forwards > settings.max_patching_forwards:
+        raise too_large(
+            f"forwards ({len(plan.rows)} rows at {per_forward} patched copies per forward)",
+            forwards, settings.max_patching_forwards, "max_patching_forwards",
+            "patch fewer rows per request (explicit 'index' rows), or a shorter input",
+        )  # fmt: skip
+    if request.metric.kind == "logits":
+        returned = len(plan.rows) * batch * len(metric.positions) * cfg.d_vocab_out
+    else:
+        returned = len(plan.rows)
+    sent, building = response_size(returned, 4, wants_json)
+    check_response(sent, wants_json, settings)
+    tokens = (forwards - patched_forwards) * batch * pos + len(plan.rows) * batch * pos
+    peak = per_forward * per_copy + building
+    return PatchingWork(
+        corrupted, clean_tokens, clean_activations, clean_start, plan, metric, layers,
+        per_forward, request, Cost(tokens, forwards, with_slack(peak), sent),
+    )  # fmt: skip
+
+
+def _bytes_per_copy(model: HookedTransformer, metric: _Metric, batch: int, pos: int) -> int:
+    """Activation memory of one patched copy: the widest transients of one block per token,
+    plus the logits kept per copy."""
+    cfg = model.cfg
+    per_token = 6 * cfg.d_model + 2 * (cfg.d_mlp or 4 * cfg.d_model) + 3 * cfg.n_heads * pos
+    return batch * (pos * per_token + 2 * len(metric.positions) * cfg.d_vocab_out) * 4
+
+
+def _clean_activations(
+    ctx: OpsContext, request: PatchingRequest, plan: _Plan, layers: list[int], batch: int, pos: int
+) -> dict[int, torch.Tensor]:
+    """The clean activation per layer from a stored cache or the request, shape-checked."""
+    model = ctx.model
+    names = {layer: plan.hook(layer) for layer in layers}
+    if request.clean_cache is not None:
+        found = {
+            name: ctx.cached_activation(request.clean_cache, name) for name in names.values()
         }
-        stacked = torch.stack(values)  # type: ignore[arg-type]
-        if request.metric.kind == "logits":
-            meta["positions"] = metric.positions
-            return PatchingResult({PATCHING_LOGITS: stacked}, meta)
-        if request.metric.normalize:
-            if clean_logits is None and request.metric.baselines is None:
-                clean_logits = self._clean_logits_from_start(request, mask)
-                forwards += 1
-            clean_value, corrupted_value = self._baselines(
-                request.metric, metric, clean_logits, corrupted_logits
-            )
-            meta["baselines"] = [clean_value, corrupted_value]
-            stacked = (stacked - corrupted_value) / (clean_value - corrupted_value)
-        return PatchingResult({PATCHING_METRIC: stacked.float().cpu()}, meta)
-
-    # --- clean activations ----------------------------------------------------------------
-
-    def _clean(
-        self, request: PatchingRequest, plan: _Plan, layers: list[int], batch: int, pos: int
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """The clean activation per layer (shape-checked), and clean logits when known."""
-        model, runner = self.model, self.runner
-        names = {layer: plan.hook(layer) for layer in layers}
-        clean_logits = None
-        if request.clean is not None:
-            prepared = runner.prepare(
-                ForwardRequest(input=request.clean, prepend_bos=request.prepend_bos)
-            )
-            clean_logits, found = model.run_with_cache(
-                prepared.input,
-                names_filter=list(names.values()),
-                attention_mask=prepared.attention_mask,
-            )
-        elif request.clean_cache is not None:
-            found = {
-                name: runner.cached_activation(request.clean_cache, name) for name in names.values()
-            }
-        else:
-            given = request.clean_activations or {}
-            missing = [name for name in names.values() if name not in given]
-            if missing:
-                raise RequestError(ErrorCode.VALIDATION, f"clean_activations lacks {missing[0]!r}")
-            found = {name: runner.tensor(given[name]) for name in names.values()}
-        sizes = axis_sizes(model.cfg, batch, pos)
-        clean = {}
-        for layer, name in names.items():
-            expected = [sizes[axis] for axis in hook_shape(name, model.cfg)]
-            value = found[name]
-            if list(value.shape) != expected or not value.is_floating_point():
-                raise RequestError(
-                    ErrorCode.BAD_SHAPE,
-                    f"clean {name} is {value.dtype} {list(value.shape)}; the corrupted run's is "
-                    f"{expected}",
-                    "clean and corrupted inputs need the same batch and length",
-                )
-            clean[layer] = value.to(model.device, model.cfg.dtype)
-        return clean, clean_logits
-
-    def _baselines(
-        self,
-        spec: PatchMetric,
-        metric: _Metric,
-        clean_logits: torch.Tensor | None,
-        corrupted_logits: torch.Tensor,
-    ) -> tuple[float, float]:
-        if spec.baselines is not None:
-            clean_value, corrupted_value = spec.baselines
-        else:
-            assert clean_logits is not None
-            clean_value = float(metric(clean_logits[None][:, :, metric.positions]))
-            corrupted_value = float(metric(corrupted_logits[None][:, :, metric.positions]))
-        if clean_value == corrupted_value:
+    else:
+        given = request.clean_activations or {}
+        missing = [name for name in names.values() if name not in given]
+        if missing:
+            raise RequestError(ErrorCode.VALIDATION, f"clean_activations lacks {missing[0]!r}")
+        found = {name: ctx.finite_tensor(given[name], f"clean {name}") for name in names.values()}
+    sizes = axis_sizes(model.cfg, batch, pos)
+    clean = {}
+    for layer, name in names.items():
+        expected = [sizes[axis] for axis in hook_shape(name, model.cfg)]
+        value = found[name]
+        if list(value.shape) != expected or not value.is_floating_point():
             raise RequestError(
-                ErrorCode.VALIDATION,
-                f"normalize: the clean and corrupted metrics are equal ({clean_value})",
+                ErrorCode.BAD_SHAPE,
+                f"clean {name} is {str(value.dtype).removeprefix('torch.')} "
+                f"{list(value.shape)}; the corrupted run's is {expected}",
+                "clean and corrupted inputs need the same batch and length",
             )
-        return clean_value, corrupted_value
+        clean[layer] = value.to(model.device, model.cfg.dtype)
+    return clean
 
-    def _clean_logits_from_start(
-        self, request: PatchingRequest, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The clean run's logits, rerun from its ``blocks.0.hook_resid_pre`` (the residual
-        before any block, embeddings included) when the clean source holds it."""
-        name = "blocks.0.hook_resid_pre"
-        start = None
-        if request.clean_cache is not None:
-            stored = self.runner.store.get("cache", request.clean_cache).value
-            start = stored.get(name) if isinstance(stored, dict) else None
-        elif request.clean_activations and name in request.clean_activations:
-            start = self.runner.tensor(request.clean_activations[name])
-        if start is None:
-            raise RequestError(
-                ErrorCode.VALIDATION,
-                f"normalize without 'baselines' needs the clean logits: send 'clean' tokens, or "
-                f"a clean source holding {name!r}",
-                "or pass baselines=(clean_value, corrupted_value)",
+
+def _clean_start(ctx: OpsContext, request: PatchingRequest) -> torch.Tensor | None:
+    """The clean run's residual before any block (embeddings included), when the clean source
+    holds it: enough to rerun the clean logits for normalize."""
+    name = "blocks.0.hook_resid_pre"
+    start = None
+    if request.clean_cache is not None:
+        stored = ctx.store.get("cache", request.clean_cache).value
+        start = stored.get(name) if isinstance(stored, dict) else None
+    elif request.clean_activations and name in request.clean_activations:
+        start = ctx.finite_tensor(request.clean_activations[name], f"clean {name}")
+    return None if start is None else start.to(ctx.model.device, ctx.model.cfg.dtype)
+
+
+def run_patching(ctx: OpsContext, work: PatchingWork, token: CancelToken) -> TensorsResult:
+    model, request, plan, metric = ctx.model, work.request, work.plan, work.metric
+    tokens, mask = work.corrupted.tokens, work.corrupted.mask
+
+    def between_layers() -> None:
+        token.check()
+
+    clean, clean_logits = work.clean_activations, None
+    if work.clean_tokens is not None:
+        names = {layer: plan.hook(layer) for layer in work.layers}
+        clean_logits, found = model.run_with_cache(
+            work.clean_tokens.tokens, names_filter=list(names.values()),
+            attention_mask=work.clean_tokens.mask, interrupt=between_layers,
+        )  # fmt: skip
+        clean = {layer: found[name] for layer, name in names.items()}
+        ctx.metrics.add("work_units", op=work.op)
+
+    # The unpatched corrupted run: each layer's starting residual, and the baseline.
+    starts = [f"blocks.{layer}.hook_resid_pre" for layer in work.layers]
+    corrupted_logits, cache = model.run_with_cache(
+        tokens, names_filter=starts, attention_mask=mask, interrupt=between_layers
+    )
+    ctx.metrics.add("work_units", op=work.op)
+    forwards = 1 + (work.clean_tokens is not None)
+    values: list[torch.Tensor | None] = [None] * len(plan.rows)
+    for layer in work.layers:
+        members = [i for i, row in enumerate(plan.rows) if row[0] == layer]
+        for begin in range(0, len(members), work.per_forward):
+            token.check()
+            chunk = members[begin : begin + work.per_forward]
+            logits = _patched_logits(
+                model, plan, layer, [plan.rows[i] for i in chunk], clean[layer],
+                cache[f"blocks.{layer}.hook_resid_pre"], mask, metric.positions, between_layers,
+            )  # fmt: skip
+            forwards += 1
+            ctx.metrics.add("work_units", op=work.op)
+            result = logits if request.metric.kind == "logits" else metric(logits)
+            for slot, i in enumerate(chunk):
+                values[i] = result[slot]
+    meta: dict[str, Any] = {
+        "shape": plan.shape,
+        "axes": plan.axes,
+        "rows": len(plan.rows),
+        "forwards": forwards,
+        "copies_per_forward": work.per_forward,
+    }
+    stacked = torch.stack(values)  # type: ignore[arg-type]
+    if request.metric.kind == "logits":
+        meta["positions"] = metric.positions
+        return TensorsResult({PATCHING_LOGITS: stacked}, meta)
+    if request.metric.normalize:
+        if clean_logits is None and request.metric.baselines is None:
+            assert work.clean_start is not None  # validated
+            clean_logits = model.forward(
+                work.clean_start, start_at_layer=0, attention_mask=mask, interrupt=between_layers
             )
-        start = start.to(self.model.device, self.model.cfg.dtype)
-        return self.model.forward(start, start_at_layer=0, attention_mask=mask)
+            forwards += 1
+            meta["forwards"] = forwards
+        clean_value, corrupted_value = _baselines(
+            request.metric, metric, clean_logits, corrupted_logits
+        )
+        meta["baselines"] = [clean_value, corrupted_value]
+        stacked = (stacked - corrupted_value) / (clean_value - corrupted_value)
+    return TensorsResult({PATCHING_METRIC: stacked.float().cpu()}, meta)
 
-    # --- the batched patched forwards -----------------------------------------------------
 
-    def _copies_per_forward(
-        self, request: PatchingRequest, metric: _Metric, batch: int, pos: int
-    ) -> int:
-        if request.patches_per_forward is not None:
-            return request.patches_per_forward
-        cfg = self.model.cfg
-        # The widest transients of one block per token, plus the logits kept per copy.
-        per_token = 6 * cfg.d_model + 2 * (cfg.d_mlp or 4 * cfg.d_model) + 3 * cfg.n_heads * pos
-        per_copy = batch * (pos * per_token + 2 * len(metric.positions) * cfg.d_vocab_out) * 4
-        limit = max(1, self.runner.settings.max_tokens // max(1, batch * pos))
-        return max(1, min(self.budget_bytes // per_copy, limit))
+def _baselines(
+    spec: PatchMetric,
+    metric: _Metric,
+    clean_logits: torch.Tensor | None,
+    corrupted_logits: torch.Tensor,
+) -> tuple[float, float]:
+    if spec.baselines is not None:
+        clean_value, corrupted_value = spec.baselines
+    else:
+        assert clean_logits is not None
+        clean_value = float(metric(clean_logits[None][:, :, metric.positions]))
+        corrupted_value = float(metric(corrupted_logits[None][:, :, metric.positions]))
+    if clean_value == corrupted_value:
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"normalize: the clean and corrupted metrics are equal ({clean_value})",
+        )
+    return clean_value, corrupted_value
 
-    def _patched_logits(
-        self,
-        plan: _Plan,
-        layer: int,
-        rows: list[tuple[int, ...]],
-        clean: torch.Tensor,
-        start: torch.Tensor,
-        mask: torch.Tensor | None,
-        positions: list[int],
-    ) -> torch.Tensor:
-        """Logits [copies, batch, positions, d_vocab] with copy i patched at ``rows[i]``."""
-        model = self.model
-        copies, batch = len(rows), start.shape[0]
-        selections = [(slice(None), *plan.selection(row)[1:]) for row in rows]
 
-        def patch(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            # A fresh tensor: the engine may hand out a view of a larger one.
-            patched = value.clone(memory_format=torch.contiguous_format)
-            per_copy = patched.view(copies, batch, *patched.shape[1:])
-            for i, selection in enumerate(selections):
-                per_copy[i][selection] = clean[selection]
-            return patched
+def _patched_logits(
+    model: HookedTransformer,
+    plan: _Plan,
+    layer: int,
+    rows: list[tuple[int, ...]],
+    clean: torch.Tensor,
+    start: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: list[int],
+    interrupt: Callable[[], None],
+) -> torch.Tensor:
+    """Logits [copies, batch, positions, d_vocab] with copy i patched at ``rows[i]``."""
+    copies, batch = len(rows), start.shape[0]
+    selections = [(slice(None), *plan.selection(row)[1:]) for row in rows]
 
-        resid = model.forward(
-            start.repeat(copies, *([1] * (start.dim() - 1))),
-            start_at_layer=layer,
-            stop_at_layer=model.cfg.n_layers,
-            attention_mask=None if mask is None else mask.repeat(copies, 1),
-            fwd_hooks=[(plan.hook(layer), patch)],
-        )  # [copies * batch, pos, d_model]
-        resid = resid[:, positions]
+    def patch(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        # A fresh tensor: the engine may hand out a view of a larger one.
+        patched = value.clone(memory_format=torch.contiguous_format)
+        per_copy = patched.view(copies, batch, *patched.shape[1:])
+        for i, selection in enumerate(selections):
+            per_copy[i][selection] = clean[selection]
+        return patched
+
+    resid = model.forward(
+        start.repeat(copies, *([1] * (start.dim() - 1))),
+        start_at_layer=layer,
+        stop_at_layer=model.cfg.n_layers,
+        attention_mask=None if mask is None else mask.repeat(copies, 1),
+        fwd_hooks=[(plan.hook(layer), patch)],
+        interrupt=interrupt,
+    )  # [copies * batch, pos, d_model]
+    resid = resid[:, positions]
+    with torch.inference_mode():
         logits = model.unembed(model.ln_final(resid, NO_HOOKS), NO_HOOKS)
-        return logits.view(copies, batch, len(positions), -1)
+    return logits.view(copies, batch, len(positions), -1)

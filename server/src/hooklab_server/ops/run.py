@@ -1,12 +1,12 @@
 """The forward operations behind /v1/forward, /v1/run_with_cache and /v1/run_with_hooks.
 
-Everything a request asks for is validated here — inputs, limits, hook names, hook specs and the
-size of the response — before the engine runs.
+``validate_forward`` checks everything a request asks for — inputs, limits, hook names, hook
+specs, the size of the response — and returns a :class:`ForwardWork` with its cost; only then
+does ``run_forward`` touch the model.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,272 +18,181 @@ from hooklab_proto import (
     ErrorCode,
     ForwardRequest,
     RunWithCacheRequest,
-    TensorRef,
-    TensorValue,
-    WireFormatError,
-    inline_tensor,
+    RunWithHooksRequest,
 )
-from hooklab_server.engine import HookedTransformer
-from hooklab_server.engine.shapes import axis_sizes, fires_by_default, hook_shape
+from hooklab_server.engine.shapes import fires_by_default
 
-from ..settings import Settings
-from ..store import Store
+from .cancel import CancelToken
+from .context import OpsContext
+from .cost import (
+    Cost,
+    activation_elements,
+    check_response,
+    response_size,
+    with_slack,
+    working_bytes,
+)
 from .errors import RequestError
-from .specs import compile_specs, resolve_hook_names
-
-
-def ids_tensor(value: list, what: str) -> torch.Tensor:
-    """Nested lists of integer ids as a [batch, pos] tensor; RequestError when not rectangular
-    or outside int64."""
-    rows = value if value and isinstance(value[0], list) else [value]
-    if not rows or not rows[0] or any(len(row) != len(rows[0]) for row in rows):
-        raise RequestError(ErrorCode.BAD_SHAPE, f"{what} must be a non-empty rectangle of ids")
-    try:
-        return torch.tensor(rows, dtype=torch.long)
-    except (ValueError, OverflowError, RuntimeError, TypeError):
-        raise RequestError(
-            ErrorCode.VALIDATION, f"{what} must hold integers within the int64 range"
-        ) from None
+from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
+from .specs import HookFn, compile_specs, resolve_hook_names
 
 
 @dataclass
-class RunResult:
-    outputs: dict[str, torch.Tensor]
-    cache: dict[str, torch.Tensor] = field(default_factory=dict)
-    cache_id: str | None = None
+class TensorsResult:
+    """Named tensors for the response, and the begin frame's fields."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
-class _Prepared:
+class ForwardWork:
+    """A validated forward: everything resolved, nothing run yet."""
+
+    op: str  # forward | run_with_cache | run_with_hooks
     input: torch.Tensor  # token ids [batch, pos], or a residual [batch, pos, d_model]
     tokens: torch.Tensor | None
-    attention_mask: torch.Tensor | None
+    mask: torch.Tensor | None
+    hooks: list[tuple[str, HookFn]]
+    names: list[str]  # activations to capture (none: a plain forward)
+    request: ForwardRequest
+    cost: Cost
 
     @property
-    def batch(self) -> int:
-        return self.input.shape[0]
-
-    @property
-    def pos(self) -> int:
-        return self.input.shape[1]
+    def caching(self) -> RunWithCacheRequest | None:
+        return self.request if self.names and isinstance(self.request, RunWithCacheRequest) else None
 
 
-class Runner:
-    """Operations on one shared, read-only model; safe to call from several threads."""
+def op_name(request: ForwardRequest) -> str:
+    if isinstance(request, RunWithHooksRequest):
+        return "run_with_hooks"
+    if isinstance(request, RunWithCacheRequest):
+        return "run_with_cache"
+    return "forward"
 
-    def __init__(self, model: HookedTransformer, store: Store, settings: Settings) -> None:
-        self.model = model
-        self.store = store
-        self.settings = settings
 
-    # --- tensors in requests --------------------------------------------------------------
+def cache_names(ctx: OpsContext, names: list[str] | None) -> list[str]:
+    """Validated names (exact or glob), de-duplicated in firing order; None means every hook
+    point that fires by default."""
+    model = ctx.model
+    firing = [name for name in model.hook_names if fires_by_default(name, model.cfg)]
+    if names is None:
+        return firing
+    resolved = [
+        match for name in names for match in resolve_hook_names(name, model.hook_names, firing)
+    ]
+    return list(dict.fromkeys(resolved))
 
-    def tensor(self, value: TensorValue) -> torch.Tensor:
-        if isinstance(value, TensorRef):
-            stored = self.store.get("tensor", value.ref).value
-            assert isinstance(stored, torch.Tensor)
-            return stored
-        try:
-            return inline_tensor(value)
-        except WireFormatError as exc:
-            raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor: {exc}") from None
 
-    def cached_activation(self, cache_id: str, name: str) -> torch.Tensor:
-        cache = self.store.get("cache", cache_id).value
-        assert isinstance(cache, dict)
-        if name not in cache:
-            raise RequestError(
-                ErrorCode.NOT_FOUND,
-                f"stored cache {cache_id!r} has no activation {name!r}",
-                status=404,
-            )
-        return cache[name]
-
-    def ids(self, value: object, what: str) -> torch.Tensor:
-        """Integer ids [batch, pos] from nested lists or a tensor value."""
-        if isinstance(value, list):
-            return ids_tensor(value, what)
-        tensor = self.tensor(value)  # type: ignore[arg-type]
-        if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() not in (1, 2):
+def _residual_input(ctx: OpsContext, request: ForwardRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cfg = ctx.model.cfg
+    if request.residual is None:
+        raise RequestError(ErrorCode.VALIDATION, "start_at_layer needs 'residual'")
+    if request.input is not None:
+        raise RequestError(
+            ErrorCode.VALIDATION, "with start_at_layer send the residual in 'residual', not 'input'"
+        )
+    start = ctx.finite_tensor(request.residual, "residual")
+    if start.dim() != 3 or start.shape[-1] != cfg.d_model or not start.is_floating_point():
+        raise RequestError(
+            ErrorCode.BAD_SHAPE,
+            f"residual must be floats [batch, pos, {cfg.d_model}], got "
+            f"{str(start.dtype).removeprefix('torch.')} {list(start.shape)}",
+        )
+    tokens = None
+    if request.tokens is not None:
+        tokens = ids(ctx, request.tokens, "tokens")
+        if tokens.shape != start.shape[:2]:
             raise RequestError(
                 ErrorCode.BAD_SHAPE,
-                f"{what} must be integers of shape [pos] or [batch, pos], got {tensor.dtype} "
-                f"{list(tensor.shape)}",
+                f"tokens {list(tokens.shape)} must match the residual's [batch, pos] "
+                f"{list(start.shape[:2])}",
             )
-        return (tensor if tensor.dim() == 2 else tensor.unsqueeze(0)).long()
+        check_vocabulary(ctx, tokens)
+        tokens = tokens.to(ctx.model.device)
+    check_size(ctx, int(start.shape[0]), int(start.shape[1]))
+    return start.to(ctx.model.device, cfg.dtype), tokens
 
-    # --- inputs and limits ----------------------------------------------------------------
 
-    def check_vocabulary(self, tokens: torch.Tensor) -> None:
-        vocab = self.model.cfg.d_vocab
-        outside = tokens[(tokens < 0) | (tokens >= vocab)]
-        if outside.numel():
+def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool) -> ForwardWork:
+    model, cfg = ctx.model, ctx.model.cfg
+    mask = None
+    if request.start_at_layer is not None:
+        start, tokens = _residual_input(ctx, request)
+    elif request.input is None:
+        raise RequestError(ErrorCode.VALIDATION, "'input' (text or token ids) is required")
+    else:
+        batch = token_batch(ctx, request.input, "input", request.prepend_bos, request.padding_side)
+        start, tokens, mask = batch.tokens, batch.tokens, batch.mask
+    size, length = int(start.shape[0]), int(start.shape[1])
+    if request.attention_mask is not None:
+        mask = attention_mask(ctx, request.attention_mask, size, length)
+    for name, layer in (("start_at_layer", request.start_at_layer), ("stop_at_layer", request.stop_at_layer)):
+        if layer is not None and not -cfg.n_layers <= layer <= cfg.n_layers:
             raise RequestError(
-                ErrorCode.BAD_INDEX,
-                f"token id {int(outside[0])} is outside the vocabulary (0..{vocab - 1})",
+                ErrorCode.VALIDATION, f"{name}={layer} is outside -{cfg.n_layers}..{cfg.n_layers}"
             )
+    if request.return_type in ("loss", "both") and tokens is None:
+        raise RequestError(ErrorCode.VALIDATION, "a loss needs token ids ('input' or 'tokens')")
 
-    def prepare(self, request: ForwardRequest) -> _Prepared:
-        model, cfg = self.model, self.model.cfg
-        tokens = mask = None
-        if request.start_at_layer is not None:
-            if request.residual is None:
-                raise RequestError(ErrorCode.VALIDATION, "start_at_layer needs 'residual'")
-            if request.input is not None:
-                raise RequestError(
-                    ErrorCode.VALIDATION,
-                    "with start_at_layer send the residual in 'residual', not 'input'",
-                )
-            start = self.tensor(request.residual)
-            if start.dim() != 3 or start.shape[-1] != cfg.d_model or not start.is_floating_point():
-                raise RequestError(
-                    ErrorCode.BAD_SHAPE,
-                    f"residual must be floats [batch, pos, {cfg.d_model}], got {start.dtype} "
-                    f"{list(start.shape)}",
-                )
-            start = start.to(cfg.dtype)
-            if request.tokens is not None:
-                tokens = self.ids(request.tokens, "tokens")
-                if tokens.shape != start.shape[:2]:
-                    raise RequestError(
-                        ErrorCode.BAD_SHAPE,
-                        f"tokens {list(tokens.shape)} must match the residual's "
-                        f"[batch, pos] {list(start.shape[:2])}",
-                    )
-        elif request.input is None:
-            raise RequestError(ErrorCode.VALIDATION, "'input' (text or token ids) is required")
-        elif isinstance(request.input, str) or (
-            isinstance(request.input, list) and request.input and isinstance(request.input[0], str)
-        ):
-            if model.tokenizer is None:
-                raise RequestError(
-                    ErrorCode.VALIDATION, "this model has no tokenizer; send token ids"
-                )
-            start, mask = model.tokens_and_mask(
-                request.input, request.prepend_bos, request.padding_side
-            )
-            tokens = start
-        else:
-            start = tokens = self.ids(request.input, "input")
-        if tokens is not None:
-            self.check_vocabulary(tokens)
-        if request.attention_mask is not None:
-            mask = self.ids(request.attention_mask, "attention_mask")
-            if mask.shape != start.shape[:2] or bool(((mask != 0) & (mask != 1)).any()):
-                raise RequestError(
-                    ErrorCode.BAD_SHAPE,
-                    f"attention_mask must be 0/1 of shape {list(start.shape[:2])}",
-                )
-        prepared = _Prepared(start.to(model.device), tokens, mask)
-        self._check_limits(prepared, request)
-        return prepared
-
-    def _check_limits(self, prepared: _Prepared, request: ForwardRequest) -> None:
-        cfg, limits = self.model.cfg, self.settings
-        if prepared.pos > cfg.n_ctx:
+    names: list[str] = []
+    if isinstance(request, RunWithCacheRequest) and request.names != []:
+        names = cache_names(ctx, request.names)
+        if request.remove_batch_dim and size != 1:
             raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"{prepared.pos} positions exceed the model's context of {cfg.n_ctx}",
-                status=413,
+                ErrorCode.VALIDATION, f"remove_batch_dim needs a batch of 1, got {size}"
             )
-        if prepared.batch > limits.max_batch:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"batch of {prepared.batch} exceeds the limit of {limits.max_batch}",
-                status=413,
-            )
-        if prepared.batch * prepared.pos > limits.max_tokens:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"{prepared.batch * prepared.pos} tokens exceed the limit of {limits.max_tokens} "
-                "per request",
-                "split the batch into several requests",
-                status=413,
-            )
-        for name, layer in (
-            ("start_at_layer", request.start_at_layer),
-            ("stop_at_layer", request.stop_at_layer),
-        ):
-            if layer is not None and not -cfg.n_layers <= layer <= cfg.n_layers:
-                raise RequestError(
-                    ErrorCode.VALIDATION,
-                    f"{name}={layer} is outside -{cfg.n_layers}..{cfg.n_layers}",
-                )
-        if request.return_type in ("loss", "both") and prepared.tokens is None:
-            raise RequestError(ErrorCode.VALIDATION, "a loss needs token ids ('input' or 'tokens')")
+    hooks = compile_specs(ctx, request.hooks, size, length)
 
-    def cache_names(self, names: list[str] | None) -> list[str]:
-        """Validated names (exact or glob); None means every hook point that fires by default."""
-        hook_names = self.model.hook_names
-        firing = [name for name in hook_names if fires_by_default(name, self.model.cfg)]
-        if names is None:
-            return firing
-        resolved = [
-            match for name in names for match in resolve_hook_names(name, hook_names, firing)
-        ]
-        return list(dict.fromkeys(resolved))
+    # Cost: captures and logits are held until sent; the working set of one block on top.
+    returned = activation_elements(model, names, size, length)
+    if isinstance(request, RunWithCacheRequest) and not request.return_cache:
+        returned = 0
+    if request.stop_at_layer is not None:
+        returned += size * length * cfg.d_model
+    elif request.return_type in ("logits", "both"):
+        returned += size * length * cfg.d_vocab_out
+    sent, building = response_size(returned, cfg.dtype.itemsize, wants_json)
+    check_response(sent, wants_json, ctx.settings)
+    explicit = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name, _ in hooks) or any(
+        name.endswith(("hook_pattern", "hook_attn_scores")) for name in names
+    )
+    captured = activation_elements(model, names, size, length) * cfg.dtype.itemsize
+    peak = captured + building + working_bytes(model, size, length, explicit)
+    cost = Cost(size * length, 1, with_slack(peak), sent)
+    return ForwardWork(op_name(request), start, tokens, mask, hooks, names, request, cost)
 
-    def _response_bytes(self, names: list[str], prepared: _Prepared) -> int:
-        cfg = self.model.cfg
-        sizes = axis_sizes(cfg, prepared.batch, prepared.pos)
-        itemsize = cfg.dtype.itemsize
-        total = prepared.batch * prepared.pos * cfg.d_vocab_out * itemsize  # logits
-        for name in names:
-            total += math.prod(sizes[axis] for axis in hook_shape(name, cfg)) * itemsize
-        return total
 
-    # --- running --------------------------------------------------------------------------
+def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> TensorsResult:
+    request, model = work.request, ctx.model
 
-    def run(self, request: ForwardRequest) -> RunResult:
-        prepared = self.prepare(request)
-        caching = request if isinstance(request, RunWithCacheRequest) else None
-        if caching is not None and caching.names == []:
-            caching = None  # run_with_hooks without names: nothing to cache
-        names = self.cache_names(caching.names) if caching is not None else []
-        if caching is not None and caching.remove_batch_dim and prepared.batch != 1:
-            raise RequestError(
-                ErrorCode.VALIDATION,
-                f"remove_batch_dim needs a batch of 1, got {prepared.batch}",
-            )
-        estimate = self._response_bytes(names, prepared)
-        if estimate > self.settings.max_response_bytes:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"the response would be about {estimate} bytes, over the limit of "
-                f"{self.settings.max_response_bytes}",
-                "cache fewer hook points, or send a smaller batch",
-                status=413,
-            )
-        hooks = compile_specs(
-            request.hooks,
-            self.model,
-            prepared.batch,
-            prepared.pos,
-            self.tensor,
-            self.cached_activation,
-        )
-        kwargs = dict(
-            return_type=request.return_type,
-            loss_per_token=request.loss_per_token,
-            start_at_layer=request.start_at_layer,
-            stop_at_layer=request.stop_at_layer,
-            tokens=prepared.tokens,
-            attention_mask=prepared.attention_mask,
-            fwd_hooks=hooks,
-        )
-        if caching is None:
-            return RunResult(_outputs(self.model.forward(prepared.input, **kwargs), request))
-        out, cache = self.model.run_with_cache(prepared.input, names_filter=names, **kwargs)
-        result = RunResult(_outputs(out, request))
-        if caching.store:  # stored with its batch axis, so it can be a patch source
-            result.cache_id = self.store.put("cache", cache).id
-        if caching.return_cache:
-            result.cache = (
-                {name: value[0] for name, value in cache.items()}
-                if caching.remove_batch_dim
-                else cache
-            )
-        return result
+    def between_layers() -> None:
+        token.check()
+        ctx.metrics.add("work_units", op=work.op)
+
+    kwargs = dict(
+        return_type=request.return_type,
+        loss_per_token=request.loss_per_token,
+        start_at_layer=request.start_at_layer,
+        stop_at_layer=request.stop_at_layer,
+        tokens=work.tokens,
+        attention_mask=work.mask,
+        fwd_hooks=work.hooks,
+        interrupt=between_layers,
+    )
+    caching = work.caching
+    if caching is None:
+        return TensorsResult(_outputs(model.forward(work.input, **kwargs), request))  # type: ignore[arg-type]
+    out, cache = model.run_with_cache(work.input, names_filter=work.names, **kwargs)  # type: ignore[arg-type]
+    token.check()
+    result = TensorsResult(_outputs(out, request))
+    if caching.store:  # stored with its batch axis, so it can be a patch source
+        result.meta["cache_id"] = ctx.store.put("cache", cache).id
+    if caching.return_cache:
+        if caching.remove_batch_dim:
+            cache = {name: value[0] for name, value in cache.items()}
+        result.tensors.update(cache)
+    return result
 
 
 def _outputs(out: object, request: ForwardRequest) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,10 +33,9 @@ from hooklab_proto import (
 from hooklab_server.engine import HookedTransformer
 from hooklab_server.engine.shapes import axis_sizes, fires_by_default, hook_shape
 
-from .errors import RequestError
+from .context import OpsContext
+from .errors import RequestError, too_large
 
-TensorResolver = Callable[[TensorValue], torch.Tensor]
-CacheLookup = Callable[[str, str], torch.Tensor]  # (cache id, hook name) -> activation
 HookFn = Callable[..., torch.Tensor]
 
 _SELECTOR_AXES = {"batch": ("batch",), "pos": ("pos",), "head": ("head", "kv_head")}
@@ -123,6 +123,15 @@ def _indices(value: int | list[int] | None) -> list[int] | None:
     return [value] if isinstance(value, int) else list(value)
 
 
+def _first_repeat(values: list[int]) -> int | None:
+    seen: set[int] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
+
+
 def _target(spec: HookSpec, name: str, model: HookedTransformer, batch: int, pos: int) -> _Target:
     axes = hook_shape(name, model.cfg)
     sizes = axis_sizes(model.cfg, batch, pos)
@@ -154,7 +163,16 @@ def _target(spec: HookSpec, name: str, model: HookedTransformer, batch: int, pos
                 f"axis {axes[position]!r} has size {size}",
                 f"valid indices are {-size}..{size - 1}",
             )
-        chosen[position] = [index % size for index in indices]
+        normalised = [index % size for index in indices]
+        repeated = _first_repeat(normalised)
+        if repeated is not None:
+            raise RequestError(
+                ErrorCode.BAD_INDEX,
+                f"{selector} selector on {name!r} repeats index {repeated} (negative indices "
+                "count from the end)",
+                "list each index once",
+            )
+        chosen[position] = normalised
     return _Target(name, axes, shape, chosen)
 
 
@@ -190,109 +208,136 @@ class _Edit:
         return out
 
 
-def _compile_one(
-    spec: HookSpec,
-    target: _Target,
-    resolve: TensorResolver,
-    cache_lookup: CacheLookup,
-) -> _Edit:
-    name, shape, last = target.name, target.shape, target.shape[-1]
-    selection = target.selection_shape
+# --- one compiler per op --------------------------------------------------------------------
 
-    def local(tensor: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: tensor.to(device=x.device, dtype=x.dtype)
 
-    if isinstance(spec, AblateSpec):
-        if spec.mode == "zero":
-            return _Edit(target, torch.zeros_like, selected=False)
-        if spec.mode == "mean":
-            axis = 0 if spec.mean_over == "batch" else target.axis("pos")
-            if axis is None:
-                raise RequestError(
-                    ErrorCode.VALIDATION, f"{name!r} has no pos axis to average over"
-                )
-            return _Edit(target, lambda x: x.mean(axis, keepdim=True).expand_as(x), selected=False)
-        rows = spec.source_batch or [(row + 1) % shape[0] for row in range(shape[0])]
-        if len(rows) != shape[0] or any(not 0 <= row < shape[0] for row in rows):
+@dataclass
+class _Compiling:
+    """What every op compiler gets: the spec, its target, and the request's resources."""
+
+    spec: Any  # the HookSpec subclass the table dispatched on
+    target: _Target
+    ctx: OpsContext
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def tensor(self, value: TensorValue, what: str) -> torch.Tensor:
+        return self.ctx.finite_tensor(value, f"{what} of the spec on {self.name!r}")
+
+
+def _ablate(c: _Compiling) -> _Edit:
+    spec, target = c.spec, c.target
+    if spec.mode == "zero":
+        return _Edit(target, torch.zeros_like, selected=False)
+    if spec.mode == "mean":
+        axis = 0 if spec.mean_over == "batch" else target.axis("pos")
+        if axis is None:
+            raise RequestError(ErrorCode.VALIDATION, f"{c.name!r} has no pos axis to average over")
+        return _Edit(target, lambda x: x.mean(axis, keepdim=True).expand_as(x), selected=False)
+    size = target.shape[0]
+    rows = spec.source_batch or [(row + 1) % size for row in range(size)]
+    if len(rows) != size or any(not 0 <= row < size for row in rows):
+        raise RequestError(
+            ErrorCode.BAD_INDEX,
+            f"source_batch must list {size} rows in 0..{size - 1}, got {rows}",
+        )
+    order = torch.tensor(rows)
+    return _Edit(target, lambda x: x[order.to(x.device)], selected=False)
+
+
+def _patch(c: _Compiling) -> _Edit:
+    source, target, shape = c.spec.source, c.target, c.target.shape
+    if isinstance(source, BatchSource):
+        if not source.batch < shape[0]:
             raise RequestError(
                 ErrorCode.BAD_INDEX,
-                f"source_batch must list {shape[0]} rows in 0..{shape[0] - 1}, got {rows}",
+                f"patch source batch {source.batch} is out of range (batch size {shape[0]})",
             )
-        order = torch.tensor(rows)
-        return _Edit(target, lambda x: x[order.to(x.device)], selected=False)
-    if isinstance(spec, PatchSpec):
-        source = spec.source
-        if isinstance(source, BatchSource):
-            if not source.batch < shape[0]:
-                raise RequestError(
-                    ErrorCode.BAD_INDEX,
-                    f"patch source batch {source.batch} is out of range (batch size {shape[0]})",
-                )
-            row = source.batch
-            return _Edit(target, lambda x: x[row : row + 1].expand_as(x), selected=False)
-        if isinstance(source, CacheSource):
-            tensor = cache_lookup(source.cache, name)
-            _expect_shape(tensor, [shape, (1, *shape[1:])], "cached activation", name)
-            return _Edit(
-                target, lambda x: tensor.to(x.device, x.dtype).expand_as(x), selected=False
-            )
-        tensor = resolve(source.tensor)
-        _expect_shape(tensor, [shape, selection], "patch tensor", name)
-        full = tuple(tensor.shape) == shape and shape != selection
-        return _Edit(target, local(tensor), selected=not full)
-    if isinstance(spec, SteerSpec):
-        vector = resolve(spec.vector)
-        _expect_shape(vector, [(last,), selection], "steering vector", name)
-        scaled = vector.float() * spec.coeff
-        if tuple(vector.shape) == (last,):
-            return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
-        return _Edit(
-            target,
-            lambda x: target.select(x) + scaled.to(x.device, x.dtype),
-            selected=True,
-        )
-    if isinstance(spec, ScaleSpec):
-        return _Edit(target, lambda x: x * spec.factor, selected=False)
-    if isinstance(spec, ClampSpec):
-        return _Edit(target, lambda x: x.clamp(min=spec.min, max=spec.max), selected=False)
-    if isinstance(spec, SetSpec):
-        if isinstance(spec.value, float | int):
-            value = float(spec.value)
-            return _Edit(target, lambda x: torch.full_like(x, value), selected=False)
-        tensor = resolve(spec.value)
-        try:
-            if torch.broadcast_shapes(tuple(tensor.shape), selection) != torch.Size(selection):
-                raise RuntimeError
-        except RuntimeError:
-            raise RequestError(
-                ErrorCode.BAD_SHAPE,
-                f"set value of shape {list(tensor.shape)} does not broadcast to the selection "
-                f"{list(selection)} of {name!r}",
-            ) from None
-        return _Edit(
-            target,
-            lambda x: tensor.to(x.device, x.dtype).expand(target.select(x).shape),
-            selected=True,
-        )
-    if isinstance(spec, ProjectOutSpec):
-        direction = resolve(spec.direction)
-        _expect_shape(direction, [(last,)], "direction", name)
-        norm = direction.double().norm()
-        if norm == 0 or not torch.isfinite(norm):
-            raise RequestError(
-                ErrorCode.VALIDATION, "project_out direction must be non-zero and finite"
-            )
-        unit = (direction.double() / norm).float()
-
-        def project(x: torch.Tensor) -> torch.Tensor:
-            d = unit.to(x.device, x.dtype)
-            return x - (x @ d).unsqueeze(-1) * d
-
-        return _Edit(target, project, selected=False)
-    raise RequestError(ErrorCode.VALIDATION, f"unsupported op {spec.op!r}")  # pragma: no cover
+        row = source.batch
+        return _Edit(target, lambda x: x[row : row + 1].expand_as(x), selected=False)
+    if isinstance(source, CacheSource):
+        cached = c.ctx.cached_activation(source.cache, c.name)
+        _expect_shape(cached, [shape, (1, *shape[1:])], "cached activation", c.name)
+        return _Edit(target, lambda x: cached.to(x.device, x.dtype).expand_as(x), selected=False)
+    tensor = c.tensor(source.tensor, "patch tensor")
+    _expect_shape(tensor, [shape, target.selection_shape], "patch tensor", c.name)
+    full = tuple(tensor.shape) == shape and shape != target.selection_shape
+    return _Edit(target, lambda x: tensor.to(x.device, x.dtype), selected=not full)
 
 
-def _check_for_generation(spec: HookSpec, resolve: TensorResolver) -> None:
+def _steer(c: _Compiling) -> _Edit:
+    spec, target = c.spec, c.target
+    vector = c.tensor(spec.vector, "steering vector")
+    _expect_shape(vector, [(target.shape[-1],), target.selection_shape], "steering vector", c.name)
+    scaled = vector.float() * spec.coeff
+    if tuple(vector.shape) == (target.shape[-1],):
+        return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
+    return _Edit(
+        target, lambda x: target.select(x) + scaled.to(x.device, x.dtype), selected=True
+    )
+
+
+def _scale(c: _Compiling) -> _Edit:
+    factor = c.spec.factor
+    return _Edit(c.target, lambda x: x * factor, selected=False)
+
+
+def _clamp(c: _Compiling) -> _Edit:
+    low, high = c.spec.min, c.spec.max
+    return _Edit(c.target, lambda x: x.clamp(min=low, max=high), selected=False)
+
+
+def _set(c: _Compiling) -> _Edit:
+    target, selection = c.target, c.target.selection_shape
+    if isinstance(c.spec.value, float | int):
+        value = float(c.spec.value)
+        return _Edit(target, lambda x: torch.full_like(x, value), selected=False)
+    tensor = c.tensor(c.spec.value, "set value")
+    try:
+        if torch.broadcast_shapes(tuple(tensor.shape), selection) != torch.Size(selection):
+            raise RuntimeError
+    except RuntimeError:
+        raise RequestError(
+            ErrorCode.BAD_SHAPE,
+            f"set value of shape {list(tensor.shape)} does not broadcast to the selection "
+            f"{list(selection)} of {c.name!r}",
+        ) from None
+    return _Edit(
+        target,
+        lambda x: tensor.to(x.device, x.dtype).expand(target.select(x).shape),
+        selected=True,
+    )
+
+
+def _project_out(c: _Compiling) -> _Edit:
+    direction = c.tensor(c.spec.direction, "direction")
+    _expect_shape(direction, [(c.target.shape[-1],)], "direction", c.name)
+    norm = direction.double().norm()
+    if norm == 0 or not torch.isfinite(norm):
+        raise RequestError(ErrorCode.VALIDATION, "project_out direction must be non-zero and finite")
+    unit = (direction.double() / norm).float()
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        d = unit.to(x.device, x.dtype)
+        return x - (x @ d).unsqueeze(-1) * d
+
+    return _Edit(c.target, project, selected=False)
+
+
+_COMPILERS: dict[type, Callable[[_Compiling], _Edit]] = {
+    AblateSpec: _ablate,
+    PatchSpec: _patch,
+    SteerSpec: _steer,
+    ScaleSpec: _scale,
+    ClampSpec: _clamp,
+    SetSpec: _set,
+    ProjectOutSpec: _project_out,
+}
+
+
+def _check_for_generation(spec: HookSpec, ctx: OpsContext) -> None:
     """During generation each step sees new positions, so only position-free specs apply."""
     if spec.pos is not None:
         raise RequestError(
@@ -305,28 +350,49 @@ def _check_for_generation(spec: HookSpec, resolve: TensorResolver) -> None:
             ErrorCode.VALIDATION,
             "during generation 'patch' can only copy another prompt of the batch (source.batch)",
         )
-    for value in (getattr(spec, "vector", None), getattr(spec, "direction", None)):
-        if value is not None and resolve(value).dim() != 1:
+    for field in ("vector", "direction"):
+        value = getattr(spec, field, None)
+        if value is not None and ctx.tensor(value, field).dim() != 1:
             raise RequestError(
                 ErrorCode.BAD_SHAPE,
                 f"hook spec on {spec.hook!r}: during generation vectors must be 1-D "
                 "(the activation's last axis)",
             )
     value = getattr(spec, "value", None)
-    if value is not None and not isinstance(value, float | int) and resolve(value).dim() > 1:
+    if value is not None and not isinstance(value, float | int) and ctx.tensor(value, "value").dim() > 1:
         raise RequestError(
             ErrorCode.BAD_SHAPE,
             f"hook spec on {spec.hook!r}: during generation a set value must be a number or 1-D",
         )
 
 
+def expand_specs(
+    specs: Sequence[HookSpec], model: HookedTransformer, limit: int
+) -> list[tuple[int, HookSpec, str]]:
+    """(spec number, spec, hook name) for every hook point each spec applies to, globs
+    expanded; refused (413) when there are more than ``limit`` pairs."""
+    firing = [name for name in model.hook_names if fires_by_default(name, model.cfg)]
+    pairs = [
+        (number, spec, name)
+        for number, spec in enumerate(specs)
+        for name in resolve_hook_names(spec.hook, model.hook_names, firing)
+    ]
+    if len(pairs) > limit:
+        raise too_large(
+            "hook applications (each spec times the hook points it names)",
+            len(pairs),
+            limit,
+            "max_hook_applications",
+            "name fewer hook points, e.g. 'blocks.*.hook_resid_post' rather than '*'",
+        )
+    return pairs
+
+
 def compile_specs(
+    ctx: OpsContext,
     specs: Sequence[HookSpec],
-    model: HookedTransformer,
     batch: int,
     pos: int,
-    resolve: TensorResolver,
-    cache_lookup: CacheLookup,
     generation: bool = False,
 ) -> list[tuple[str, HookFn]]:
     """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec.
@@ -334,24 +400,23 @@ def compile_specs(
     Shapes are checked against a forward of ``batch`` x ``pos``; with ``generation`` the specs
     must also hold for every later step (no position selectors, only 1-D vectors).
     """
+    model = ctx.model
     if generation:
         for spec in specs:
-            _check_for_generation(spec, resolve)
+            _check_for_generation(spec, ctx)
     hooks: list[tuple[str, HookFn]] = []
     replaced: dict[str, list[tuple[int, _Target]]] = {}
-    firing = [name for name in model.hook_names if fires_by_default(name, model.cfg)]
-    for number, spec in enumerate(specs):
-        for name in resolve_hook_names(spec.hook, model.hook_names, firing):
-            target = _target(spec, name, model, batch, pos)
-            if spec.op in REPLACING_OPS:
-                for other, earlier in replaced.get(name, []):
-                    if target.overlaps(earlier):
-                        raise RequestError(
-                            ErrorCode.CONFLICT,
-                            f"hook specs {other} and {number} both replace the same entries "
-                            f"of {name!r}",
-                            "give them disjoint selectors, or combine them into one spec",
-                        )
-                replaced.setdefault(name, []).append((number, target))
-            hooks.append((name, _compile_one(spec, target, resolve, cache_lookup)))
+    for number, spec, name in expand_specs(specs, model, ctx.settings.max_hook_applications):
+        target = _target(spec, name, model, batch, pos)
+        if spec.op in REPLACING_OPS:
+            for other, earlier in replaced.get(name, []):
+                if target.overlaps(earlier):
+                    raise RequestError(
+                        ErrorCode.CONFLICT,
+                        f"hook specs {other} and {number} both replace the same entries "
+                        f"of {name!r}",
+                        "give them disjoint selectors, or combine them into one spec",
+                    )
+            replaced.setdefault(name, []).append((number, target))
+        hooks.append((name, _COMPILERS[type(spec)](_Compiling(spec, target, ctx))))
     return hooks

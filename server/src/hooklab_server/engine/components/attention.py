@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
 from .rotary import Rotary
@@ -61,11 +62,7 @@ class Attention(nn.Module):
         self.b_o: nn.Parameter | None = None
         self.rotary = rotary
         self.cfg = cfg
-        prefix = f"blocks.{layer}.attn"
-        self.names = {
-            key: f"{prefix}.hook_{key}"
-            for key in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")
-        }
+        self.names = module_hooks(f"blocks.{layer}.attn")  # "q" -> "blocks.3.attn.hook_q"
 
     # --- TransformerLens-layout views -----------------------------------------------------
 

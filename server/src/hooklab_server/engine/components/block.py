@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
 from .attention import Attention, AttentionMask, LayerKV
@@ -26,13 +27,7 @@ class TransformerBlock(nn.Module):
             cfg.normalization_type, cfg.d_model, cfg.eps, f"blocks.{layer}.ln2", cfg.dtype
         )
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.gated_mlp, layer, cfg.dtype)
-        self.names = {
-            key: f"blocks.{layer}.hook_{key}"
-            for key in (
-                "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in",
-                "attn_in", "q_input", "k_input", "v_input",
-            )
-        }  # fmt: skip
+        self.names = module_hooks(f"blocks.{layer}")  # "resid_pre" -> "blocks.3.hook_resid_pre"
 
     def _attention_inputs(
         self, resid: torch.Tensor, hooks: HookRun

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..catalogue import module_hooks
 from ..hook_points import HookRun
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -40,10 +41,9 @@ class MLP(nn.Module):
         self.w_out = nn.Parameter(torch.empty(d_model, d_mlp, dtype=dtype))
         self.b_in: nn.Parameter | None = None
         self.b_out: nn.Parameter | None = None
-        prefix = f"blocks.{layer}.mlp"
-        self.pre_name = f"{prefix}.hook_pre"
-        self.pre_linear_name = f"{prefix}.hook_pre_linear"
-        self.post_name = f"{prefix}.hook_post"
+        names = module_hooks(f"blocks.{layer}.mlp")
+        self.pre_name, self.post_name = names["pre"], names["post"]
+        self.pre_linear_name = names["pre_linear"]
 
     @property
     def W_in(self) -> torch.Tensor:

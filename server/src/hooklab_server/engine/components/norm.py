@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..catalogue import module_hooks
 from ..hook_points import HookRun
 
 _WIDE = (torch.float32, torch.float64)
@@ -28,8 +29,8 @@ class Norm(nn.Module):
         self.centre = kind in ("LN", "LNPre")
         self.w = nn.Parameter(torch.ones(length, dtype=dtype)) if kind in ("LN", "RMS") else None
         self.b = nn.Parameter(torch.zeros(length, dtype=dtype)) if kind == "LN" else None
-        self.scale_name = f"{prefix}.hook_scale"
-        self.normalized_name = f"{prefix}.hook_normalized"
+        names = module_hooks(prefix)
+        self.scale_name, self.normalized_name = names["scale"], names["normalized"]
 
     def hooked(self, hooks: HookRun) -> bool:
         return hooks.wants(self.scale_name) or hooks.wants(self.normalized_name)

@@ -1,0 +1,145 @@
+"""Running validated work from a route: through the executor, stopped when the client leaves or
+the deadline passes, and every failure answered as a JSON error (never a bare 500 page)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
+
+from hooklab_proto import GenerateResponse, GenerateStep
+
+from ..execution import Executor
+from ..ops import (
+    Cancelled,
+    CancelToken,
+    GenerateWork,
+    Operations,
+    RequestError,
+    TensorsResult,
+    Work,
+    deadline_error,
+)
+from .bodies import metrics_of, settings_of, wants_json
+from .edge import request_id_of
+from .errors import ClientGone, error_response, internal_error
+
+logger = logging.getLogger("hooklab_server")
+
+def operations_of(request: Request) -> Operations:
+    return request.app.state.operations  # type: ignore[no-any-return]
+
+
+def executor_of(request: Request) -> Executor:
+    return request.app.state.executor  # type: ignore[no-any-return]
+
+
+def cancel_token(request: Request, timeout_s: float | None) -> CancelToken:
+    settings = settings_of(request)
+    wanted = settings.request_timeout_s if timeout_s is None else timeout_s
+    return CancelToken(min(wanted, settings.max_timeout_s))
+
+
+async def validate(request: Request, body: Any) -> Work:
+    """Validate a parsed body into work, off the event loop."""
+    return await run_in_threadpool(operations_of(request).validate, body, wants_json(request))
+
+
+async def _watch_disconnect(request: Request, token: CancelToken) -> None:
+    # The body is consumed, so the next message the server gives is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            token.cancel("disconnect")
+            return
+
+
+def _stopped(request: Request, op: str, reason: str, token: CancelToken) -> Exception:
+    metrics_of(request).add("cancelled", op=op, reason=reason)
+    return deadline_error(token) if reason == "deadline" else ClientGone()
+
+
+async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult:
+    """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
+    assert not isinstance(work, GenerateWork)
+    watcher = asyncio.create_task(_watch_disconnect(request, token))
+    try:
+        # The work checks the token between layers, steps and chunks, so this returns soon
+        # after a disconnect or the deadline.
+        return await executor_of(request).run(work, token)
+    except Cancelled as stop:
+        raise _stopped(request, work.op, stop.reason, token) from None
+    finally:
+        watcher.cancel()
+
+
+async def generation(
+    request: Request, work: GenerateWork, token: CancelToken
+) -> AsyncIterator[GenerateStep | GenerateResponse]:
+    """A generation's steps then its response; counts how it ended in the metrics."""
+    metrics = metrics_of(request)
+    steps = executor_of(request).generate(work, token)
+    finished = False
+    try:
+        async for item in steps:
+            finished = isinstance(item, GenerateResponse)
+            yield item
+    except Cancelled as stop:
+        metrics.add("generations_cancelled")
+        raise _stopped(request, work.op, stop.reason, token) from None
+    except (asyncio.CancelledError, GeneratorExit):
+        if not finished:  # the streaming client left between two steps
+            token.cancel("disconnect")
+            metrics.add("generations_cancelled")
+            _stopped(request, work.op, "disconnect", token)
+        raise
+    except BaseException:
+        metrics.add("generations_failed")
+        raise
+    finally:
+        await steps.aclose()
+
+
+async def collect_generation(
+    request: Request, work: GenerateWork, token: CancelToken
+) -> GenerateResponse:
+    watcher = asyncio.create_task(_watch_disconnect(request, token))
+    try:
+        async for item in generation(request, work, token):
+            if isinstance(item, GenerateResponse):
+                return item
+        raise AssertionError("a generation ends with its response")
+    finally:
+        watcher.cancel()
+
+
+class HooklabRoute(APIRoute):
+    """Every error a route raises becomes the JSON error envelope here, keeping the keep-alive
+    connection (Starlette re-raises unhandled errors into the server, which drops it)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestError as error:
+                metrics_of(request).add("rejected", code=str(error.code))
+                return error_response(error, request_id_of(request.scope))
+            except ClientGone:
+                raise
+            except Exception as exc:
+                logger.exception(
+                    "unhandled error on %s %s [%s]",
+                    request.method, request.url.path, request_id_of(request.scope),
+                )  # fmt: skip
+                metrics_of(request).add("rejected", code="internal")
+                return error_response(internal_error(exc), request_id_of(request.scope))
+
+        return route
+

@@ -1,0 +1,62 @@
+"""What validation and execution share: the model, the store, the settings and the metrics, and
+the resolution of tensors a request names (inline, or stored earlier)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hooklab_proto import (
+    ErrorCode,
+    TensorRef,
+    TensorValue,
+    WireFormatError,
+    inline_tensor,
+)
+from hooklab_server.engine import HookedTransformer
+
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store import Store
+from .errors import RequestError
+
+
+@dataclass(eq=False)  # hashed by identity: one per server
+class OpsContext:
+    model: HookedTransformer
+    store: Store
+    settings: Settings
+    metrics: Metrics
+
+    def tensor(self, value: TensorValue, what: str) -> torch.Tensor:
+        """The tensor a request field gives, inline or by reference."""
+        if isinstance(value, TensorRef):
+            stored = self.store.get("tensor", value.ref).value
+            assert isinstance(stored, torch.Tensor)
+            return stored
+        try:
+            return inline_tensor(value)
+        except WireFormatError as exc:
+            raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor in {what}: {exc}") from None
+
+    def finite_tensor(self, value: TensorValue, what: str) -> torch.Tensor:
+        """A tensor that enters the computation: floating point values must be finite."""
+        tensor = self.tensor(value, what)
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise RequestError(
+                ErrorCode.VALIDATION,
+                f"{what} holds NaN or infinite values",
+                "send finite numbers",
+            )
+        return tensor
+
+    def cached_activation(self, cache_id: str, name: str) -> torch.Tensor:
+        cache = self.store.get("cache", cache_id).value
+        assert isinstance(cache, dict)
+        if name not in cache:
+            raise RequestError(
+                ErrorCode.NOT_FOUND, f"stored cache {cache_id!r} has no activation {name!r}"
+            )
+        return cache[name]
+
