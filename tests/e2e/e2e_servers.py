@@ -19,6 +19,7 @@ import uvicorn
 import hooklab
 from fixtures.oracle import load_tl_model
 from hooklab_server.api import create_app
+from hooklab_server.api.serving import server_config
 from hooklab_server.engine import load_model
 from hooklab_server.settings import Settings
 
@@ -56,8 +57,9 @@ class RunningServer:
         # answering, while uvicorn formats the traceback after the answer, in its thread, racing
         # pytest's report of the failure in the main thread (CPython 3.11's ast module keeps its
         # recursion-depth check per interpreter: "AST constructor recursion depth mismatch").
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off"
+        settings = getattr(getattr(app, "state", None), "settings", None) or Settings()
+        config = server_config(
+            app, settings, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(

@@ -173,7 +173,7 @@ CASES: dict[str, Bad] = {
     "negative_shape": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer",
              "vector": {"dtype": "F32", "shape": [-64], "data": []}}),
-        422, "bad_shape", [r"non-negative"],
+        422, "validation_error", [r"shape", r"greater than or equal to 0"],
     ),
     "string_in_float_data": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer",
@@ -305,27 +305,28 @@ CASES: dict[str, Bad] = {
     ),
     # --- limits
     "batch_over_limit": Bad(
-        {"input": [[1, 2]] * 5}, 413, "too_large", [r"batch of 5 exceeds the limit of 4"],
+        {"input": [[1, 2]] * 5}, 413, "too_large", [r"5 prompts exceed the limit of 4", r"max_batch"],
         path="/v1/forward",
     ),
     "tokens_over_limit": Bad(
         {"input": [list(range(1, 41))] * 2}, 413, "too_large",
-        [r"80 tokens exceed the limit of 64"], path="/v1/forward",
+        [r"80 tokens exceed the limit of 64", r"max_tokens"], path="/v1/forward",
     ),
     "positions_over_context": Bad(
         {"input": [list(range(1, 131))]}, 413, "too_large",
-        [r"130 positions exceed the model's context of 128"], path="/v1/forward",
+        [r"130 tokens exceed the limit of 64"], path="/v1/forward",
     ),
     "response_over_limit": Bad(
         {"input": [list(range(1, 31))] * 2, "names": None}, 413, "too_large",
-        [r"response would be about \d+ bytes, over the limit of 150000", r"fewer hook points"],
+        [r"\d+ bytes of response \(estimated\) exceed the limit of 150000", r"fewer hook points"],
         path="/v1/run_with_cache",
     ),
     "body_over_limit": Bad(
-        _big_body(), 413, "too_large", [r"exceeds 16384"],
+        _big_body(), 413, "too_large", [r"bytes of request body exceed the limit of 16384"],
     ),
     "chunked_body_over_limit": Bad(
-        _chunked, 413, "too_large", [r"exceeds 16384"], path="/v1/forward",
+        _chunked, 413, "too_large", [r"bytes of request body exceed the limit of 16384"],
+        path="/v1/forward",
     ),
     # --- encodings
     "garbage_json": Bad(b'{"input": [[1, 2', 400, "bad_request", [r"not valid application/json"]),
@@ -365,7 +366,8 @@ CASES: dict[str, Bad] = {
         None, 404, "not_found", [r"/v1/nope"], path="/v1/nope", method="GET",
     ),
     "wrong_method": Bad(
-        None, 405, {"bad_request", "not_found"}, [r"GET|method"], path="/v1/model", method="DELETE",
+        None, 405, "method_not_allowed", [r"DELETE /v1/model", r"/docs"], path="/v1/model",
+        method="DELETE",
     ),
     "store_negative_ttl": Bad(
         {"tensor": vec(4), "ttl_s": -1}, 422, "validation_error", [r"ttl_s", r"greater than 0"],
@@ -443,7 +445,8 @@ def test_bad_request(bad_server: dict[str, Any], name: str) -> None:
     assert response.status_code == case.status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"code", "message", "hint"}
+    assert set(error) == {"code", "message", "hint", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     codes = case.code if isinstance(case.code, set) else {case.code}
     assert error["code"] in codes, error
     said = f"{error['message']}\n{error['hint'] or ''}"
@@ -480,17 +483,17 @@ def test_an_unexpected_server_error_is_a_500_envelope_and_the_connection_survive
     client gets the JSON error envelope (code internal) and the same keep-alive connection
     serves the next request."""
     app = create_app(engine_model(gpt2_checkpoint), Settings())
-    runner = app.state.runner
+    operations = app.state.operations
 
-    def broken(request: object) -> object:
+    def broken(work: object, token: object) -> object:
         raise RuntimeError("injected fault")
 
     with serve_app(app) as running, httpx.Client(base_url=running.url) as client:
-        original, runner.run = runner.run, broken
+        original, operations.execute = operations.execute, broken
         try:
             response = client.post("/v1/forward", json={"input": [[1, 2, 3]]})
         finally:
-            runner.run = original
+            operations.execute = original
         assert response.status_code == 500
         assert response.json()["error"]["code"] == "internal"
         assert "RuntimeError" in response.json()["error"]["message"]

@@ -173,5 +173,5 @@ def test_bad_generate_requests(gpt2_server: Served, body: dict, status: int, cod
 
 
 def test_generate_errors_are_typed_in_the_client(gpt2_server: Served) -> None:
-    with pytest.raises(hooklab.errors.TooLargeError, match="exceed the context"):
+    with pytest.raises(hooklab.errors.TooLargeError, match="exceed the model's context"):
         gpt2_server.model.generate("x", max_new_tokens=1000, verbose=False)

@@ -183,10 +183,11 @@ def test_per_object_ttl_is_capped_and_expires(gpt2_server: Served, http: httpx.C
 
 
 def test_store_full(limited_server: Served) -> None:
-    """4096-byte store: two 2 KiB tensors fill it; the next put is refused with 507 and a clear
-    message, and nothing stored is evicted."""
+    """4096-byte store: two tensors of 1536 bytes fill it (each object also counts 512 bytes of
+    bookkeeping); the next put is refused with 507 and a clear message, and nothing stored is
+    evicted."""
     model = limited_server.model
-    first, second = _vector(512, 1), _vector(512, 2)
+    first, second = _vector(384, 1), _vector(384, 2)
     first_id, second_id = model.store_tensor(first), model.store_tensor(second)
     with httpx.Client(base_url=limited_server.url, timeout=60) as http:
         response = http.post("/v1/tensors", json={"tensor": _json(_vector(1))})

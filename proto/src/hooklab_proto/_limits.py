@@ -50,7 +50,7 @@ def bounded_length(limit_name: str, what: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def bounded_ids(limit_name: str = "max_tokens") -> BeforeValidator:
+def bounded_ids(limit_name: str = "max_tokens", what: str = "tokens") -> BeforeValidator:
     """Refuse nested id lists holding more values than ``limit_name`` (a list of lists counts
     every inner value), before each id is validated."""
 
@@ -60,7 +60,7 @@ def bounded_ids(limit_name: str = "max_tokens") -> BeforeValidator:
             return value
         count = sum(len(row) if isinstance(row, list) else 1 for row in value)
         if count > limit:
-            raise _too_large("values", count, limit, limit_name)
+            raise _too_large(what, count, limit, limit_name)
         return value
 
     return BeforeValidator(check)

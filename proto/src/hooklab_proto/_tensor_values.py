@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ._base import Body
 from ._dtypes import torch_dtype
@@ -45,7 +45,22 @@ class TensorRef(Body):
     ref: str = Field(min_length=1, max_length=128)
 
 
-TensorValue = Annotated[TensorRef | MsgpackTensor | JsonTensor, Field(union_mode="left_to_right")]
+def _tensor_form(value: Any) -> str:
+    """Which form a tensor value takes: a stored ref, a msgpack tensor map, or JSON."""
+    if isinstance(value, dict):
+        return "ref" if "ref" in value else "msgpack" if "kind" in value else "json"
+    if isinstance(value, TensorRef):
+        return "ref"
+    return "msgpack" if isinstance(value, MsgpackTensor) else "json"
+
+
+# Dispatching on the keys present makes errors name the one form meant, not all three.
+TensorValue = Annotated[
+    Annotated[TensorRef, Tag("ref")]
+    | Annotated[MsgpackTensor, Tag("msgpack")]
+    | Annotated[JsonTensor, Tag("json")],
+    Discriminator(_tensor_form),
+]
 
 
 def inline_tensor(value: JsonTensor | MsgpackTensor) -> torch.Tensor:

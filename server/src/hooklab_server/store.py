@@ -117,8 +117,9 @@ class MemoryStore:
             if self._used + size > self.max_bytes:
                 raise RequestError(
                     ErrorCode.STORE_FULL,
-                    f"storing {size} bytes would exceed the store's limit of {self.max_bytes} "
-                    f"bytes ({self._used} in use; server setting max_stored_bytes)",
+                    f"storing {stored.nbytes} bytes (+{size - stored.nbytes} of bookkeeping) "
+                    f"would exceed the store's limit of {self.max_bytes} bytes ({self._used} in "
+                    "use; server setting max_stored_bytes)",
                     "delete objects you no longer need, or wait for them to expire",
                 )
             stored = dataclasses.replace(stored, expires_at=self._clock() + ttl)

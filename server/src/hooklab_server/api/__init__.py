@@ -3,6 +3,9 @@ JSON body with its status chosen in ``api/errors.py``."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,10 +39,16 @@ def create_app(
     )
     metrics = Metrics()
     operations = Operations(OpsContext(model, store, settings, metrics))
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.executor.aclose()
+
     app = FastAPI(
         title="hooklab",
         version="0.1.0",
         summary="TransformerLens-style run_with_cache / run_with_hooks over HTTP",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -59,10 +68,6 @@ def create_app(
             "see /docs or /openapi.json for the routes",
         )
         return error_response(error, request_id_of(request.scope))
-
-    @app.on_event("shutdown")
-    async def close_executor() -> None:
-        await app.state.executor.aclose()
 
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.add_middleware(

@@ -52,15 +52,18 @@ def resolve_names(
 class HookRun:
     """Hook functions and captures for one forward (or one generation)."""
 
-    __slots__ = ("cache", "capture", "explicit", "fns", "points")
+    __slots__ = ("cache", "capture", "explicit", "fns", "interrupt", "points")
 
     def __init__(
         self,
         fns: dict[str, list[HookFn]] | None = None,
         capture: Iterable[str] = (),
         explicit: Iterable[str] = (),
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self.fns = fns or {}
+        # Called before every block; a caller stops the forward by raising from it.
+        self.interrupt = interrupt
         self.capture = frozenset(capture)
         # Names asked for by exact name: conditional hook points fire for these.
         self.explicit = frozenset(explicit) | self.fns.keys()
@@ -95,6 +98,7 @@ def build_hook_run(
     fwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
     names_filter: NameOrPredicate | Sequence[str] | None = None,
     capture: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> HookRun:
     """Resolve TransformerLens-style ``fwd_hooks`` and ``names_filter`` against ``hook_names``.
 
@@ -107,7 +111,7 @@ def build_hook_run(
         for name in resolve_names(selector, hook_names):
             fns.setdefault(name, []).append(fn)
     if not capture:
-        return HookRun(fns)
+        return HookRun(fns, interrupt=interrupt)
     if isinstance(names_filter, str) and names_filter not in hook_names:
         raise KeyError(unknown_hook_message(names_filter, hook_names))
     explicit = [names_filter] if isinstance(names_filter, str) else []
@@ -120,7 +124,7 @@ def build_hook_run(
         if unknown:
             raise KeyError(unknown_hook_message(unknown[0], hook_names))
         explicit = list(names_filter)
-    return HookRun(fns, resolve_names(names_filter, hook_names), explicit)
+    return HookRun(fns, resolve_names(names_filter, hook_names), explicit, interrupt)
 
 
 def unknown_hook_message(name: str, hook_names: Sequence[str]) -> str:

@@ -6,7 +6,7 @@ each call, so one instance serves concurrent requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -109,8 +109,9 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         fwd_hooks: FwdHooks = (),
         names_filter: NameOrPredicate | Sequence[str] | None = None,
         capture: bool = False,
+        interrupt: Callable[[], None] | None = None,
     ) -> HookRun:
-        return build_hook_run(self.hook_names, fwd_hooks, names_filter, capture)
+        return build_hook_run(self.hook_names, fwd_hooks, names_filter, capture, interrupt)
 
     # --- forward --------------------------------------------------------------------------
 
@@ -128,9 +129,11 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         past_kv_cache: KVCache | None = None,
         fwd_hooks: FwdHooks = (),
         hooks: HookRun | None = None,
+        interrupt: Callable[[], None] | None = None,
     ) -> Any:
-        """TransformerLens's ``forward``; ``fwd_hooks`` apply to this call only."""
-        run = hooks if hooks is not None else self.hook_run(fwd_hooks)
+        """TransformerLens's ``forward``; ``fwd_hooks`` apply to this call only. ``interrupt``
+        (not in TransformerLens) is called before every block: raising from it stops the call."""
+        run = hooks if hooks is not None else self.hook_run(fwd_hooks, interrupt=interrupt)
         with torch.inference_mode():
             inputs = self._inputs(
                 input, prepend_bos, padding_side, start_at_layer, tokens, attention_mask,
@@ -154,12 +157,13 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         remove_batch_dim: bool = False,
         device: str | torch.device | None = None,
         return_cache_object: bool = True,
+        interrupt: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Forward that also returns the activations named by ``names_filter`` (after any hook
         functions at those points ran), in firing order, as a dict (``return_cache_object`` is
         accepted for TransformerLens compatibility; the client builds the ActivationCache)."""
-        run = self.hook_run(fwd_hooks, names_filter, capture=True)
+        run = self.hook_run(fwd_hooks, names_filter, capture=True, interrupt=interrupt)
         out = self.forward(*args, hooks=run, **kwargs)
         cache = run.cache
         if remove_batch_dim:
@@ -203,11 +207,12 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         text: str | list[str],
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
+        truncate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokenise text for a forward as TransformerLens does: a padding mask only when the
         padding side is left (right padding leaves real positions exact without one)."""
         prepend_bos, side = self._defaults(prepend_bos, padding_side)
-        tokens = self.to_tokens(text, prepend_bos, side)
+        tokens = self.to_tokens(text, prepend_bos, side, truncate=truncate)
         if side != "left":
             return tokens, None
         return tokens, attention_mask_for(self.tokenizer, tokens, prepend_bos, side)
@@ -271,6 +276,8 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         mask = self._mask(length, attention_mask, offset, resid.device)
         layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
         for layer in layers:
+            if hooks.interrupt is not None:
+                hooks.interrupt()
             layer_past = past.layers[layer] if past is not None else None
             resid, present = self.blocks[layer](resid, hooks, positions, mask, layer_past)
             if past is not None:

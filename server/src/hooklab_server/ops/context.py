@@ -43,7 +43,9 @@ class OpsContext:
     def finite_tensor(self, value: TensorValue, what: str) -> torch.Tensor:
         """A tensor that enters the computation: floating point values must be finite."""
         tensor = self.tensor(value, what)
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+        # float8 has no isfinite kernel: check those values widened.
+        checked = tensor.float() if tensor.element_size() == 1 else tensor
+        if tensor.is_floating_point() and not bool(checked.isfinite().all()):
             raise RequestError(
                 ErrorCode.VALIDATION,
                 f"{what} holds NaN or infinite values",

@@ -67,7 +67,7 @@ def check_response(size: int, wants_json: bool, settings: Settings) -> None:
             "ask for frames (accept: application/vnd.hooklab.frames+msgpack), which are "
             "~5x smaller and stream without a copy, or ask for less",
         )
-    if size > settings.max_response_bytes:
+    if not wants_json and size > settings.max_response_bytes:
         raise too_large(
             "bytes of response (estimated)",
             size,
