@@ -305,8 +305,8 @@ CASES: dict[str, Bad] = {
     ),
     # --- limits
     "batch_over_limit": Bad(
-        {"input": [[1, 2]] * 5}, 413, "too_large", [r"5 prompts exceed the limit of 4", r"max_batch"],
-        path="/v1/forward",
+        {"input": [[1, 2]] * 5}, 413, "too_large",
+        [r"5 prompts exceed the limit of 4", r"max_batch"], path="/v1/forward",
     ),
     "tokens_over_limit": Bad(
         {"input": [list(range(1, 41))] * 2}, 413, "too_large",

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from ._base import Body
 from ._limits import bounded_ids, bounded_length
 from ._specs import HookSpec
-from ._tensor_values import JsonTensor, MsgpackTensor, TensorValue
+from ._tensor_values import InlineTensor, TensorValue
 
 JSON_MEDIA_TYPE = "application/json"
 MSGPACK_MEDIA_TYPE = "application/msgpack"
@@ -125,7 +125,7 @@ class DetokenizeResponse(BaseModel):
 
 
 class StoreTensorRequest(Body):
-    tensor: MsgpackTensor | JsonTensor
+    tensor: InlineTensor
     ttl_s: float | None = Field(None, gt=0, description="seconds to keep it (capped by the server)")
 
 

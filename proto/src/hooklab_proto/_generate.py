@@ -39,9 +39,7 @@ class GenerateRequest(Body):
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
     return_type: Literal["input", "str", "tokens", "embeds"] = "input"
-    seed: int | None = Field(
-        None, ge=0, le=2**64 - 1, description="seed for reproducible sampling"
-    )
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="seed for reproducible sampling")
     stream: bool = Field(False, description="send tokens as server-sent events as they come")
     hooks: HookSpecs = Field(default_factory=list)
     timeout_s: Timeout = None

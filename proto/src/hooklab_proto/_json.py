@@ -37,7 +37,9 @@ def tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
     code = dtype_code(tensor.dtype)
     cpu = tensor.detach().cpu()
     if tensor.is_floating_point():
-        data = _map_nested(cpu.double().tolist(), _json_float)
+        data = cpu.double().tolist()
+        if not bool(cpu.float().isfinite().all()):  # the walk is slow: only when needed
+            data = _map_nested(data, _json_float)
     else:
         data = cpu.tolist()
     return {"dtype": code, "shape": list(tensor.shape), "data": data}

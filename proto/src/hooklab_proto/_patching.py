@@ -71,11 +71,14 @@ class PatchMetric(Body):
     reduce: Literal["mean", "sum"] = "mean"
     normalize: bool = False
     baselines: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="[clean, corrupted] metric values for normalize"
+        None,
+        min_length=2,
+        max_length=2,
+        description="[clean, corrupted] metric values for normalize",
     )
-    positions: Annotated[
-        list[int] | None, bounded_length("max_tokens", "positions")
-    ] = Field(None, description="kind=logits: positions returned (null: all)")
+    positions: Annotated[list[int] | None, bounded_length("max_tokens", "positions")] = Field(
+        None, description="kind=logits: positions returned (null: all)"
+    )
 
     @model_validator(mode="after")
     def _fields(self) -> PatchMetric:

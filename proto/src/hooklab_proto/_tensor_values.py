@@ -55,6 +55,10 @@ def _tensor_form(value: Any) -> str:
 
 
 # Dispatching on the keys present makes errors name the one form meant, not all three.
+InlineTensor = Annotated[
+    Annotated[MsgpackTensor, Tag("msgpack")] | Annotated[JsonTensor, Tag("json")],
+    Discriminator(_tensor_form),
+]
 TensorValue = Annotated[
     Annotated[TensorRef, Tag("ref")]
     | Annotated[MsgpackTensor, Tag("msgpack")]

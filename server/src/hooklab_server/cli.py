@@ -26,12 +26,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--host {settings.host} answers on every interface: name the host names clients "
             "use with --allowed-hosts (e.g. --allowed-hosts gpu-box,10.0.0.5, or '*' for any)"
         )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    log = logging.getLogger("hooklab_server")
-
     from .api import create_app
+    from .api.edge import RequestIdFilter
     from .api.serving import server_config
     from .engine import load_model
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s [%(request_id)s] %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    log = logging.getLogger("hooklab_server")
 
     started = time.perf_counter()
     processing = settings.processing
@@ -57,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("answering to hosts: %s", ", ".join(settings.open_hosts))
     import uvicorn
 
-    uvicorn.Server(server_config(create_app(model, settings), settings)).run()
+    # log_config=None: uvicorn's lines go through the handler above, request ids included.
+    config = server_config(create_app(model, settings), settings, log_config=None)
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -66,7 +66,9 @@ class Metrics:
         for name, (kind, label_names, help_text) in DECLARED.items():
             exported = f"hooklab_{name}_total" if kind == "counter" else f"hooklab_{name}"
             lines += [f"# HELP {exported} {help_text}", f"# TYPE {exported} {kind}"]
-            series = sorted((labels, value) for (key, labels), value in values.items() if key == name)
+            series = sorted(
+                (labels, value) for (key, labels), value in values.items() if key == name
+            )
             if not series and not label_names:
                 series = [((), 0)]
             for labels, value in series:

@@ -66,7 +66,9 @@ class Settings:
     max_text_chars: int = _setting(
         1_000_000, "most characters of text input, checked before tokenising", "request limits"
     )
-    max_tokens: int = _setting(16384, "most tokens (batch × positions) per request", "request limits")
+    max_tokens: int = _setting(
+        16384, "most tokens (batch x positions) per request", "request limits"
+    )
     max_batch: int = _setting(64, "most prompts per request", "request limits")
     max_specs: int = _setting(256, "most hook specs per request", "request limits")
     max_selector_length: int = _setting(
@@ -104,15 +106,21 @@ class Settings:
     request_timeout_s: float = _setting(
         600.0, "deadline of a request that sets no timeout_s", "time limits"
     )
-    max_timeout_s: float = _setting(3600.0, "the largest timeout_s a request may ask for", "time limits")
+    max_timeout_s: float = _setting(
+        3600.0, "the largest timeout_s a request may ask for", "time limits"
+    )
     header_timeout_s: float = _setting(
         10.0, "time a connection has to send a request's headers", "time limits"
     )
-    body_timeout_s: float = _setting(60.0, "time a request has to send its whole body", "time limits")
+    body_timeout_s: float = _setting(
+        60.0, "time a request has to send its whole body", "time limits"
+    )
     write_timeout_s: float = _setting(
         60.0, "time a slow reader may leave one chunk of a response unread", "time limits"
     )
-    keep_alive_s: float = _setting(5.0, "idle keep-alive connections close after this", "time limits")
+    keep_alive_s: float = _setting(
+        5.0, "idle keep-alive connections close after this", "time limits"
+    )
     max_connections: int = _setting(
         1024, "open connections and running requests before new requests get 503", "time limits"
     )
@@ -127,9 +135,9 @@ class Settings:
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-                if spec.name != "port" or value < 0:
-                    raise ValueError(f"setting {spec.name} must be positive, not {value}")
+            smallest = 0 if spec.name == "port" else 1e-9  # port 0: any free port
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < smallest:
+                raise ValueError(f"setting {spec.name} must be positive, not {value}")
 
     # --- derived ------------------------------------------------------------------------
 

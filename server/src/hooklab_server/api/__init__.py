@@ -39,6 +39,7 @@ def create_app(
     )
     metrics = Metrics()
     operations = Operations(OpsContext(model, store, settings, metrics))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield

@@ -162,7 +162,9 @@ def decode_body(body: bytes, media: str, settings: Settings) -> dict[str, Any]:
             _msgpack_decoder.decode(body) if media in _MSGPACK_TYPES else msgspec.json.decode(body)
         )
     except RecursionError:
-        raise RequestError(ErrorCode.BAD_REQUEST, "the body is nested too deeply to decode") from None
+        raise RequestError(
+            ErrorCode.BAD_REQUEST, "the body is nested too deeply to decode"
+        ) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestError(ErrorCode.BAD_REQUEST, f"the body is not valid {media}: {exc}") from None
     if not isinstance(decoded, dict):
@@ -252,4 +254,3 @@ async def _chunks(frames: Iterable[Any]) -> AsyncIterator[bytes | memoryview]:
     # and producing a chunk here costs no more than that hop (payloads are views).
     for chunk in stream_chunks(frames):
         yield chunk
-

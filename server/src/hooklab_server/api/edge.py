@@ -27,6 +27,15 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _GIVEN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+class RequestIdFilter(logging.Filter):
+    """Gives every log record the id of the request it was logged for (``-`` outside one);
+    uvicorn's access log runs in the request's task, so its lines get the id too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get() or "-"
+        return True
+
+
 class SlowReader(Exception):
     """The client stopped reading the response for longer than the write timeout."""
 
@@ -73,7 +82,10 @@ class EdgeMiddleware:
         async def send_with_timeout(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
                 await send(message)
                 return
             try:
@@ -99,12 +111,11 @@ class EdgeMiddleware:
             if isinstance(cause, SlowReader):
                 self.metrics.add("write_timeouts")
                 logger.info(
-                    "%s: closed, the client read nothing for %.0f s [%s]",
-                    where, self.write_timeout_s, request_id,
-                )  # fmt: skip
+                    "%s: closed, the client read nothing for %.0f s", where, self.write_timeout_s
+                )
             elif isinstance(cause, ClientGone):
                 self.metrics.add("client_disconnects")
-                logger.info("%s: the client left [%s]", where, request_id)
+                logger.info("%s: the client left", where)
             else:
                 raise
         finally:

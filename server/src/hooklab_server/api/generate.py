@@ -70,7 +70,7 @@ async def _events(request: Request, work: GenerateWork, token: CancelToken) -> A
     except ClientGone:
         return
     except Exception as exc:
-        logger.exception("generation failed [%s]", request_id)
+        logger.exception("generation failed")
         yield _event(EVENT_ERROR, error_json(internal_error(exc), request_id))
     finally:
         token.cancel("disconnect")  # no-op once finished; stops the work if we are cancelled

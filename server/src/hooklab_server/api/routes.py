@@ -159,4 +159,3 @@ async def delete_tensor(object_id: str, request: Request) -> Response:
 async def delete_cache(object_id: str, request: Request) -> Response:
     operations_of(request).ctx.store.delete("cache", object_id)
     return Response(status_code=204)
-

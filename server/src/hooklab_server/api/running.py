@@ -31,6 +31,7 @@ from .errors import ClientGone, error_response, internal_error
 
 logger = logging.getLogger("hooklab_server")
 
+
 def operations_of(request: Request) -> Operations:
     return request.app.state.operations  # type: ignore[no-any-return]
 
@@ -134,12 +135,8 @@ class HooklabRoute(APIRoute):
             except ClientGone:
                 raise
             except Exception as exc:
-                logger.exception(
-                    "unhandled error on %s %s [%s]",
-                    request.method, request.url.path, request_id_of(request.scope),
-                )  # fmt: skip
+                logger.exception("unhandled error on %s %s", request.method, request.url.path)
                 metrics_of(request).add("rejected", code="internal")
                 return error_response(internal_error(exc), request_id_of(request.scope))
 
         return route
-

@@ -56,7 +56,9 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
     """The uvicorn configuration for ``app`` under ``settings`` (host and port from them
     unless overridden, e.g. by tests binding a socket of their own)."""
     protocol = type(
-        "HooklabHTTPProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": settings.header_timeout_s}
+        "HooklabHTTPProtocol",
+        (HeaderTimeoutProtocol,),
+        {"header_timeout_s": settings.header_timeout_s},
     )
     options: dict[str, Any] = {
         "host": settings.host,

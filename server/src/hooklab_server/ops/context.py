@@ -61,4 +61,3 @@ class OpsContext:
                 ErrorCode.NOT_FOUND, f"stored cache {cache_id!r} has no activation {name!r}"
             )
         return cache[name]
-

@@ -33,7 +33,9 @@ class Cost:
         return asdict(self)
 
 
-def activation_elements(model: HookedTransformer, names: Iterable[str], batch: int, pos: int) -> int:
+def activation_elements(
+    model: HookedTransformer, names: Iterable[str], batch: int, pos: int
+) -> int:
     sizes = axis_sizes(model.cfg, batch, pos)
     return sum(math.prod(sizes[axis] for axis in hook_shape(name, model.cfg)) for name in names)
 

@@ -16,8 +16,12 @@ class RequestError(Exception):
         self.hint = hint
 
 
-def too_large(what: str, count: int, limit: int, setting: str, hint: str | None = None) -> RequestError:
+def too_large(
+    what: str, count: int, limit: int, setting: str, hint: str | None = None
+) -> RequestError:
     """The one wording of every size refusal: what, how many, the limit and its setting."""
     return RequestError(
-        ErrorCode.TOO_LARGE, f"{count} {what} exceed the limit of {limit} (server setting {setting})", hint
+        ErrorCode.TOO_LARGE,
+        f"{count} {what} exceed the limit of {limit} (server setting {setting})",
+        hint,
     )

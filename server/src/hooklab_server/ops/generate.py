@@ -81,9 +81,9 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
         request.do_sample, request.top_k, request.top_p, request.temperature,
         request.freq_penalty, request.seed,
     )  # fmt: skip
-    if request.return_type == "str" or (request.return_type == "input" and prompt.text):
-        if model.tokenizer is None:
-            raise RequestError(ErrorCode.VALIDATION, "return_type 'str' needs a tokenizer")
+    wants_text = request.return_type == "str" or (request.return_type == "input" and prompt.text)
+    if wants_text and model.tokenizer is None:
+        raise RequestError(ErrorCode.VALIDATION, "return_type 'str' needs a tokenizer")
     hooks = compile_specs(ctx, request.hooks, prompt.batch, prompt.pos, generation=True)
     total = prompt.batch * (prompt.pos + new)
     sent = total * 8  # token ids (and text) as JSON

@@ -243,7 +243,9 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     by_layer = [sum(1 for row in plan.rows if row[0] == layer) for layer in layers]
     patched_forwards = sum(math.ceil(count / per_forward) for count in by_layer)
     forwards = 1 + patched_forwards + (clean_tokens is not None)
-    forwards += request.metric.normalize and clean_tokens is None and request.metric.baselines is None
+    forwards += (
+        request.metric.normalize and clean_tokens is None and request.metric.baselines is None
+    )
     if forwards > settings.max_patching_forwards:
         raise too_large(
             f"forwards ({len(plan.rows)} rows at {per_forward} patched copies per forward)",
@@ -279,9 +281,7 @@ def _clean_activations(
     model = ctx.model
     names = {layer: plan.hook(layer) for layer in layers}
     if request.clean_cache is not None:
-        found = {
-            name: ctx.cached_activation(request.clean_cache, name) for name in names.values()
-        }
+        found = {name: ctx.cached_activation(request.clean_cache, name) for name in names.values()}
     else:
         given = request.clean_activations or {}
         missing = [name for name in names.values() if name not in given]

@@ -60,7 +60,9 @@ class ForwardWork:
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
-        return self.request if self.names and isinstance(self.request, RunWithCacheRequest) else None
+        return (
+            self.request if self.names and isinstance(self.request, RunWithCacheRequest) else None
+        )
 
 
 def op_name(request: ForwardRequest) -> str:
@@ -84,7 +86,9 @@ def cache_names(ctx: OpsContext, names: list[str] | None) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def _residual_input(ctx: OpsContext, request: ForwardRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _residual_input(
+    ctx: OpsContext, request: ForwardRequest
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     cfg = ctx.model.cfg
     if request.residual is None:
         raise RequestError(ErrorCode.VALIDATION, "start_at_layer needs 'residual'")
@@ -127,7 +131,10 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     size, length = int(start.shape[0]), int(start.shape[1])
     if request.attention_mask is not None:
         mask = attention_mask(ctx, request.attention_mask, size, length)
-    for name, layer in (("start_at_layer", request.start_at_layer), ("stop_at_layer", request.stop_at_layer)):
+    for name, layer in (
+        ("start_at_layer", request.start_at_layer),
+        ("stop_at_layer", request.stop_at_layer),
+    ):
         if layer is not None and not -cfg.n_layers <= layer <= cfg.n_layers:
             raise RequestError(
                 ErrorCode.VALIDATION, f"{name}={layer} is outside -{cfg.n_layers}..{cfg.n_layers}"

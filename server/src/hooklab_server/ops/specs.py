@@ -274,9 +274,7 @@ def _steer(c: _Compiling) -> _Edit:
     scaled = vector.float() * spec.coeff
     if tuple(vector.shape) == (target.shape[-1],):
         return _Edit(target, lambda x: x + scaled.to(x.device, x.dtype), selected=False)
-    return _Edit(
-        target, lambda x: target.select(x) + scaled.to(x.device, x.dtype), selected=True
-    )
+    return _Edit(target, lambda x: target.select(x) + scaled.to(x.device, x.dtype), selected=True)
 
 
 def _scale(c: _Compiling) -> _Edit:
@@ -316,7 +314,9 @@ def _project_out(c: _Compiling) -> _Edit:
     _expect_shape(direction, [(c.target.shape[-1],)], "direction", c.name)
     norm = direction.double().norm()
     if norm == 0 or not torch.isfinite(norm):
-        raise RequestError(ErrorCode.VALIDATION, "project_out direction must be non-zero and finite")
+        raise RequestError(
+            ErrorCode.VALIDATION, "project_out direction must be non-zero and finite"
+        )
     unit = (direction.double() / norm).float()
 
     def project(x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +359,11 @@ def _check_for_generation(spec: HookSpec, ctx: OpsContext) -> None:
                 "(the activation's last axis)",
             )
     value = getattr(spec, "value", None)
-    if value is not None and not isinstance(value, float | int) and ctx.tensor(value, "value").dim() > 1:
+    if (
+        value is not None
+        and not isinstance(value, float | int)
+        and ctx.tensor(value, "value").dim() > 1
+    ):
         raise RequestError(
             ErrorCode.BAD_SHAPE,
             f"hook spec on {spec.hook!r}: during generation a set value must be a number or 1-D",
