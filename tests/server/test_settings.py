@@ -90,3 +90,9 @@ def test_a_wildcard_bind_without_allowed_hosts_refuses_to_start() -> None:
     )
     assert done.returncode == 2
     assert "--allowed-hosts" in done.stderr
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name in FIELDS:
+        assert f"`{flag_name(name)}` · `{env_name(name)}`" in readme, name

@@ -5,7 +5,7 @@ a scheduler (fair queues, batching) or a Redis-backed worker pool implements the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +24,7 @@ class Executor(Protocol):
 
     def generate(
         self, work: GenerateWork, token: CancelToken
-    ) -> AsyncIterator[GenerateStep | GenerateResponse]:
+    ) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
         """Each step of a generation as it is made, then its response."""
         ...
 
@@ -44,7 +44,7 @@ class ThreadExecutor:
 
     async def generate(
         self, work: GenerateWork, token: CancelToken
-    ) -> AsyncIterator[GenerateStep | GenerateResponse]:
+    ) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
         with self.metrics.running(work.op, work.cost.peak_bytes):
             generation = await run_in_threadpool(self.operations.start_generation, work, token)
             steps = iter(generation)

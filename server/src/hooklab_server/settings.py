@@ -255,7 +255,7 @@ def build_parser(prog: str = "hooklab-server", description: str = "") -> argpars
         )
         default = spec.default
         shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{spec.metadata['help']} (default: {shown if shown != () else 'derived'}; "
+        help_text = f"{spec.metadata['help']} (default: {'derived' if default == () else shown}; "
         help_text += f"env {env_name(spec.name)})"
         help_text = help_text.replace("%", "%%")
         if str(spec.type) == "bool":

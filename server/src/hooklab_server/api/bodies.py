@@ -44,11 +44,13 @@ _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/v
 
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def metrics_of(request: Request) -> Metrics:
-    return request.app.state.metrics  # type: ignore[no-any-return]
+    metrics: Metrics = request.app.state.metrics
+    return metrics
 
 
 # --- request bodies ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
@@ -33,11 +33,13 @@ logger = logging.getLogger("hooklab_server")
 
 
 def operations_of(request: Request) -> Operations:
-    return request.app.state.operations  # type: ignore[no-any-return]
+    operations: Operations = request.app.state.operations
+    return operations
 
 
 def executor_of(request: Request) -> Executor:
-    return request.app.state.executor  # type: ignore[no-any-return]
+    executor: Executor = request.app.state.executor
+    return executor
 
 
 def cancel_token(request: Request, timeout_s: float | None) -> CancelToken:
@@ -123,7 +125,7 @@ class HooklabRoute(APIRoute):
     """Every error a route raises becomes the JSON error envelope here, keeping the keep-alive
     connection (Starlette re-raises unhandled errors into the server, which drops it)."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:

@@ -86,6 +86,7 @@ def tokenize_text(ctx: OpsContext, request: TokenizeRequest) -> TokenizeResponse
     prepend_bos, side = model._defaults(request.prepend_bos, request.padding_side)
     # TransformerLens's to_tokens: cut to the context (a forward refuses such input instead).
     tokens = model.to_tokens(request.input, prepend_bos, side)  # type: ignore[arg-type]
+    assert model.tokenizer is not None  # check_text refuses text without one
     mask = attention_mask_for(model.tokenizer, tokens, prepend_bos, side)
     return TokenizeResponse(
         tokens=tokens.tolist(),

@@ -150,7 +150,7 @@ class Generation:
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             return ["" for _ in tokens]
-        return [tokenizer.decode([int(token)]) for token in tokens]
+        return [str(tokenizer.decode([int(token)])) for token in tokens]
 
     def run(self) -> GenerateResponse:
         for _ in self:

@@ -84,7 +84,7 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows
         axis_of = {"pos": 1, "head": 2, "head_index": 2}
     else:  # [batch, pos, …]
         axis_of = {"pos": 1}
-    axes = list(request.axes)
+    axes: list[str] = list(request.axes)
     for axis in axes[1:]:
         if axis not in axis_of:
             raise RequestError(

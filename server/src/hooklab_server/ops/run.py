@@ -8,6 +8,7 @@ does ``run_forward`` touch the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -20,6 +21,7 @@ from hooklab_proto import (
     RunWithCacheRequest,
     RunWithHooksRequest,
 )
+from hooklab_server.engine import Output
 from hooklab_server.engine.shapes import fires_by_default
 
 from .cancel import CancelToken
@@ -210,6 +212,6 @@ def _outputs(out: object, request: ForwardRequest) -> dict[str, torch.Tensor]:
     if request.return_type == "loss":
         return {OUTPUT_LOSS: out}  # type: ignore[dict-item]
     if request.return_type == "both":
-        logits, loss = out  # type: ignore[misc]
-        return {OUTPUT_LOGITS: logits, OUTPUT_LOSS: loss}
+        both = cast(Output, out)
+        return {OUTPUT_LOGITS: both.logits, OUTPUT_LOSS: both.loss}
     return {}
