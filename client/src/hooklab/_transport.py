@@ -95,16 +95,16 @@ class Transport:
         response.read()
         try:
             error = response.json()["error"]
-            raise server_error(
-                error["code"], error["message"], error.get("hint"), response.status_code
-            )
+            code, message, hint = error["code"], error["message"], error.get("hint")
         except (ValueError, KeyError, TypeError):
-            raise server_error(
+            code, message, hint = (
                 "internal",
                 f"HTTP {response.status_code}: {response.text[:200]}",
                 None,
-                response.status_code,
-            ) from None
+            )
+        raise server_error(
+            code, message, hint, response.status_code, response.headers.get("x-request-id")
+        )
 
     def get_json(self, path: str) -> Any:
         with self._errors():
@@ -144,7 +144,10 @@ class Transport:
                     payload = msgspec.json.decode("\n".join(data))
                     if event == "error":
                         error = payload["error"]
-                        raise server_error(error["code"], error["message"], error.get("hint"))
+                        raise server_error(
+                            error["code"], error["message"], error.get("hint"),
+                            request_id=error.get("request_id"),
+                        )  # fmt: skip
                     yield event, payload
                     event, data = "message", []
 
@@ -209,4 +212,6 @@ def _read_frames(
 
 def _raise_frame(frame: ControlFrame) -> None:
     fields = frame.fields
-    raise server_error(fields["code"], fields["message"], fields.get("hint"))
+    raise server_error(
+        fields["code"], fields["message"], fields.get("hint"), request_id=fields.get("request_id")
+    )

@@ -16,16 +16,36 @@ class HooklabError(Exception):
 class ServerError(HooklabError):
     """The server refused or failed a request (a 4xx/5xx, or an error frame mid-stream)."""
 
-    def __init__(self, code: str, message: str, hint: str | None = None, status: int = 0):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        status: int = 0,
+        request_id: str | None = None,
+    ):
         self.code = code
         self.message = message
         self.hint = hint
         self.status = status
+        self.request_id = request_id  # names the request in the server's log
         super().__init__(f"{message} ({code}; {hint})" if hint else f"{message} ({code})")
 
 
 class BadRequestError(ServerError):
     """Malformed body or wrong content type."""
+
+
+class BadHostError(BadRequestError):
+    """The server does not answer to the host name used to reach it (its --allowed-hosts)."""
+
+
+class MethodNotAllowedError(BadRequestError):
+    pass
+
+
+class BodyTimeoutError(BadRequestError):
+    """The request body did not reach the server in time."""
 
 
 class InvalidRequestError(ServerError):
@@ -68,6 +88,10 @@ class InternalServerError(ServerError):
     pass
 
 
+class DeadlineExceededError(ServerError):
+    """The work ran past its ``timeout_s`` on the server and was stopped."""
+
+
 class ConnectionFailedError(HooklabError):
     """The server could not be reached."""
 
@@ -78,6 +102,10 @@ class RequestTimeoutError(HooklabError):
 
 _BY_CODE: dict[str, type[ServerError]] = {
     "bad_request": BadRequestError,
+    "bad_host": BadHostError,
+    "method_not_allowed": MethodNotAllowedError,
+    "request_timeout": BodyTimeoutError,
+    "deadline_exceeded": DeadlineExceededError,
     "validation_error": InvalidRequestError,
     "unknown_hook": UnknownHookError,
     "bad_index": BadIndexError,
@@ -91,19 +119,29 @@ _BY_CODE: dict[str, type[ServerError]] = {
 }
 
 
-def server_error(code: str, message: str, hint: str | None = None, status: int = 0) -> ServerError:
-    return _BY_CODE.get(code, ServerError)(code, message, hint, status)
+def server_error(
+    code: str,
+    message: str,
+    hint: str | None = None,
+    status: int = 0,
+    request_id: str | None = None,
+) -> ServerError:
+    return _BY_CODE.get(code, ServerError)(code, message, hint, status, request_id)
 
 
 __all__ = [
+    "BadHostError",
     "BadIndexError",
     "BadRequestError",
     "BadShapeError",
+    "BodyTimeoutError",
     "ConflictingSpecsError",
     "ConnectionFailedError",
+    "DeadlineExceededError",
     "HooklabError",
     "InternalServerError",
     "InvalidRequestError",
+    "MethodNotAllowedError",
     "NotFoundError",
     "RequestTimeoutError",
     "ServerError",
