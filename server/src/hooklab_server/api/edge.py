@@ -109,6 +109,9 @@ class EdgeMiddleware:
             cause = _single(exc)
             where = f"{scope['method']} {scope['path']}"
             if isinstance(cause, SlowReader):
+                abort = scope.get("extensions", {}).get("hooklab.abort")
+                if abort is not None:  # drop the unread bytes now, not after they drain
+                    abort()
                 self.metrics.add("write_timeouts")
                 logger.info(
                     "%s: closed, the client read nothing for %.0f s", where, self.write_timeout_s

@@ -1,7 +1,8 @@
 """uvicorn with hooklab's edge limits: a connection must send its headers within
 ``header_timeout_s`` (uvicorn itself only times out idle keep-alive connections), idle
-keep-alive connections close after ``keep_alive_s``, and past ``max_connections`` new
-requests get 503."""
+keep-alive connections close after ``keep_alive_s``, past ``max_connections`` new requests get
+503, and a response the client stopped reading can be dropped at once (the ``hooklab.abort``
+ASGI extension: a graceful close would wait for the unread bytes to drain)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..settings import Settings
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
+ABORT_EXTENSION = "hooklab.abort"
+
+
+class EdgeProtocol(HttpToolsProtocol):
     """httptools' protocol, closing connections whose request headers do not arrive in time
-    (half-sent headers would otherwise hold a connection for ever)."""
+    (half-sent headers would otherwise hold a connection for ever), and offering each request
+    a way to drop its connection without draining."""
 
     header_timeout_s = 10.0
 
@@ -27,6 +32,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort  # type: ignore[typeddict-unknown-key]
         if self._header_timer is None:  # a keep-alive connection's next request
             self._arm_header_timer()
 
@@ -57,7 +63,7 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
     unless overridden, e.g. by tests binding a socket of their own)."""
     protocol = type(
         "HooklabHTTPProtocol",
-        (HeaderTimeoutProtocol,),
+        (EdgeProtocol,),
         {"header_timeout_s": settings.header_timeout_s},
     )
     options: dict[str, Any] = {
