@@ -15,6 +15,7 @@ import torch
 from engine_helpers import is_gqa, our_model, sample_tokens, tl_flag, tl_model
 from transformer_lens.utilities import get_act_name
 
+from hooklab_proto import PATCH_ACTIVATIONS
 from hooklab_server.engine.catalogue import (
     HOOK_POINTS,
     act_names,
@@ -117,3 +118,10 @@ def test_module_hooks_name_tl_hook_points(any_checkpoint: Path) -> None:
     for name in model.hook_dict:
         module, _, hook = name.rpartition(".")
         assert module_hooks(module)[hook.removeprefix("hook_")] == name
+
+
+def test_the_wire_vocabulary_of_patchable_activations_is_the_catalogues() -> None:
+    """proto's PATCH_ACTIVATIONS (what clients may name) lists exactly the short names the
+    hook catalogue declares, with the same hook templates."""
+    declared = {spec.act: spec.name for spec in HOOK_POINTS if spec.act is not None}
+    assert declared == PATCH_ACTIVATIONS

@@ -30,6 +30,9 @@ PATCH_ACTIVATIONS: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "mlp_in": "blocks.{layer}.hook_mlp_in",
     "attn_in": "blocks.{layer}.hook_attn_in",
+    "q_input": "blocks.{layer}.hook_q_input",
+    "k_input": "blocks.{layer}.hook_k_input",
+    "v_input": "blocks.{layer}.hook_v_input",
     "q": "blocks.{layer}.attn.hook_q",
     "k": "blocks.{layer}.attn.hook_k",
     "v": "blocks.{layer}.attn.hook_v",
@@ -40,6 +43,7 @@ PATCH_ACTIVATIONS: dict[str, str] = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
     "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
     "pre": "blocks.{layer}.mlp.hook_pre",
+    "pre_linear": "blocks.{layer}.mlp.hook_pre_linear",
     "post": "blocks.{layer}.mlp.hook_post",
 }
 

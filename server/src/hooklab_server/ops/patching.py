@@ -29,7 +29,7 @@ from hooklab_proto import (
 )
 from hooklab_server.engine import HookedTransformer, HookPoint, lm_cross_entropy_loss
 from hooklab_server.engine.hook_points import NO_HOOKS
-from hooklab_server.engine.shapes import axis_sizes, hook_shape
+from hooklab_server.engine.catalogue import act_names, axis_sizes, hook_shape
 
 from .cancel import CancelToken
 from .context import OpsContext
@@ -45,6 +45,7 @@ Index = tuple[int | slice, ...]
 class _Plan:
     """The validated sweep: which hook per layer, how each row maps onto the activation."""
 
+    template: str  # the hook name, with {layer}
     activation: str
     axes: list[str]
     ranges: list[int]
@@ -53,7 +54,7 @@ class _Plan:
     axis_of: dict[str, int]  # index axis -> activation axis
 
     def hook(self, layer: int) -> str:
-        return PATCH_ACTIVATIONS[self.activation].format(layer=layer)
+        return self.template.format(layer=layer)
 
     def selection(self, row: tuple[int, ...]) -> Index:
         """The activation slice one row patches, batch axis first (TransformerLens's setters)."""
@@ -65,17 +66,18 @@ class _Plan:
 
 def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows: int) -> _Plan:
     cfg = model.cfg
-    if request.activation not in PATCH_ACTIVATIONS:
+    patchable = act_names(cfg)  # the hook catalogue's short names for this architecture
+    if request.activation not in patchable:
+        known = request.activation in PATCH_ACTIVATIONS
         raise RequestError(
-            ErrorCode.VALIDATION,
-            f"cannot patch activation {request.activation!r}",
-            f"one of: {', '.join(PATCH_ACTIVATIONS)}",
+            ErrorCode.UNKNOWN_HOOK if known else ErrorCode.VALIDATION,
+            f"this model has no activation {request.activation!r} to patch"
+            if known
+            else f"cannot patch activation {request.activation!r}",
+            f"one of: {', '.join(patchable)}",
         )
-    first = PATCH_ACTIVATIONS[request.activation].format(layer=0)
-    if first not in model.hook_names:
-        raise RequestError(
-            ErrorCode.UNKNOWN_HOOK, f"this model has no {first!r} ({request.activation})"
-        )
+    template = patchable[request.activation]
+    first = template.format(layer=0)
     shape = hook_shape(first, cfg)
     sizes = axis_sizes(cfg, 1, pos)
     if shape[1] == "head":  # attention scores / pattern: [batch, head, dest_pos, src_pos]
@@ -105,7 +107,7 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows
                 "max_patching_rows", "fix some axes with explicit 'index' rows, or split the sweep",
             )  # fmt: skip
         rows = list(itertools.product(*(range(size) for size in ranges)))
-        return _Plan(request.activation, axes, ranges, rows, ranges, axis_of)
+        return _Plan(template, request.activation, axes, ranges, rows, ranges, axis_of)
     rows = []
     for row in request.index:
         if len(row) != len(axes):
@@ -118,7 +120,7 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows
                     ErrorCode.BAD_INDEX, f"{axis}={value} is outside 0..{size - 1} in row {row}"
                 )
         rows.append(tuple(value % size for value, size in zip(row, ranges, strict=True)))
-    return _Plan(request.activation, axes, ranges, rows, [len(rows)], axis_of)
+    return _Plan(template, request.activation, axes, ranges, rows, [len(rows)], axis_of)
 
 
 class _Metric:
