@@ -44,9 +44,9 @@ async def generate(request: Request) -> Response | GenerateResponse:
     tokens arrive as server-sent events (``token`` per step, then ``done`` or ``error``);
     closing the connection stops the generation at the next step."""
     body = await parse(request, GenerateRequest)
+    token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
     work = await validate(request, body)
     assert isinstance(work, GenerateWork)
-    token = cancel_token(request, body.timeout_s)
     if not body.stream:
         return await collect_generation(request, work, token)
     return StreamingResponse(

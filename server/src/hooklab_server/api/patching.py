@@ -22,6 +22,7 @@ async def patching(request: Request) -> Response:
     """TransformerLens ``generic_activation_patch``, batched: ``patching.metric`` [rows] (or
     ``patching.logits`` [rows, batch, positions, d_vocab]); the begin frame holds ``shape``."""
     body = await parse(request, PatchingRequest)
+    token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
     work = await validate(request, body)
-    result = await run(request, work, cancel_token(request, body.timeout_s))
+    result = await run(request, work, token)
     return await tensors_response(request, result.tensors, result.meta)

@@ -86,8 +86,9 @@ async def detokenize(request: Request) -> DetokenizeResponse:
 
 async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
     body = await parse(request, model)
+    token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
     work = await validate(request, body)
-    result = await run(request, work, cancel_token(request, body.timeout_s))
+    result = await run(request, work, token)
     return await tensors_response(request, result.tensors, result.meta)
 
 

@@ -63,6 +63,8 @@ async def _watch_disconnect(request: Request, token: CancelToken) -> None:
 
 
 def _stopped(request: Request, op: str, reason: str, token: CancelToken) -> Exception:
+    """Count work stopped early, and what to raise for it: 504 past the deadline, nothing to
+    answer when the client left."""
     metrics_of(request).add("cancelled", op=op, reason=reason)
     return deadline_error(token) if reason == "deadline" else ClientGone()
 
@@ -99,7 +101,7 @@ async def generation(
         if not finished:  # the streaming client left between two steps
             token.cancel("disconnect")
             metrics.add("generations_cancelled")
-            _stopped(request, work.op, "disconnect", token)
+            metrics.add("cancelled", op=work.op, reason="disconnect")
         raise
     except BaseException:
         metrics.add("generations_failed")

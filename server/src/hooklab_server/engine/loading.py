@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .architectures import family
+from .components.norm import Norm
 from .config import HookedConfig
 from .default_model import resolve_model_source
 from .model import HookedTransformer
@@ -65,7 +66,8 @@ def assign_weights(model: HookedTransformer, sd: StateDict) -> None:
     model.embed.W_E = _linear(sd["embed.W_E"])
     if model.pos_embed is not None:
         model.pos_embed.W_pos = _linear(sd["pos_embed.W_pos"])
-    for layer, block in enumerate(model.blocks):
+    for layer in range(len(model.blocks)):
+        block = model._block(layer)
         prefix = f"blocks.{layer}"
         for norm, name in ((block.ln1, "ln1"), (block.ln2, "ln2")):
             _assign_norm(norm, sd, f"{prefix}.{name}")
@@ -91,7 +93,7 @@ def assign_weights(model: HookedTransformer, sd: StateDict) -> None:
     model.unembed.b_u = _bias(sd.get("unembed.b_U"))
 
 
-def _assign_norm(norm: nn.Module, sd: StateDict, prefix: str) -> None:
+def _assign_norm(norm: Norm, sd: StateDict, prefix: str) -> None:
     if norm.w is not None:
         norm.w = nn.Parameter(sd[f"{prefix}.w"].contiguous(), requires_grad=False)
     if norm.b is not None:

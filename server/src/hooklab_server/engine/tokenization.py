@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -73,10 +73,10 @@ class Tokenization:
 
     def _defaults(
         self, prepend_bos: bool | None, padding_side: PaddingSide | None
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, PaddingSide]:
         tokenizer = self._require_tokenizer()
         bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        return bos, padding_side or tokenizer.padding_side
+        return bos, padding_side or cast(PaddingSide, tokenizer.padding_side)
 
     def to_tokens(
         self,

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from .config import HookedConfig
+
+if TYPE_CHECKING:
+    from .components.block import TransformerBlock
 
 # At most six digits of layer: a longer number names no layer (and int() of 5,000 digits raises).
 _BLOCK_PARAM = re.compile(r"^blocks\.(\d{1,6})\.(attn|mlp|ln1|ln2)\.(_?[Wbw]\w*)$")
@@ -35,9 +39,13 @@ class WeightViews:
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=self.cfg.dtype, device=self.embed.W_E.device)  # type: ignore[attr-defined]
 
+    def _block(self, layer: int) -> TransformerBlock:
+        """``blocks[layer]``, typed (ModuleList indexing loses the element type)."""
+        return cast("TransformerBlock", self.blocks[layer])
+
     def _layer_param(self, layer: int, module: str, name: str) -> torch.Tensor | None:
         """One layer's parameter in TransformerLens layout (``_W_K`` = unrepeated GQA keys)."""
-        cfg, block = self.cfg, self.blocks[layer]
+        cfg, block = self.cfg, self._block(layer)
         heads, kv_heads, d_head = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
         assert kv_heads is not None
         if module in ("ln1", "ln2"):
@@ -47,7 +55,7 @@ class WeightViews:
             attn = block.attn
             grouped = name.startswith("_")
             base = name.lstrip("_")
-            views: dict[str, Callable[[], torch.Tensor | None]] = {
+            views: dict[str, Callable[[], torch.Tensor]] = {
                 "W_Q": lambda: attn.W_Q,
                 "W_K": lambda: attn.W_K,
                 "W_V": lambda: attn.W_V,
@@ -64,14 +72,20 @@ class WeightViews:
                 value = value.repeat_interleave(heads // kv_heads, dim=0)
             return value
         mlp = block.mlp
-        views = {
+        mlp_views: dict[str, Callable[[], torch.Tensor | None]] = {
             "W_in": lambda: mlp.W_in,
             "W_gate": lambda: mlp.W_gate,
             "W_out": lambda: mlp.W_out,
             "b_in": lambda: mlp.b_in if mlp.b_in is not None else self._zeros(cfg.d_mlp),
             "b_out": lambda: mlp.b_out if mlp.b_out is not None else self._zeros(cfg.d_model),
         }
-        return views[name]() if name in views else None
+        return mlp_views[name]() if name in mlp_views else None
+
+    def _output_bias(self, layer: int, module: str, name: str) -> torch.Tensor:
+        """``b_O`` or ``b_out`` of one layer: never None (a missing bias reads as zeros)."""
+        value = self._layer_param(layer, module, name)
+        assert value is not None
+        return value
 
     def _stacked(self, name: str) -> torch.Tensor | None:
         module = "mlp" if name in ("W_in", "W_gate", "W_out", "b_in", "b_out") else "attn"
@@ -131,13 +145,13 @@ class WeightViews:
         """Sum of the attention (and MLP) output biases written before ``layer`` [d_model]."""
         total = self._zeros(self.cfg.d_model)
         for index in range(layer):
-            total = total + self._layer_param(index, "attn", "b_O")
+            total = total + self._output_bias(index, "attn", "b_O")
             if include_mlp_biases:
-                total = total + self._layer_param(index, "mlp", "b_out")
+                total = total + self._output_bias(index, "mlp", "b_out")
         if mlp_input:
             if layer >= self.cfg.n_layers:
                 raise ValueError("mlp_input needs a layer below n_layers")
-            total = total + self._layer_param(layer, "attn", "b_O")
+            total = total + self._output_bias(layer, "attn", "b_O")
         return total
 
     @property

@@ -36,6 +36,7 @@ class TransformerBlock(nn.Module):
         functions on ln1 run three times; without such functions one call serves all three."""
         cfg, names = self.cfg, self.names
         heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads
+        assert kv_heads is not None  # HookedConfig sets it (n_heads when the checkpoint has none)
         if cfg.use_attn_in or hooks.asks_for(names["attn_in"]):
             per_head = hooks(names["attn_in"], resid.unsqueeze(2).expand(-1, -1, heads, -1).clone())
             return self.ln1(per_head, hooks), self.ln1(per_head, hooks), self.ln1(per_head, hooks)
@@ -47,7 +48,7 @@ class TransformerBlock(nn.Module):
                 hooks(names[key], resid.unsqueeze(2).expand(-1, -1, count, -1).clone())
                 for key, count in (("q_input", heads), ("k_input", kv_heads), ("v_input", kv_heads))
             ]  # each [batch, pos, heads, d_model]
-            return tuple(self.ln1(x, hooks) for x in inputs)  # type: ignore[return-value]
+            return tuple(self.ln1(x, hooks) for x in inputs)
         if self.ln1.scale_name in hooks.fns or self.ln1.normalized_name in hooks.fns:
             return self.ln1(resid, hooks), self.ln1(resid, hooks), self.ln1(resid, hooks)
         x = self.ln1(resid, hooks)

@@ -8,6 +8,9 @@ from torch import nn
 
 
 class Rotary(nn.Module):
+    cos: torch.Tensor  # [n_ctx, rotary_dim], a non-persistent buffer
+    sin: torch.Tensor
+
     def __init__(
         self, rotary_dim: int, n_ctx: int, base: float, adjacent_pairs: bool, dtype: torch.dtype
     ) -> None:
