@@ -19,7 +19,7 @@ def aligned_buffer(size: int) -> memoryview:
     """
     raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
-    return memoryview(raw[start : start + size])
+    return raw[start : start + size].data  # the same memoryview as memoryview(array)
 
 
 def tensor_bytes(buffer: memoryview) -> memoryview:

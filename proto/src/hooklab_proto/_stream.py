@@ -135,7 +135,7 @@ class StreamReader:
         return self.final is not None
 
     def feed(self, chunk: Buffer) -> list[Frame]:
-        if self.finished and memoryview(chunk).nbytes:
+        if self.final is not None and memoryview(chunk).nbytes:  # finished
             raise WireFormatError(f"bytes after the stream's {self.final.kind!r} frame")
         frames = self._frames.feed(chunk)
         for frame in frames:
@@ -156,7 +156,7 @@ class StreamReader:
 
     def close(self) -> None:
         """Raise :class:`TruncatedStreamError` unless the stream ended with ``end`` or ``error``."""
-        if self.finished and self._frames.inside_frame:
+        if self.final is not None and self._frames.inside_frame:  # finished
             raise WireFormatError(f"bytes after the stream's {self.final.kind!r} frame")
         self._frames.close()
         if not self.finished:

@@ -61,7 +61,7 @@ def _payload_view(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     # numpy has no bfloat16/float8; reinterpreting as bytes first works for every dtype.
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data  # the same memoryview as memoryview(array)
 
 
 def encode_tensor(tensor: torch.Tensor, name: str = "") -> EncodedFrame:

@@ -14,7 +14,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..settings import Settings
 
-
 ABORT_EXTENSION = "hooklab.abort"
 
 
@@ -32,7 +31,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort  # type: ignore[typeddict-unknown-key]
+        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort  # type: ignore[assignment]
         if self._header_timer is None:  # a keep-alive connection's next request
             self._arm_header_timer()
 

@@ -104,7 +104,7 @@ def prompt_tokens(
     if isinstance(input, list) and len(input) > 1:
         side = "left"
     tokens = model.to_tokens(input, prepend_bos, side, truncate=truncate)  # type: ignore[arg-type]
-    mask = attention_mask_for(model.tokenizer, tokens, prepend_bos, side)
+    mask = attention_mask_for(model._require_tokenizer(), tokens, prepend_bos, side)
     return tokens, mask if side == "left" and not bool(mask.all()) else None
 
 

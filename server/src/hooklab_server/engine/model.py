@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         attention_mask: torch.Tensor | None = None,
         stop_at_layer: int | None = None,
         past_kv_cache: KVCache | None = None,
+        *,
         fwd_hooks: FwdHooks = (),
         hooks: HookRun | None = None,
         interrupt: Callable[[], None] | None = None,
@@ -212,10 +213,11 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         """Tokenise text for a forward as TransformerLens does: a padding mask only when the
         padding side is left (right padding leaves real positions exact without one)."""
         prepend_bos, side = self._defaults(prepend_bos, padding_side)
-        tokens = self.to_tokens(text, prepend_bos, side, truncate=truncate)
+        # side is padding_side or the tokenizer's (a str to transformers, but "left" or "right").
+        tokens = self.to_tokens(text, prepend_bos, cast(PaddingSide, side), truncate=truncate)
         if side != "left":
             return tokens, None
-        return tokens, attention_mask_for(self.tokenizer, tokens, prepend_bos, side)
+        return tokens, attention_mask_for(self._require_tokenizer(), tokens, prepend_bos, side)
 
     def _positions(
         self,
@@ -246,6 +248,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         key = torch.arange(total, device=device)[None, :]
         allowed = key <= query
         if needs_window:
+            assert window is not None  # needs_window implies a window
             allowed = allowed & (key > query - window)
         allowed = allowed[None, None]  # [1, 1, query, key]
         if attention_mask is None:
@@ -269,6 +272,9 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         batch, length = resid.shape[:2]
         offset = past.length if past is not None else 0
         if past is not None and past.attention_mask is not None:
+            # A cached mask needs this call's mask too: _inputs makes one from the tokens (all
+            # ones when unpadded); from start_at_layer the caller passes it.
+            assert attention_mask is not None
             attention_mask = torch.cat((past.attention_mask, attention_mask), dim=1)
         positions, padding = self._positions(batch, length, attention_mask, offset, resid.device)
         if start_at_layer is None and self.pos_embed is not None:

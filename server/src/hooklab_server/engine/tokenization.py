@@ -73,10 +73,10 @@ class Tokenization:
 
     def _defaults(
         self, prepend_bos: bool | None, padding_side: PaddingSide | None
-    ) -> tuple[bool, PaddingSide]:
+    ) -> tuple[bool, str]:
         tokenizer = self._require_tokenizer()
         bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        return bos, padding_side or cast(PaddingSide, tokenizer.padding_side)
+        return bos, padding_side or tokenizer.padding_side
 
     def to_tokens(
         self,
@@ -88,7 +88,7 @@ class Tokenization:
     ) -> torch.Tensor:
         """Token ids [batch, pos], padded to the longest input, BOS per ``prepend_bos``."""
         tokenizer = self._require_tokenizer()
-        prepend_bos, padding_side = self._defaults(prepend_bos, padding_side)
+        prepend_bos, side = self._defaults(prepend_bos, padding_side)
         prepends = bool(self.cfg.tokenizer_prepends_bos)
         if prepend_bos and not prepends:
             bos = tokenizer.bos_token
@@ -99,10 +99,10 @@ class Tokenization:
             padding=True,
             truncation=truncate,
             max_length=self.cfg.n_ctx if truncate else None,
-            padding_side=padding_side,
+            padding_side=side,
         )["input_ids"]
         if not prepend_bos and prepends:
-            tokens = _remove_bos(tokenizer, tokens, padding_side)
+            tokens = _remove_bos(tokenizer, tokens, side)
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
@@ -123,7 +123,9 @@ class Tokenization:
     ) -> list[str] | list[list[str]]:
         tokenizer = self._require_tokenizer()
         if isinstance(input, list):
-            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]  # type: ignore[misc]
+            # A list holds texts or 1-D token ids: one list of strings each.
+            per_item = [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+            return cast("list[list[str]]", per_item)
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos, padding_side)[0]
         else:
@@ -143,7 +145,8 @@ class Tokenization:
         return int(tokens.item())
 
     def to_single_str_token(self, int_token: int) -> str:
-        return self._require_tokenizer().decode([int_token])
+        # One sequence of ids decodes to one string (a list only comes from a batch).
+        return cast(str, self._require_tokenizer().decode([int_token]))
 
     def get_token_position(
         self,

@@ -28,8 +28,8 @@ from hooklab_proto import (
     PatchMetric,
 )
 from hooklab_server.engine import HookedTransformer, HookPoint, lm_cross_entropy_loss
-from hooklab_server.engine.hook_points import NO_HOOKS
 from hooklab_server.engine.catalogue import act_names, axis_sizes, hook_shape
+from hooklab_server.engine.hook_points import NO_HOOKS
 
 from .cancel import CancelToken
 from .context import OpsContext
