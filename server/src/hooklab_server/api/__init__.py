@@ -23,6 +23,7 @@ from . import generate, patching, routes, service
 from .edge import EdgeMiddleware, request_id_of
 from .errors import error_response
 from .openapi import openapi_schema
+from .state import Service
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
@@ -43,7 +44,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await app.state.executor.aclose()
+        hooklab: Service = app.state.hooklab
+        await hooklab.executor.aclose()
 
     app = FastAPI(
         title="hooklab",
@@ -51,11 +53,9 @@ def create_app(
         summary="TransformerLens-style run_with_cache / run_with_hooks over HTTP",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.operations = operations
-    app.state.executor = executor or ThreadExecutor(operations, metrics)
-    app.state.tokenizer_files = tokenizer_files(model)
+    app.state.hooklab = Service(
+        operations, executor or ThreadExecutor(operations, metrics), tokenizer_files(model)
+    )
     for module in (service, routes, generate, patching):
         app.include_router(module.router)
 

@@ -32,25 +32,15 @@ from hooklab_proto import (
     tensor_to_json,
 )
 
-from ..metrics import Metrics
 from ..ops import RequestError, too_large
 from ..settings import Settings
 from .errors import ClientGone
+from .state import service
 
 Model = TypeVar("Model", bound=BaseModel)
 
 _JSON_TYPES = ("application/json",)
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-
-
-def settings_of(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def metrics_of(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
 
 
 # --- request bodies ------------------------------------------------------------------------
@@ -59,7 +49,7 @@ def metrics_of(request: Request) -> Metrics:
 async def read_body(request: Request) -> bytes:
     """The whole body: refused (413) past ``max_request_bytes``, (408) when it has not arrived
     within ``body_timeout_s``; a client that leaves half-way raises :class:`ClientGone`."""
-    settings = settings_of(request)
+    settings = service(request).settings
     limit = settings.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -78,7 +68,7 @@ async def read_body(request: Request) -> bytes:
     try:
         await asyncio.wait_for(receive_all(), settings.body_timeout_s)
     except TimeoutError:
-        metrics_of(request).add("body_timeouts")
+        service(request).metrics.add("body_timeouts")
         raise RequestError(
             ErrorCode.REQUEST_TIMEOUT,
             f"the request body did not arrive within {settings.body_timeout_s:g} s "
@@ -203,7 +193,7 @@ async def parse(request: Request, model: type[Model]) -> Model:
     """The request's body as ``model``: read on the event loop, counted, decoded and validated
     in a worker thread."""
     body = await read_body(request)
-    settings, media = settings_of(request), _media_type(request)
+    settings, media = service(request).settings, _media_type(request)
 
     def decode_and_validate() -> Model:
         return validate_body(decode_body(body, media, settings), model, settings)

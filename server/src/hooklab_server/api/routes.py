@@ -28,7 +28,8 @@ from ..ops.describe import describe_model, detokenize_ids, tokenize_text
 from ..store import Stored
 from .bodies import parse, tensors_response, wants_json
 from .openapi import request_body
-from .running import HooklabRoute, cancel_token, operations_of, run, validate
+from .running import HooklabRoute, cancel_token, run, validate
+from .state import service
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 415, 422, 504, 507)
@@ -41,7 +42,7 @@ router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
 def _stored(request: Request, stored: Stored) -> StoredObject:
-    remaining = operations_of(request).ctx.store.remaining_s(stored)
+    remaining = service(request).ctx.store.remaining_s(stored)
     value = stored.value
     return StoredObject(
         id=stored.id,
@@ -56,14 +57,14 @@ def _stored(request: Request, stored: Stored) -> StoredObject:
 
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"])
 async def model_info(request: Request) -> ModelInfo:
-    ctx = operations_of(request).ctx
-    return describe_model(ctx.model, ctx.settings, list(request.app.state.tokenizer_files))
+    ctx = service(request).ctx
+    return describe_model(ctx.model, ctx.settings, list(service(request).tokenizer_files))
 
 
 @router.get("/v1/tokenizer", tags=["model"])
 async def tokenizer(request: Request) -> dict[str, dict[str, str]]:
     """The tokenizer's files, so clients can tokenise locally."""
-    return {"files": request.app.state.tokenizer_files}
+    return {"files": service(request).tokenizer_files}
 
 
 @router.post(
@@ -72,7 +73,7 @@ async def tokenizer(request: Request) -> dict[str, dict[str, str]]:
 )  # fmt: skip
 async def tokenize(request: Request) -> TokenizeResponse:
     body = await parse(request, TokenizeRequest)
-    return await run_in_threadpool(tokenize_text, operations_of(request).ctx, body)
+    return await run_in_threadpool(tokenize_text, service(request).ctx, body)
 
 
 @router.post(
@@ -81,7 +82,7 @@ async def tokenize(request: Request) -> TokenizeResponse:
 )  # fmt: skip
 async def detokenize(request: Request) -> DetokenizeResponse:
     body = await parse(request, DetokenizeRequest)
-    return await run_in_threadpool(detokenize_ids, operations_of(request).ctx, body)
+    return await run_in_threadpool(detokenize_ids, service(request).ctx, body)
 
 
 async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
@@ -121,7 +122,7 @@ async def run_with_hooks(request: Request) -> Response:
 @router.get("/v1/weights/{name:path}", responses=STREAM, tags=["model"])
 async def weight(name: str, request: Request) -> Response:
     """Any parameter by TransformerLens name: W_E, W_U, W_Q (stacked), blocks.0.attn.W_O, …"""
-    ctx = operations_of(request).ctx
+    ctx = service(request).ctx
     value = await run_in_threadpool(objects.weight, ctx, name, wants_json(request))
     return await tensors_response(request, {name: value})
 
@@ -132,31 +133,31 @@ async def weight(name: str, request: Request) -> Response:
 )  # fmt: skip
 async def store_tensor(request: Request) -> StoredObject:
     body = await parse(request, StoreTensorRequest)
-    stored = await run_in_threadpool(objects.store_tensor, operations_of(request).ctx, body)
+    stored = await run_in_threadpool(objects.store_tensor, service(request).ctx, body)
     return _stored(request, stored)
 
 
 @router.get("/v1/tensors/{object_id}", responses=STREAM, tags=["store"])
 async def get_tensor(object_id: str, request: Request) -> Response:
-    ctx = operations_of(request).ctx
+    ctx = service(request).ctx
     value = objects.stored_tensor(ctx, object_id, wants_json(request))
     return await tensors_response(request, {object_id: value})
 
 
 @router.get("/v1/caches/{object_id}", responses=STREAM, tags=["store"])
 async def get_cache(object_id: str, request: Request) -> Response:
-    ctx = operations_of(request).ctx
+    ctx = service(request).ctx
     value = objects.stored_cache(ctx, object_id, wants_json(request))
     return await tensors_response(request, value, {"cache_id": object_id})
 
 
 @router.delete("/v1/tensors/{object_id}", status_code=204, tags=["store"])
 async def delete_tensor(object_id: str, request: Request) -> Response:
-    operations_of(request).ctx.store.delete("tensor", object_id)
+    service(request).ctx.store.delete("tensor", object_id)
     return Response(status_code=204)
 
 
 @router.delete("/v1/caches/{object_id}", status_code=204, tags=["store"])
 async def delete_cache(object_id: str, request: Request) -> Response:
-    operations_of(request).ctx.store.delete("cache", object_id)
+    service(request).ctx.store.delete("cache", object_id)
     return Response(status_code=204)

@@ -14,43 +14,32 @@ from fastapi.routing import APIRoute
 
 from hooklab_proto import GenerateResponse, GenerateStep
 
-from ..execution import Executor
 from ..ops import (
     Cancelled,
     CancelToken,
     GenerateWork,
-    Operations,
     RequestError,
     TensorsResult,
     Work,
     deadline_error,
 )
-from .bodies import metrics_of, settings_of, wants_json
+from .bodies import wants_json
 from .edge import request_id_of
 from .errors import ClientGone, error_response, internal_error
+from .state import service
 
 logger = logging.getLogger("hooklab_server")
 
 
-def operations_of(request: Request) -> Operations:
-    operations: Operations = request.app.state.operations
-    return operations
-
-
-def executor_of(request: Request) -> Executor:
-    executor: Executor = request.app.state.executor
-    return executor
-
-
 def cancel_token(request: Request, timeout_s: float | None) -> CancelToken:
-    settings = settings_of(request)
+    settings = service(request).settings
     wanted = settings.request_timeout_s if timeout_s is None else timeout_s
     return CancelToken(min(wanted, settings.max_timeout_s))
 
 
 async def validate(request: Request, body: Any) -> Work:
     """Validate a parsed body into work, off the event loop."""
-    return await run_in_threadpool(operations_of(request).validate, body, wants_json(request))
+    return await run_in_threadpool(service(request).operations.validate, body, wants_json(request))
 
 
 async def _watch_disconnect(request: Request, token: CancelToken) -> None:
@@ -65,7 +54,7 @@ async def _watch_disconnect(request: Request, token: CancelToken) -> None:
 def _stopped(request: Request, op: str, reason: str, token: CancelToken) -> Exception:
     """Count work stopped early, and what to raise for it: 504 past the deadline, nothing to
     answer when the client left."""
-    metrics_of(request).add("cancelled", op=op, reason=reason)
+    service(request).metrics.add("cancelled", op=op, reason=reason)
     return deadline_error(token) if reason == "deadline" else ClientGone()
 
 
@@ -76,7 +65,7 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
     try:
         # The work checks the token between layers, steps and chunks, so this returns soon
         # after a disconnect or the deadline.
-        return await executor_of(request).run(work, token)
+        return await service(request).executor.run(work, token)
     except Cancelled as stop:
         raise _stopped(request, work.op, stop.reason, token) from None
     finally:
@@ -87,8 +76,8 @@ async def generation(
     request: Request, work: GenerateWork, token: CancelToken
 ) -> AsyncIterator[GenerateStep | GenerateResponse]:
     """A generation's steps then its response; counts how it ended in the metrics."""
-    metrics = metrics_of(request)
-    steps = executor_of(request).generate(work, token)
+    metrics = service(request).metrics
+    steps = service(request).executor.generate(work, token)
     finished = False
     try:
         async for item in steps:
@@ -134,13 +123,13 @@ class HooklabRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestError as error:
-                metrics_of(request).add("rejected", code=str(error.code))
+                service(request).metrics.add("rejected", code=str(error.code))
                 return error_response(error, request_id_of(request.scope))
             except ClientGone:
                 raise
             except Exception as exc:
                 logger.exception("unhandled error on %s %s", request.method, request.url.path)
-                metrics_of(request).add("rejected", code="internal")
+                service(request).metrics.add("rejected", code="internal")
                 return error_response(internal_error(exc), request_id_of(request.scope))
 
         return route

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from .bodies import metrics_of
-from .running import HooklabRoute, operations_of
+from .running import HooklabRoute
+from .state import service
 
 router = APIRouter(route_class=HooklabRoute, tags=["service"])
 
@@ -19,10 +19,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict[str, str]:
-    return {"status": "ready", "model": operations_of(request).ctx.model.cfg.model_name}
+    return {"status": "ready", "model": service(request).ctx.model.cfg.model_name}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> str:
     """Prometheus text format."""
-    return metrics_of(request).render()
+    return service(request).metrics.render()
