@@ -4,7 +4,7 @@ about one layer / decode step / patching forward, is counted in ``/metrics``, gi
 back, and leaves the server responsive.
 
 Written against the contract (/work/notes/contract.md), read from outside a real
-``hooklab-server`` subprocess (``_servers.py``): its ``/metrics``, ``/healthz``, its ``VmRSS``
+``hooklab-server`` subprocess (``server_process.py``): its ``/metrics``, ``/healthz``, its ``VmRSS``
 and its log.
 
 * ``hooklab_work_units_total{op}`` (layers / decode steps / patching forwards executed) stops
@@ -54,10 +54,7 @@ import pytest
 
 from fixtures.checkpoints import build_checkpoint
 
-try:  # tests/hostile as a package, or (pytest's default rootdir mode) as a path entry
-    from ._servers import HOST, Metrics, ServerProcess, rss_bytes, server_process
-except ImportError:
-    from _servers import HOST, Metrics, ServerProcess, rss_bytes, server_process
+from .server_process import HOST, Metrics, ServerProcess, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +64,7 @@ N_LAYERS = 8
 CHECKPOINT = {"n_layer": N_LAYERS, "n_embd": 256, "n_head": 4, "n_positions": 2048}
 VOCAB = 1000  # the fixtures' tokenizer
 # Large enough for the sized requests (up to 256 x 256 tokens); everything else at its default.
-SERVER_ARGS = ["--max-tokens", "131072", "--max-batch", "256"]
+SERVER_SETTINGS = {"max_tokens": "131072", "max_batch": "256"}
 
 FRAMES = "application/vnd.hooklab.frames+msgpack"
 SSE = "text/event-stream"
@@ -201,7 +198,7 @@ OPS_BY_ID = {op.id: op for op in OPS}
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.get(name, **labels)
+    return metrics.value(name, **labels)
 
 
 def shown(value: float | None) -> str:
@@ -224,22 +221,28 @@ class Findings:
             pytest.fail(f"{len(self.problems)} problems\n{listed}\n{context}", pytrace=False)
 
 
-class RssPeak:
-    """Samples a process's VmRSS every 20 ms in a thread; ``stop()`` returns the peak."""
+def current_rss(server: ServerProcess) -> int:
+    rss = server.rss_bytes()
+    assert rss is not None, f"no VmRSS for the server (pid {server.pid}): it is gone"
+    return rss
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = rss_bytes(pid)
+
+class RssPeak:
+    """Samples the server's VmRSS every 20 ms in a thread; ``stop()`` returns the peak."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.peak = current_rss(server)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-peak")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._done.wait(0.02):
-            try:
-                self.peak = max(self.peak, rss_bytes(self.pid))
-            except (OSError, RuntimeError):
+            rss = self.server.rss_bytes()
+            if rss is None:
                 return
+            self.peak = max(self.peak, rss)
 
     def stop(self) -> int:
         self._done.set()
@@ -258,7 +261,7 @@ def raw_post(server: ServerProcess, op: Op, body: dict[str, Any]) -> socket.sock
         f"Content-Length: {len(payload)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
-    sock = socket.create_connection((HOST, server.port), timeout=5.0)
+    sock = server.raw_socket()
     sock.sendall(head + payload)
     return sock
 
@@ -418,7 +421,7 @@ def server(
     disconnect_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("disconnect-server") / "server.log"
-    with server_process(disconnect_checkpoint, log, SERVER_ARGS) as running:
+    with server_process(disconnect_checkpoint, log, SERVER_SETTINGS) as running:
         yield running
 
 
@@ -449,7 +452,7 @@ class Before:
 
 
 def snapshot(server: ServerProcess, client: httpx.Client) -> Before:
-    return Before(server.metrics(client), server.rss(), server.log_size())
+    return Before(server.metrics(client), current_rss(server), server.log_size())
 
 
 @dataclass
@@ -536,7 +539,7 @@ def check_responsive(found: Findings, server: ServerProcess, client: httpx.Clien
 
 
 def check_log(found: Findings, server: ServerProcess, before: Before, what: str) -> None:
-    log = server.log_since(before.log_offset)
+    log = server.log_text(before.log_offset)
     found.check("Traceback" not in log, f"the {what} logged a traceback:\n{log[-3000:]}")
     found.check('" 500' not in log, f"the {what} was logged as a 500:\n{log[-1500:]}")
 
@@ -544,7 +547,7 @@ def check_log(found: Findings, server: ServerProcess, before: Before, what: str)
 def settled_rss(server: ServerProcess, bound: int) -> int:
     deadline = time.monotonic() + RSS_SETTLE_S
     while True:
-        rss = server.rss()
+        rss = current_rss(server)
         if rss <= bound or time.monotonic() > deadline:
             return rss
         time.sleep(0.1)
@@ -583,7 +586,7 @@ def test_disconnect_stops_the_work(op: Op, idle_server: ServerProcess, sizing: S
     budget_s = EXTRA_UNITS * sized.unit_s + STOP_GRACE_S
     with httpx.Client(timeout=10.0) as client:
         before = snapshot(server, client)
-        peak = RssPeak(server.pid)
+        peak = RssPeak(server)
         sock = raw_post(server, op, sized.body)
         try:
             early, closed = read_for(sock, DISCONNECT_AFTER_S)
@@ -618,7 +621,7 @@ def test_disconnect_stops_the_work(op: Op, idle_server: ServerProcess, sizing: S
         # Memory: only meaningful once the work stopped (running work holds its memory).
         grown = max(0, peak_rss - before.rss)
         bound = before.rss + max(RSS_SLACK_BYTES, int(RSS_SLACK_FRACTION * grown))
-        rss_after = settled_rss(server, bound) if stop.stopped else server.rss()
+        rss_after = settled_rss(server, bound) if stop.stopped else current_rss(server)
         found.check(
             not stop.stopped or rss_after <= bound,
             f"VmRSS {rss_after / MiB:.0f} MiB up to {RSS_SETTLE_S} s after the stop; before "

@@ -7,7 +7,7 @@ The only 5xx allowed are the contract's two answers to a client's own request, e
 code: 504 ``deadline_exceeded`` (a fuzzed ``timeout_s: 5e-324`` legitimately gets it) and 507
 ``store_full``.
 
-The server is a real ``hooklab-server`` subprocess (``_servers.py``) over the tiny GPT-2
+The server is a real ``hooklab-server`` subprocess (``server_process.py``) over the tiny GPT-2
 checkpoint, with tiny limits so that every fuzzed request is cheap: 64 tokens, 4 prompts, a few
 patching forwards, small bodies and responses, a 10 s deadline. ``--max-tokens`` and
 ``--max-batch`` are flags; the other limits go in as ``HOOKLAB_*`` variables, which the contract
@@ -49,10 +49,7 @@ import schemathesis.engine
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 
-try:  # tests/hostile as a package, or (pytest's default rootdir mode) as a path entry
-    from ._servers import ServerProcess, server_process
-except ImportError:
-    from _servers import ServerProcess, server_process
+from .server_process import ServerProcess, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +64,7 @@ ALLOWED_5XX = {504: "deadline_exceeded", 507: "store_full"}
 JSON_MEDIA_TYPE = "application/json"
 
 # Tiny limits, so that whatever the fuzzer picks runs in milliseconds on the tiny model.
-SERVER_ARGS = ["--max-tokens", "64", "--max-batch", "4"]
+SERVER_SETTINGS = {"max_tokens": "64", "max_batch": "4"}
 SERVER_ENV = {
     "HOOKLAB_MAX_REQUEST_BYTES": "256KiB",
     "HOOKLAB_MAX_REQUEST_ITEMS": "20000",
@@ -302,7 +299,7 @@ def fuzz_server(
     gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("fuzz-server") / "server.log"
-    with server_process(gpt2_checkpoint, log, SERVER_ARGS, SERVER_ENV) as server:
+    with server_process(gpt2_checkpoint, log, SERVER_SETTINGS, SERVER_ENV) as server:
         yield server
 
 

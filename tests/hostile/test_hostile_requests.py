@@ -64,7 +64,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from .hostile_server import HealthPoller, ServerProcess, metric_sum, raw_socket
+from .server_process import HealthPoller, ServerProcess, server_process
 
 # --- the server ---------------------------------------------------------------------------------
 
@@ -606,12 +606,9 @@ def hostile(gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     with torch.no_grad():
         logprobs = model(torch.tensor(REF_TOKENS)).logits.log_softmax(-1)
     del model
-    server = ServerProcess(gpt2_checkpoint, SETTINGS, tmp_path_factory.mktemp("hostile-server"))
-    server.start()
-    try:
+    log = tmp_path_factory.mktemp("hostile-server") / "server.log"
+    with server_process(gpt2_checkpoint, log, SETTINGS) as server:
         yield Hostile(server, Reference(logprobs))
-    finally:
-        server.stop()
 
 
 # --- running a row -----------------------------------------------------------------------------
@@ -739,14 +736,7 @@ def settle(server: ServerProcess, within_s: float = 30.0) -> None:
     that has not learnt to stop yet) must not be charged to the next row."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        started = time.monotonic()
-        try:
-            response = httpx.get(server.url + "/healthz", timeout=HEALTHZ_S)
-            if response.status_code == 200 and time.monotonic() - started < HEALTHZ_S:
-                return
-        except httpx.HTTPError:
-            pass
-        if not server.alive():
+        if server.healthz_seconds(timeout_s=HEALTHZ_S) < HEALTHZ_S or not server.alive():
             return
         time.sleep(0.2)
 
@@ -840,7 +830,7 @@ def run_row(hostile: Hostile, row: Row) -> list[str]:
 def test_hostile_request(hostile: Hostile, name: str) -> None:
     problems = run_row(hostile, ROWS[name])
     assert not problems, "\n".join(
-        [f"{name}:", *problems, "--- server stderr (tail):", hostile.server.stderr_tail(15)]
+        [f"{name}:", *problems, "--- server log (tail):", hostile.server.log_tail(15)]
     )
 
 
@@ -930,12 +920,6 @@ def close_all(socks: list[socket.socket]) -> None:
             sock.close()
 
 
-def metrics_text(server: ServerProcess) -> str:
-    response = httpx.get(server.url + "/metrics", timeout=ROW_SECONDS)
-    assert response.status_code == 200, response.text
-    return response.text
-
-
 EDGE_CONNECTIONS = 200
 
 
@@ -951,7 +935,7 @@ def test_half_sent_headers_are_closed(hostile: Hostile) -> None:
         with HealthPoller(server) as poller:
             started = time.monotonic()
             for _ in range(EDGE_CONNECTIONS):
-                sock = raw_socket(server.port)
+                sock = server.raw_socket()
                 sock.sendall(half)
                 socks.append(sock)
             until = started + HEADER_TIMEOUT_S + SLACK_S
@@ -975,7 +959,7 @@ def test_half_sent_bodies_get_408(hostile: Hostile) -> None:
     server = hostile.server
     server.ensure_running()
     settle(server)
-    before = metric_sum(metrics_text(server), "hooklab_body_timeouts_total")
+    before = server.metrics().value("hooklab_body_timeouts_total")
     head = (
         b"POST /v1/forward HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
         b"Content-Length: 10000\r\n\r\n" % server.port
@@ -986,7 +970,7 @@ def test_half_sent_bodies_get_408(hostile: Hostile) -> None:
         with HealthPoller(server) as poller:
             started = time.monotonic()
             for _ in range(EDGE_CONNECTIONS):
-                sock = raw_socket(server.port)
+                sock = server.raw_socket()
                 sock.sendall(head + part)
                 socks.append(sock)
             until = started + BODY_TIMEOUT_S + SLACK_S
@@ -1005,7 +989,7 @@ def test_half_sent_bodies_get_408(hostile: Hostile) -> None:
     ]
     assert not wrong, f"answers other than 408 request_timeout: {wrong[:5]}"
     assert poller.worst_s < HEALTHZ_S, (poller.worst_s, poller.failures[:3])
-    after = metric_sum(metrics_text(server), "hooklab_body_timeouts_total")
+    after = server.metrics().value("hooklab_body_timeouts_total")
     assert after is not None, "no hooklab_body_timeouts_total in /metrics"
     assert after > (before or 0), f"hooklab_body_timeouts_total stayed at {after}"
 
@@ -1017,13 +1001,13 @@ def test_a_slow_reader_is_cut_off(hostile: Hostile) -> None:
     server = hostile.server
     server.ensure_running()
     settle(server)
-    before = metric_sum(metrics_text(server), "hooklab_write_timeouts_total")
+    before = server.metrics().value("hooklab_write_timeouts_total")
     body = json.dumps({"input": ids(16, N_CTX)}).encode()
     request = (
         b"POST /v1/forward HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
         b"Accept: %s\r\nContent-Length: %d\r\n\r\n" % (server.port, FRAMES.encode(), len(body))
     ) + body
-    sock = raw_socket(server.port, rcvbuf=4096)
+    sock = server.raw_socket(rcvbuf=4096)
     try:
         with HealthPoller(server) as poller:
             started = time.monotonic()
@@ -1041,7 +1025,7 @@ def test_a_slow_reader_is_cut_off(hostile: Hostile) -> None:
                 time.sleep(0.1)
     finally:
         sock.close()
-    after = metric_sum(metrics_text(server), "hooklab_write_timeouts_total")
+    after = server.metrics().value("hooklab_write_timeouts_total")
     assert seen is not None, "the server never held the connection (harness problem)"
     assert closed is not None, (
         f"the server still holds a slow reader's connection after {until - started:.1f} s "
@@ -1061,10 +1045,10 @@ def test_aborted_uploads_are_not_server_errors(hostile: Hostile) -> None:
     server = hostile.server
     server.ensure_running()
     settle(server)
-    before_text = metrics_text(server)
-    before_500 = metric_sum(before_text, "hooklab_requests_total", status="500") or 0
-    before_gone = metric_sum(before_text, "hooklab_client_disconnects_total") or 0
-    log_offset = server.stderr_size()
+    before = server.metrics()
+    before_500 = before.value("hooklab_requests_total", status="500") or 0
+    before_gone = before.value("hooklab_client_disconnects_total") or 0
+    log_offset = server.log_size()
     baseline_sockets = len(server.held_client_ports())
     head = (
         b"POST /v1/run_with_cache HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
@@ -1073,23 +1057,23 @@ def test_aborted_uploads_are_not_server_errors(hostile: Hostile) -> None:
     part = b'{"input": [[5, 6, 7]], "names": ["' + b"x" * 3000
     with HealthPoller(server) as poller:
         for _ in range(EDGE_CONNECTIONS):
-            sock = raw_socket(server.port)
+            sock = server.raw_socket()
             sock.sendall(head + part)
             sock.close()
         until = time.monotonic() + BODY_TIMEOUT_S + SLACK_S
         while time.monotonic() < until and len(server.held_client_ports()) > baseline_sockets:
             time.sleep(0.1)
         time.sleep(0.3)  # the last log lines
-    assert server.alive(), server.stderr_tail()
+    assert server.alive(), server.log_tail()
     assert poller.worst_s < HEALTHZ_S, (poller.worst_s, poller.failures[:3])
-    after_text = metrics_text(server)
-    assert "hooklab_requests_total" in after_text, "no hooklab_requests_total in /metrics"
-    after_500 = metric_sum(after_text, "hooklab_requests_total", status="500") or 0
+    after = server.metrics()
+    assert "hooklab_requests_total" in after.text, "no hooklab_requests_total in /metrics"
+    after_500 = after.value("hooklab_requests_total", status="500") or 0
     assert after_500 == before_500, f"{after_500 - before_500} aborted uploads counted as 500"
-    after_gone = metric_sum(after_text, "hooklab_client_disconnects_total")
+    after_gone = after.value("hooklab_client_disconnects_total")
     assert after_gone is not None, "no hooklab_client_disconnects_total in /metrics"
     assert after_gone > before_gone, f"hooklab_client_disconnects_total stayed at {after_gone}"
-    log = server.stderr_text(log_offset)
+    log = server.log_text(log_offset)
     assert "Traceback" not in log, log[-3000:]
     lines = [
         line
