@@ -179,22 +179,26 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
         token.check()
         ctx.metrics.add("work_units", op=work.op)
 
-    kwargs = dict(
+    # run_with_cache is forward with captures: the same engine call, asked for its activations.
+    run = model.hook_run(
+        work.hooks, work.names, capture=work.caching is not None, interrupt=between_layers
+    )
+    out = model.forward(
+        work.input,
         return_type=request.return_type,
         loss_per_token=request.loss_per_token,
         start_at_layer=request.start_at_layer,
         stop_at_layer=request.stop_at_layer,
         tokens=work.tokens,
         attention_mask=work.mask,
-        fwd_hooks=work.hooks,
-        interrupt=between_layers,
+        hooks=run,
     )
+    result = TensorsResult(_outputs(out, request))
     caching = work.caching
     if caching is None:
-        return TensorsResult(_outputs(model.forward(work.input, **kwargs), request))  # type: ignore[arg-type]
-    out, cache = model.run_with_cache(work.input, names_filter=work.names, **kwargs)  # type: ignore[arg-type]
+        return result
     token.check()
-    result = TensorsResult(_outputs(out, request))
+    cache = run.cache
     if caching.store:  # stored with its batch axis, so it can be a patch source
         result.meta["cache_id"] = ctx.store.put("cache", cache).id
     if caching.return_cache:
@@ -205,13 +209,12 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
 
 
 def _outputs(out: object, request: ForwardRequest) -> dict[str, torch.Tensor]:
-    if request.stop_at_layer is not None:
-        return {OUTPUT_RESIDUAL: out}  # type: ignore[dict-item]
-    if request.return_type == "logits":
-        return {OUTPUT_LOGITS: out}  # type: ignore[dict-item]
-    if request.return_type == "loss":
-        return {OUTPUT_LOSS: out}  # type: ignore[dict-item]
-    if request.return_type == "both":
+    """The engine's return value by name: a residual, logits, a loss, both, or nothing."""
+    if request.return_type == "both" and request.stop_at_layer is None:
         both = cast(Output, out)
         return {OUTPUT_LOGITS: both.logits, OUTPUT_LOSS: both.loss}
-    return {}
+    if out is None:
+        return {}
+    name = OUTPUT_RESIDUAL if request.stop_at_layer is not None else None
+    name = name or {"logits": OUTPUT_LOGITS, "loss": OUTPUT_LOSS}[str(request.return_type)]
+    return {name: cast(torch.Tensor, out)}
