@@ -133,7 +133,8 @@ def test_verbose_generate_prints_the_tokens_as_they_arrive(
 
 def metric(url: str, name: str) -> int:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return int(next(line.split()[1] for line in lines if line.startswith(f"hooklab_{name}_total")))
+    value = next(line.split()[1] for line in lines if line.startswith(f"hooklab_{name}_total"))
+    return int(float(value))
 
 
 def test_closing_a_stream_stops_the_generation_on_the_server(gpt2_server: Served) -> None:

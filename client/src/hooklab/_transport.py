@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from hooklab_proto import (
     dtype_code,
 )
 
-from .errors import ConnectionFailedError, RequestTimeoutError, server_error
+from .errors import ConnectionFailedError, QuotaError, RequestTimeoutError, server_error
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -59,6 +60,7 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_encode)
 
 class Transport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 60.0):
+        api_key = api_key or os.environ.get("HOOKLAB_API_KEY") or None
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self.client = httpx.Client(
@@ -102,9 +104,12 @@ class Transport:
                 f"HTTP {response.status_code}: {response.text[:200]}",
                 None,
             )
-        raise server_error(
+        error = server_error(
             code, message, hint, response.status_code, response.headers.get("x-request-id")
         )
+        if isinstance(error, QuotaError) and "retry-after" in response.headers:
+            error.retry_after = float(response.headers["retry-after"])
+        raise error
 
     def get_json(self, path: str) -> Any:
         with self._errors():

@@ -88,6 +88,17 @@ class InternalServerError(ServerError):
     pass
 
 
+class UnauthorizedError(ServerError):
+    """No API key was sent, or the server does not know it (revoked?)."""
+
+
+class QuotaError(ServerError):
+    """Over one of the key's quotas; ``retry_after`` (seconds) says when to try again, when
+    waiting helps (None: ask for less instead)."""
+
+    retry_after: float | None = None
+
+
 class DeadlineExceededError(ServerError):
     """The work ran past its ``timeout_s`` on the server and was stopped."""
 
@@ -106,6 +117,8 @@ _BY_CODE: dict[str, type[ServerError]] = {
     "method_not_allowed": MethodNotAllowedError,
     "request_timeout": BodyTimeoutError,
     "deadline_exceeded": DeadlineExceededError,
+    "unauthorized": UnauthorizedError,
+    "quota": QuotaError,
     "validation_error": InvalidRequestError,
     "unknown_hook": UnknownHookError,
     "bad_index": BadIndexError,
@@ -143,11 +156,13 @@ __all__ = [
     "InvalidRequestError",
     "MethodNotAllowedError",
     "NotFoundError",
+    "QuotaError",
     "RequestTimeoutError",
     "ServerError",
     "StoreFullError",
     "TooLargeError",
     "TruncatedStreamError",
+    "UnauthorizedError",
     "UnknownHookError",
     "UnsupportedMediaTypeError",
     "WireFormatError",

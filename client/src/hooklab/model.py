@@ -71,7 +71,8 @@ class HookedTransformer:
     def from_server(
         cls, url: str, api_key: str | None = None, timeout: float | None = 60.0
     ) -> HookedTransformer:
-        """Connect to a hooklab server (e.g. ``http://gpu-box:8000``)."""
+        """Connect to a hooklab server (e.g. ``http://gpu-box:8000``). ``api_key`` defaults to
+        the ``HOOKLAB_API_KEY`` environment variable; a server without keys needs none."""
         return cls(Transport(url, api_key, timeout))
 
     def close(self) -> None:

@@ -41,6 +41,8 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflicting_specs"
     TOO_LARGE = "too_large"  # over a size limit: body, tokens, specs, rows, response …
     NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"  # no key, or not a key of this server
+    QUOTA = "quota"  # over one of the key's quotas
     METHOD_NOT_ALLOWED = "method_not_allowed"
     STORE_FULL = "store_full"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -137,6 +139,30 @@ class StoredObject(BaseModel):
     dtype: str | None = None
     shape: list[int] | None = None
     names: list[str] | None = None
+    owner: str = Field(description="the name of the key that stored it")
+
+
+class StoredObjects(BaseModel):
+    objects: list[StoredObject]
+
+
+QuotaName = Literal[
+    "concurrent_requests", "tokens_per_minute", "stored_bytes", "max_new_tokens",
+    "max_patching_forwards",
+]  # fmt: skip
+
+
+class KeyUsage(BaseModel):
+    key: str = Field(description="the key's name")
+    admin: bool
+    usage: dict[str, int] = Field(
+        description="concurrent_requests, tokens_last_minute, stored_bytes now"
+    )
+    limits: dict[str, int] = Field(description="the key's quotas")
+
+
+class UsageResponse(KeyUsage):
+    keys: list[KeyUsage] | None = Field(None, description="every key (admins only)")
 
 
 class HookPointInfo(BaseModel):
@@ -184,3 +210,13 @@ class ModelInfo(BaseModel):
     hook_points: list[HookPointInfo]
     tokenizer: TokenizerInfo | None
     limits: Limits
+
+
+class Capabilities(BaseModel):
+    auth: bool = Field(description="requests need 'Authorization: Bearer <key>'")
+    model: str
+    limits: Limits
+    quotas: dict[str, int] = Field(description="each key's quotas unless set for that key")
+    ops: list[str] = Field(description="the operations (routes)")
+    spec_ops: list[str] = Field(description="the hook-spec operations")
+    dtypes: list[str] = Field(description="tensor dtype codes accepted and returned")

@@ -112,5 +112,10 @@ HookSpec = Annotated[
     Field(discriminator="op"),
 ]
 
+SPEC_OPS: tuple[str, ...] = tuple(
+    spec.model_fields["op"].default
+    for spec in (AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec)
+)
+
 # Operations that replace values; two of them on the same hook point conflict.
 REPLACING_OPS = frozenset({"ablate", "patch", "set"})

@@ -10,21 +10,34 @@ from collections.abc import Sequence
 
 import torch
 
-from .settings import build_parser, is_wildcard, load_settings
+from .auth import KeyRing, keys_main
+from .settings import build_parser, is_loopback, is_wildcard, load_settings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:  # hooklab-server keys add|list|revoke …
+        defaults = load_settings([])
+        return keys_main(argv[1:], defaults.keys_file, list(defaults.quotas()))
     parser = build_parser(
         "hooklab-server",
-        "Serve a hooked transformer over HTTP (TransformerLens-style API).",
+        "Serve a hooked transformer over HTTP (TransformerLens-style API). "
+        "'hooklab-server keys --help' manages API keys.",
     )
     settings = load_settings(argv, parser=parser)
     if is_wildcard(settings.host) and not settings.allowed_hosts:
         parser.error(
             f"--host {settings.host} answers on every interface: name the host names clients "
             "use with --allowed-hosts (e.g. --allowed-hosts gpu-box,10.0.0.5, or '*' for any)"
+        )
+    keys = KeyRing(settings.keys_file, settings.quotas())
+    if not keys.enabled and not is_loopback(settings.host) and not settings.insecure_open:
+        parser.error(
+            f"no API keys are configured and --host {settings.host} is not a loopback address: "
+            "add keys ('hooklab-server keys add NAME' with --keys-file), or pass --insecure-open "
+            "to serve anyone who can reach it"
         )
     from .api import create_app
     from .api.edge import RequestIdFilter
@@ -60,10 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(model.hook_names), settings.dtype, cfg.device,
     )  # fmt: skip
     log.info("answering to hosts: %s", ", ".join(settings.open_hosts))
+    if keys.enabled:
+        log.info("API keys required (%d keys in %s)", len(keys.accounts()), settings.keys_file)
+    elif settings.insecure_open and not is_loopback(settings.host):
+        log.warning(
+            "OPEN MODE on %s without API keys (--insecure-open): anyone who reaches this port "
+            "can use the model and every stored object",
+            settings.host,
+        )
     import uvicorn
 
     # log_config=None: uvicorn's lines go through the handler above, request ids included.
-    config = server_config(create_app(model, settings), settings, log_config=None)
+    config = server_config(create_app(model, settings, keys=keys), settings, log_config=None)
     uvicorn.Server(config).run()
     return 0
 

@@ -1,24 +1,36 @@
-"""Service metrics: every metric declared once, with labels, rendered in Prometheus text format
-at ``GET /metrics``. Thread-safe (worker threads count work, the event loop counts requests)."""
+"""Service metrics, each declared once with its labels, exported with ``prometheus_client`` in
+Prometheus text format at ``GET /metrics``. One registry per application (tests run several).
+Per-key series carry the key's *name*, never the key."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
-Kind = Literal["counter", "gauge"]
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-# name -> (kind, labels, help). Counters are exported as hooklab_<name>_total, gauges as
-# hooklab_<name>; a metric without labels shows 0 before its first change.
+# Without this every counter also exports a *_created series per label set.
+prometheus_client.disable_created_metrics()
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+# name -> (kind, labels, help). Counters are exported as hooklab_<name>_total.
 DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
-    "requests": ("counter", ("route", "status"), "HTTP requests answered"),
+    "requests": ("counter", ("route", "status", "key"), "HTTP requests answered"),
+    "request_seconds": ("histogram", ("route",), "time from request to the end of the response"),
     "rejected": ("counter", ("code",), "requests refused with an error before or during work"),
+    "tokens": ("counter", ("key", "op"), "tokens run through the model (prompt + generated)"),
+    "response_bytes": ("counter", ("key",), "response body bytes sent"),
     "cancelled": ("counter", ("op", "reason"), "work stopped early (disconnect or deadline)"),
     "work_units": ("counter", ("op",), "layers, decode steps and patching forwards executed"),
     "inflight_requests": ("gauge", ("op",), "operations running now"),
     "inflight_bytes": ("gauge", (), "estimated peak bytes of the operations running now"),
+    "running_jobs": ("gauge", (), "operations running now, all kinds"),
+    "queue_depth": ("gauge", (), "operations waiting for the device (none wait without a queue)"),
     "generations_started": ("counter", (), "generations started"),
     "generations_finished": ("counter", (), "generations that ran to the end"),
     "generations_failed": ("counter", (), "generations that ended with an error"),
@@ -27,59 +39,72 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "client_disconnects": ("counter", (), "clients that left before their response was complete"),
     "body_timeouts": ("counter", (), "request bodies that did not arrive within body_timeout_s"),
     "write_timeouts": ("counter", (), "responses dropped: the reader stalled past write_timeout_s"),
+    "quota_refusals": ("counter", ("key", "quota"), "requests refused by a per-key quota"),
 }
+_TYPES: dict[Kind, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
-Labels = tuple[tuple[str, str], ...]
+
+class _Sampled(Collector):
+    """A gauge read when scraped, e.g. stored bytes per key from the store."""
+
+    def __init__(
+        self, name: str, help_text: str, label: str, read: Callable[[], Mapping[str, float]]
+    ):
+        self.name, self.help_text, self.label, self.read = name, help_text, label, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.help_text, labels=[self.label])
+        for value, amount in sorted(self.read().items()):
+            family.add_metric([value], amount)
+        yield family
 
 
 class Metrics:
+    """Thread-safe (prometheus_client locks each series)."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, Labels], float] = {}
+        self.registry = CollectorRegistry()
+        self._metrics: dict[str, Any] = {
+            name: _TYPES[kind](f"hooklab_{name}", help_text, labels, registry=self.registry)
+            for name, (kind, labels, help_text) in DECLARED.items()
+        }
+
+    def _series(self, name: str, labels: dict[str, str]) -> Any:
+        metric = self._metrics[name]
+        expected = DECLARED[name][1]
+        if set(labels) != set(expected):
+            raise KeyError(f"metric {name!r} has labels {expected}, not {sorted(labels)}")
+        return metric.labels(**labels) if labels else metric
 
     def add(self, name: str, amount: float = 1, **labels: str) -> None:
-        if name not in DECLARED or set(labels) != set(DECLARED[name][1]):
-            raise KeyError(f"metric {name!r} with labels {sorted(labels)} is not declared")
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
+        self._series(name, labels).inc(amount)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self._series(name, labels).observe(value)
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get((name, tuple(sorted(labels.items()))), 0)
+        kind = DECLARED[name][0]
+        sample = f"hooklab_{name}_total" if kind == "counter" else f"hooklab_{name}"
+        return self.registry.get_sample_value(sample, labels) or 0.0
+
+    def sampled(
+        self, name: str, help_text: str, label: str, read: Callable[[], Mapping[str, float]]
+    ) -> None:
+        """Export ``hooklab_<name>{label=…}`` from ``read()`` at every scrape."""
+        self.registry.register(_Sampled(f"hooklab_{name}", help_text, label, read))
 
     @contextmanager
     def running(self, op: str, estimated_bytes: int) -> Iterator[None]:
         """Count an operation (and its estimated memory) as in flight while the block runs."""
         self.add("inflight_requests", 1, op=op)
+        self.add("running_jobs", 1)
         self.add("inflight_bytes", estimated_bytes)
         try:
             yield
         finally:
             self.add("inflight_requests", -1, op=op)
+            self.add("running_jobs", -1)
             self.add("inflight_bytes", -estimated_bytes)
 
-    def render(self) -> str:
-        with self._lock:
-            values = dict(self._values)
-        lines = []
-        for name, (kind, label_names, help_text) in DECLARED.items():
-            exported = f"hooklab_{name}_total" if kind == "counter" else f"hooklab_{name}"
-            lines += [f"# HELP {exported} {help_text}", f"# TYPE {exported} {kind}"]
-            series = sorted(
-                (labels, value) for (key, labels), value in values.items() if key == name
-            )
-            if not series and not label_names:
-                series = [((), 0)]
-            for labels, value in series:
-                number = int(value) if float(value).is_integer() else value
-                if labels:
-                    text = ",".join(f'{key}="{_escape(value)}"' for key, value in labels)
-                    lines.append(f"{exported}{{{text}}} {number}")
-                else:
-                    lines.append(f"{exported} {number}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

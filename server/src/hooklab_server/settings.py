@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .engine.default_model import DEFAULT_MODEL
@@ -53,6 +53,33 @@ class Settings:
         "Host header values accepted, comma-separated ('*' for any); default: the loopback "
         "names plus --host when it names one interface (guards against DNS rebinding)",
         "server",
+    )
+
+    # --- accounts
+    keys_file: str = _setting(
+        "",
+        "JSON file of API keys (hashes only; made by 'hooklab-server keys add'); empty: no keys",
+        "accounts",
+    )
+    insecure_open: bool = _setting(
+        False,
+        "serve without keys on a non-loopback interface (anyone who reaches it can use it)",
+        "accounts",
+    )
+    quota_concurrent_requests: int = _setting(
+        4, "requests one key may have running at once", "quotas (per key)"
+    )
+    quota_tokens_per_minute: int = _setting(
+        1_000_000, "tokens (prompt + generated) one key may run in any 60 s", "quotas (per key)"
+    )
+    quota_stored_bytes: int = _setting(
+        512 * _MiB, "bytes of tensors and caches one key may keep stored", "quotas (per key)"
+    )
+    quota_max_new_tokens: int = _setting(
+        1024, "new tokens one key may ask of one generate", "quotas (per key)"
+    )
+    quota_max_patching_forwards: int = _setting(
+        1024, "forwards one key may ask of one patching request", "quotas (per key)"
     )
 
     # --- size of one request
@@ -159,8 +186,13 @@ class Settings:
             or spec.name in ("request_timeout_s", "max_timeout_s")
         }
 
-    def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+    def quotas(self) -> dict[str, int]:
+        """The default quota of every key, by quota name."""
+        return {
+            spec.name.removeprefix("quota_"): getattr(self, spec.name)
+            for spec in fields(self)
+            if spec.name.startswith("quota_")
+        }
 
 
 def is_wildcard(host: str) -> bool:

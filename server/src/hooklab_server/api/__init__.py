@@ -12,14 +12,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hooklab_proto import ErrorCode
 
+from ..auth import KeyRing
 from ..engine import HookedTransformer
 from ..execution import Executor, ThreadExecutor
 from ..metrics import Metrics
 from ..ops import Operations, OpsContext, RequestError
 from ..ops.describe import tokenizer_files
+from ..quotas import Quotas
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from . import generate, patching, routes, service
+from . import accounts, generate, patching, routes, service, stored
 from .edge import EdgeMiddleware, request_id_of
 from .errors import error_response
 from .openapi import openapi_schema
@@ -33,13 +35,18 @@ def create_app(
     settings: Settings | None = None,
     store: Store | None = None,
     executor: Executor | None = None,
+    keys: KeyRing | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    keys = keys or KeyRing(settings.keys_file, settings.quotas())
     store = store or MemoryStore(
         settings.max_stored_bytes, settings.store_ttl_s, settings.max_stored_objects
     )
     metrics = Metrics()
-    operations = Operations(OpsContext(model, store, settings, metrics))
+    metrics.sampled(
+        "stored_bytes", "bytes stored, by the key that stored them", "key", store.bytes_by_owner
+    )
+    operations = Operations(OpsContext(model, store, settings, metrics, keys.open_account()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,9 +61,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.hooklab = Service(
-        operations, executor or ThreadExecutor(operations, metrics), tokenizer_files(model)
+        operations,
+        executor or ThreadExecutor(operations, metrics),
+        keys,
+        Quotas(),
+        service.Readiness(),
+        tokenizer_files(model),
     )
-    for module in (service, routes, generate, patching):
+    for module in (service, routes, stored, accounts, generate, patching):
         app.include_router(module.router)
 
     @app.exception_handler(StarletteHTTPException)
@@ -74,6 +86,7 @@ def create_app(
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
+        keys=keys,
         allowed_hosts=settings.open_hosts,
         write_timeout_s=settings.write_timeout_s,
     )

@@ -4,6 +4,7 @@ leaves the server as ``{"error": {"code", "message", "hint", "request_id"}}``.""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from hooklab_proto import ErrorCode
 
 from ..ops import RequestError
+from ..ops.errors import QuotaExceeded
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
@@ -22,6 +24,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFLICT: 422,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.QUOTA: 429,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.STORE_FULL: 507,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
@@ -55,7 +59,11 @@ def error_json(error: RequestError, request_id: str | None) -> str:
 
 def error_response(error: RequestError, request_id: str | None) -> JSONResponse:
     status = STATUS[error.code]
-    headers = {"connection": "close"} if status in CLOSE_AFTER else None
+    headers = {"connection": "close"} if status in CLOSE_AFTER else {}
+    if isinstance(error, QuotaExceeded) and error.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+    if error.code == ErrorCode.UNAUTHORIZED:
+        headers["www-authenticate"] = 'Bearer realm="hooklab"'
     return JSONResponse(error_body(error, request_id), status_code=status, headers=headers)
 
 

@@ -17,12 +17,20 @@ from hooklab_proto import (
 )
 
 from ..ops import CancelToken, GenerateWork, RequestError
+from ..quotas import Admission
 from .bodies import parse
 from .edge import request_id_of
 from .errors import ClientGone, error_json, internal_error
 from .openapi import request_body
 from .routes import ERRORS
-from .running import HooklabRoute, cancel_token, collect_generation, generation, validate
+from .running import (
+    HooklabRoute,
+    admit,
+    cancel_token,
+    collect_generation,
+    generation,
+    validate,
+)
 
 logger = logging.getLogger("hooklab_server")
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
@@ -47,22 +55,25 @@ async def generate(request: Request) -> Response | GenerateResponse:
     token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
     work = await validate(request, body)
     assert isinstance(work, GenerateWork)
+    admission = admit(request, work)
     if not body.stream:
-        return await collect_generation(request, work, token)
+        return await collect_generation(request, work, token, admission)
     return StreamingResponse(
-        _events(request, work, token),
+        _events(request, work, token, admission),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
 
 
-async def _events(request: Request, work: GenerateWork, token: CancelToken) -> AsyncIterator[bytes]:
+async def _events(
+    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
+) -> AsyncIterator[bytes]:
     """Token events, then ``done``; any failure after the stream started is an ``error``
     event, never a bare close. A client that leaves stops the generation (Starlette cancels
     this generator, which closes the executor's)."""
     request_id = request_id_of(request.scope)
     try:
-        async for item in generation(request, work, token):
+        async for item in generation(request, work, token, admission):
             name = EVENT_DONE if isinstance(item, GenerateResponse) else EVENT_TOKEN
             yield _event(name, item.model_dump_json())
     except RequestError as error:

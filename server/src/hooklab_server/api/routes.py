@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -17,15 +15,12 @@ from hooklab_proto import (
     ModelInfo,
     RunWithCacheRequest,
     RunWithHooksRequest,
-    StoredObject,
-    StoreTensorRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
 
 from ..ops import objects
 from ..ops.describe import describe_model, detokenize_ids, tokenize_text
-from ..store import Stored
 from .bodies import parse, tensors_response, wants_json
 from .openapi import request_body
 from .running import HooklabRoute, cancel_token, run, validate
@@ -39,20 +34,6 @@ STREAM: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
-
-
-def _stored(request: Request, stored: Stored) -> StoredObject:
-    remaining = service(request).ctx.store.remaining_s(stored)
-    value = stored.value
-    return StoredObject(
-        id=stored.id,
-        kind=stored.kind,  # type: ignore[arg-type]
-        nbytes=stored.nbytes,
-        expires_at=time.time() + remaining,
-        dtype=str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else None,
-        shape=list(value.shape) if isinstance(value, torch.Tensor) else None,
-        names=list(value) if isinstance(value, dict) else None,
-    )
 
 
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"])
@@ -125,39 +106,3 @@ async def weight(name: str, request: Request) -> Response:
     ctx = service(request).ctx
     value = await run_in_threadpool(objects.weight, ctx, name, wants_json(request))
     return await tensors_response(request, {name: value})
-
-
-@router.post(
-    "/v1/tensors", response_model=StoredObject, status_code=201, tags=["store"],
-    openapi_extra=request_body(StoreTensorRequest),
-)  # fmt: skip
-async def store_tensor(request: Request) -> StoredObject:
-    body = await parse(request, StoreTensorRequest)
-    stored = await run_in_threadpool(objects.store_tensor, service(request).ctx, body)
-    return _stored(request, stored)
-
-
-@router.get("/v1/tensors/{object_id}", responses=STREAM, tags=["store"])
-async def get_tensor(object_id: str, request: Request) -> Response:
-    ctx = service(request).ctx
-    value = objects.stored_tensor(ctx, object_id, wants_json(request))
-    return await tensors_response(request, {object_id: value})
-
-
-@router.get("/v1/caches/{object_id}", responses=STREAM, tags=["store"])
-async def get_cache(object_id: str, request: Request) -> Response:
-    ctx = service(request).ctx
-    value = objects.stored_cache(ctx, object_id, wants_json(request))
-    return await tensors_response(request, value, {"cache_id": object_id})
-
-
-@router.delete("/v1/tensors/{object_id}", status_code=204, tags=["store"])
-async def delete_tensor(object_id: str, request: Request) -> Response:
-    service(request).ctx.store.delete("tensor", object_id)
-    return Response(status_code=204)
-
-
-@router.delete("/v1/caches/{object_id}", status_code=204, tags=["store"])
-async def delete_cache(object_id: str, request: Request) -> Response:
-    service(request).ctx.store.delete("cache", object_id)
-    return Response(status_code=204)

@@ -23,8 +23,9 @@ from ..ops import (
     Work,
     deadline_error,
 )
+from ..quotas import Admission
 from .bodies import wants_json
-from .edge import request_id_of
+from .edge import account_of, note_tokens, request_id_of
 from .errors import ClientGone, error_response, internal_error
 from .state import service
 
@@ -38,8 +39,25 @@ def cancel_token(request: Request, timeout_s: float | None) -> CancelToken:
 
 
 async def validate(request: Request, body: Any) -> Work:
-    """Validate a parsed body into work, off the event loop."""
-    return await run_in_threadpool(service(request).operations.validate, body, wants_json(request))
+    """Validate a parsed body into the caller's work, off the event loop."""
+    validate = service(request).operations.validate
+    return await run_in_threadpool(validate, body, account_of(request.scope), wants_json(request))
+
+
+def admit(request: Request, work: Work) -> Admission:
+    """Hold one of the caller's running slots and charge the work's tokens (429 if over).
+    The edge releases the slot when the request ends, should the route not get to it."""
+    admission = service(request).quotas.admit(account_of(request.scope), work.cost.tokens)
+    request.scope["state"]["admission"] = admission
+    return admission
+
+
+def settle(request: Request, work: Work, admission: Admission, tokens: int) -> None:
+    """Free the slot and count the tokens the work really ran."""
+    admission.settle(tokens)
+    admission.release()
+    note_tokens(request.scope, tokens)
+    service(request).metrics.add("tokens", tokens, key=account_of(request.scope).name, op=work.op)
 
 
 async def _watch_disconnect(request: Request, token: CancelToken) -> None:
@@ -61,6 +79,7 @@ def _stopped(request: Request, op: str, reason: str, token: CancelToken) -> Exce
 async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult:
     """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
     assert not isinstance(work, GenerateWork)
+    admission = admit(request, work)
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
         # The work checks the token between layers, steps and chunks, so this returns soon
@@ -70,18 +89,22 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
         raise _stopped(request, work.op, stop.reason, token) from None
     finally:
         watcher.cancel()
+        settle(request, work, admission, work.cost.tokens)
 
 
 async def generation(
-    request: Request, work: GenerateWork, token: CancelToken
+    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
 ) -> AsyncIterator[GenerateStep | GenerateResponse]:
-    """A generation's steps then its response; counts how it ended in the metrics."""
+    """A generation's steps then its response (``admission`` made by the route, before any
+    response started); counts how it ended in the metrics."""
     metrics = service(request).metrics
     steps = service(request).executor.generate(work, token)
     finished = False
+    made = 0
     try:
         async for item in steps:
             finished = isinstance(item, GenerateResponse)
+            made += not finished
             yield item
     except Cancelled as stop:
         metrics.add("generations_cancelled")
@@ -97,14 +120,16 @@ async def generation(
         raise
     finally:
         await steps.aclose()
+        prompt = work.prompt
+        settle(request, work, admission, prompt.batch * (prompt.pos + made))
 
 
 async def collect_generation(
-    request: Request, work: GenerateWork, token: CancelToken
+    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
 ) -> GenerateResponse:
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
-        async for item in generation(request, work, token):
+        async for item in generation(request, work, token, admission):
             if isinstance(item, GenerateResponse):
                 return item
         raise AssertionError("a generation ends with its response")

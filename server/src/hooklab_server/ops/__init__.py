@@ -13,9 +13,10 @@ import torch
 
 from hooklab_proto import ForwardRequest, GenerateRequest, PatchingRequest
 
+from ..auth import Account
 from .cancel import Cancelled, CancelToken, deadline_error
 from .context import OpsContext
-from .errors import RequestError, too_large
+from .errors import QuotaExceeded, RequestError, too_large
 from .generate import GenerateWork, Generation, validate_generation
 from .patching import PatchingWork, run_patching, validate_patching
 from .run import ForwardWork, TensorsResult, run_forward, validate_forward
@@ -29,13 +30,14 @@ class Operations:
     def __init__(self, ctx: OpsContext) -> None:
         self.ctx = ctx
 
-    def validate(self, request: Any, wants_json: bool = False) -> Work:
+    def validate(self, request: Any, caller: Account, wants_json: bool = False) -> Work:
+        ctx = self.ctx.as_caller(caller)
         if isinstance(request, ForwardRequest):
-            return validate_forward(self.ctx, request, wants_json)
+            return validate_forward(ctx, request, wants_json)
         if isinstance(request, GenerateRequest):
-            return validate_generation(self.ctx, request)
+            return validate_generation(ctx, request)
         if isinstance(request, PatchingRequest):
-            return validate_patching(self.ctx, request, wants_json)
+            return validate_patching(ctx, request, wants_json)
         raise TypeError(f"no operation validates {type(request).__name__}")
 
     def execute(self, work: ForwardWork | PatchingWork, token: CancelToken) -> TensorsResult:
@@ -60,6 +62,7 @@ __all__ = [
     "Operations",
     "OpsContext",
     "PatchingWork",
+    "QuotaExceeded",
     "RequestError",
     "TensorsResult",
     "Work",

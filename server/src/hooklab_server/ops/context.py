@@ -3,6 +3,7 @@ the resolution of tensors a request names (inline, or stored earlier)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from hooklab_proto import (
 )
 from hooklab_server.engine import HookedTransformer
 
+from ..auth import Account
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import Store
@@ -28,11 +30,15 @@ class OpsContext:
     store: Store
     settings: Settings
     metrics: Metrics
+    caller: Account  # whose request this is: owns what it stores, sees only its own objects
+
+    def as_caller(self, caller: Account) -> OpsContext:
+        return dataclasses.replace(self, caller=caller)
 
     def tensor(self, value: TensorValue, what: str) -> torch.Tensor:
         """The tensor a request field gives, inline or by reference."""
         if isinstance(value, TensorRef):
-            stored = self.store.get("tensor", value.ref).value
+            stored = self.store.get("tensor", value.ref, self.caller).value
             assert isinstance(stored, torch.Tensor)
             return stored
         try:
@@ -54,7 +60,7 @@ class OpsContext:
         return tensor
 
     def cached_activation(self, cache_id: str, name: str) -> torch.Tensor:
-        cache = self.store.get("cache", cache_id).value
+        cache = self.store.get("cache", cache_id, self.caller).value
         assert isinstance(cache, dict)
         if name not in cache:
             raise RequestError(

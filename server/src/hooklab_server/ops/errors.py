@@ -25,3 +25,14 @@ def too_large(
         f"{count} {what} exceed the limit of {limit} (server setting {setting})",
         hint,
     )
+
+
+class QuotaExceeded(RequestError):
+    """Over one of the caller's quotas. ``retry_after`` (seconds) when waiting helps."""
+
+    def __init__(
+        self, quota: str, message: str, hint: str | None, retry_after: float | None
+    ) -> None:
+        super().__init__(ErrorCode.QUOTA, message, hint)
+        self.quota = quota
+        self.retry_after = retry_after

@@ -34,7 +34,7 @@ from .cost import (
     with_slack,
     working_bytes,
 )
-from .errors import RequestError
+from .errors import QuotaExceeded, RequestError
 from .inputs import TokenBatch, token_batch
 from .specs import HookFn, compile_specs
 
@@ -72,6 +72,15 @@ def _stop_ids(ctx: OpsContext, request: GenerateRequest) -> int | list[int] | No
 def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWork:
     model, cfg = ctx.model, ctx.model.cfg
     new = request.max_new_tokens
+    quota = ctx.caller.quotas.get("max_new_tokens")
+    if quota is not None and new > quota:
+        raise QuotaExceeded(
+            "max_new_tokens",
+            f"max_new_tokens={new}; key {ctx.caller.name!r} may generate {quota} new tokens "
+            "per request (quota max_new_tokens)",
+            "ask for fewer new tokens",
+            retry_after=None,
+        )
     prompt = token_batch(
         ctx, request.input, "input", request.prepend_bos, request.padding_side,
         generation=True, extra=new,

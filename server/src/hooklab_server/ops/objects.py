@@ -8,6 +8,7 @@ import functools
 import torch
 
 from hooklab_proto import ErrorCode, StoreTensorRequest
+from hooklab_server.engine import HookedTransformer
 
 from ..store import Stored
 from .context import OpsContext
@@ -15,9 +16,9 @@ from .cost import check_response, response_size
 from .errors import RequestError
 
 
-@functools.lru_cache(maxsize=4)
-def _weight_names(ctx: OpsContext) -> tuple[str, ...]:
-    return tuple(ctx.model.parameter_names())
+@functools.cache
+def _weight_names(model: HookedTransformer) -> tuple[str, ...]:
+    return tuple(model.parameter_names())
 
 
 def weight(ctx: OpsContext, name: str, wants_json: bool) -> torch.Tensor:
@@ -25,7 +26,7 @@ def weight(ctx: OpsContext, name: str, wants_json: bool) -> torch.Tensor:
     try:
         value = ctx.model.parameter(name)
     except KeyError:
-        known = _weight_names(ctx)
+        known = _weight_names(ctx.model)
         raise RequestError(
             ErrorCode.NOT_FOUND,
             f"no weight named {name[:100]!r}" + ("…" if len(name) > 100 else ""),
@@ -36,14 +37,14 @@ def weight(ctx: OpsContext, name: str, wants_json: bool) -> torch.Tensor:
 
 
 def stored_tensor(ctx: OpsContext, object_id: str, wants_json: bool) -> torch.Tensor:
-    value = ctx.store.get("tensor", object_id).value
+    value = ctx.store.get("tensor", object_id, ctx.caller).value
     assert isinstance(value, torch.Tensor)
     _check_tensors([value], wants_json, ctx)
     return value
 
 
 def stored_cache(ctx: OpsContext, object_id: str, wants_json: bool) -> dict[str, torch.Tensor]:
-    value = ctx.store.get("cache", object_id).value
+    value = ctx.store.get("cache", object_id, ctx.caller).value
     assert isinstance(value, dict)
     _check_tensors(list(value.values()), wants_json, ctx)
     return value
@@ -51,7 +52,7 @@ def stored_cache(ctx: OpsContext, object_id: str, wants_json: bool) -> dict[str,
 
 def store_tensor(ctx: OpsContext, request: StoreTensorRequest) -> Stored:
     tensor = ctx.tensor(request.tensor, "tensor")
-    return ctx.store.put("tensor", tensor, request.ttl_s)
+    return ctx.store.put("tensor", tensor, ctx.caller, request.ttl_s)
 
 
 def _check_tensors(tensors: list[torch.Tensor], wants_json: bool, ctx: OpsContext) -> None:

@@ -34,7 +34,7 @@ from hooklab_server.engine.hook_points import NO_HOOKS
 from .cancel import CancelToken
 from .context import OpsContext
 from .cost import Cost, check_response, response_size, with_slack
-from .errors import RequestError, too_large
+from .errors import QuotaExceeded, RequestError, too_large
 from .inputs import TokenBatch, token_batch
 from .run import TensorsResult
 
@@ -248,6 +248,15 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     forwards += (
         request.metric.normalize and clean_tokens is None and request.metric.baselines is None
     )
+    quota = ctx.caller.quotas.get("max_patching_forwards")
+    if quota is not None and forwards > quota:
+        raise QuotaExceeded(
+            "max_patching_forwards",
+            f"this sweep takes {forwards} forwards; key {ctx.caller.name!r} may ask for "
+            f"{quota} per patching request (quota max_patching_forwards)",
+            "patch fewer rows per request (explicit 'index' rows)",
+            retry_after=None,
+        )
     if forwards > settings.max_patching_forwards:
         raise too_large(
             f"forwards ({len(plan.rows)} rows at {per_forward} patched copies per forward)",
@@ -312,7 +321,7 @@ def _clean_start(ctx: OpsContext, request: PatchingRequest) -> torch.Tensor | No
     name = "blocks.0.hook_resid_pre"
     start = None
     if request.clean_cache is not None:
-        stored = ctx.store.get("cache", request.clean_cache).value
+        stored = ctx.store.get("cache", request.clean_cache, ctx.caller).value
         start = stored.get(name) if isinstance(stored, dict) else None
     elif request.clean_activations and name in request.clean_activations:
         start = ctx.finite_tensor(request.clean_activations[name], f"clean {name}")

@@ -24,6 +24,7 @@ from hooklab_proto import (
 from hooklab_server.engine import Output
 from hooklab_server.engine.shapes import fires_by_default
 
+from ..auth import Account
 from .cancel import CancelToken
 from .context import OpsContext
 from .cost import (
@@ -59,6 +60,7 @@ class ForwardWork:
     names: list[str]  # activations to capture (none: a plain forward)
     request: ForwardRequest
     cost: Cost
+    owner: Account  # stores the cache, when asked to
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -169,7 +171,9 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     captured = activation_elements(model, names, size, length) * cfg.dtype.itemsize
     peak = captured + building + working_bytes(model, size, length, explicit)
     cost = Cost(size * length, 1, with_slack(peak), sent)
-    return ForwardWork(op_name(request), start, tokens, mask, hooks, names, request, cost)
+    return ForwardWork(
+        op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller
+    )
 
 
 def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> TensorsResult:
@@ -200,7 +204,7 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
     token.check()
     cache = run.cache
     if caching.store:  # stored with its batch axis, so it can be a patch source
-        result.meta["cache_id"] = ctx.store.put("cache", cache).id
+        result.meta["cache_id"] = ctx.store.put("cache", cache, work.owner).id
     if caching.return_cache:
         if caching.remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}

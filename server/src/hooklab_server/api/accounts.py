@@ -1,0 +1,35 @@
+"""``GET /v1/usage``: a key's own usage and quotas; an admin also sees every key's."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from hooklab_proto import KeyUsage, UsageResponse
+
+from ..auth import Account
+from .edge import account_of
+from .routes import ERRORS
+from .running import HooklabRoute
+from .state import Service, service
+
+router = APIRouter(route_class=HooklabRoute, responses=ERRORS, tags=["service"])
+
+
+def _usage(hooklab: Service, account: Account) -> KeyUsage:
+    stored = hooklab.ctx.store.bytes_by_owner().get(account.name, 0)
+    return KeyUsage(
+        key=account.name,
+        admin=account.admin,
+        usage={**hooklab.quotas.usage(account), "stored_bytes": stored},
+        limits=dict(account.quotas),
+    )
+
+
+@router.get("/v1/usage", response_model=UsageResponse)
+async def usage(request: Request) -> UsageResponse:
+    hooklab, account = service(request), account_of(request.scope)
+    own = _usage(hooklab, account)
+    keys = None
+    if account.admin and hooklab.keys.enabled:
+        keys = [_usage(hooklab, other) for other in hooklab.keys.accounts()]
+    return UsageResponse(**own.model_dump(), keys=keys)
