@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ import schemathesis.engine
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 
-from .server_process import ServerProcess, server_process
+from .server_process import ServerProcess, server_executable, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -103,11 +104,12 @@ EXPECTED_OPERATIONS = {
 }
 
 
-def schemathesis_config(base_url: str) -> SchemathesisConfig:
+def schemathesis_config(base_url: str, key: str) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict(
         {
             "seed": SEED,
             "base-url": base_url,
+            "headers": {"Authorization": f"Bearer {key}"},
             "request-timeout": REQUEST_TIMEOUT_S,
             "continue-on-failure": True,  # every operation gets all its cases, failing or not
             "suppress-health-check": ["all"],  # slow or heavily filtered strategies are fine here
@@ -203,6 +205,7 @@ class FuzzRun:
     statuses: dict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     failures: list[Problem] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
+    bare_4xx: list[Problem] = field(default_factory=list)  # 4xx without the error envelope
     stop_reason: str = "not finished"
     seconds: float = 0.0
 
@@ -251,6 +254,17 @@ def _record_scenario(run: FuzzRun, phase: str, recorder: Any) -> None:
     for interaction in recorder.interactions.values():
         response = interaction.response
         statuses[response.status_code if response is not None else -1] += 1
+        bare = response is not None and _error_code(response.content) is None
+        if response is not None and 400 <= response.status_code < 500 and bare:
+            run.bare_4xx.append(
+                Problem(
+                    label,
+                    phase,
+                    f"{response.status_code} without the error envelope",
+                    f"{interaction.request.method} {interaction.request.uri} -> "
+                    f"{response.content[:200]!r}",
+                )
+            )
         if response is not None and response.status_code in ALLOWED_5XX:
             expected = ALLOWED_5XX[response.status_code]
             code = _error_code(response.content)
@@ -295,11 +309,24 @@ def report(problems: list[Problem], limit: int = 3) -> str:
 
 
 @pytest.fixture(scope="module")
+def fuzz_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A keys file with one admin key, made by the real command: the fuzz runs as a user of a
+    shared server does, through authentication."""
+    keys_file = tmp_path_factory.mktemp("fuzz-keys") / "keys.json"
+    made = subprocess.run(
+        [server_executable(), "keys", "--keys-file", str(keys_file), "add", "fuzz", "--admin"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return keys_file, made.stdout.strip()
+
+
+@pytest.fixture(scope="module")
 def fuzz_server(
-    gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, fuzz_key: tuple[Path, str]
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("fuzz-server") / "server.log"
-    with server_process(gpt2_checkpoint, log, SERVER_SETTINGS, SERVER_ENV) as server:
+    settings = {**SERVER_SETTINGS, "keys_file": str(fuzz_key[0])}
+    with server_process(gpt2_checkpoint, log, settings, SERVER_ENV) as server:
         yield server
 
 
@@ -311,9 +338,11 @@ def openapi(fuzz_server: ServerProcess) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_run(fuzz_server: ServerProcess, openapi: dict[str, Any]) -> FuzzRun:
+def fuzz_run(
+    fuzz_server: ServerProcess, openapi: dict[str, Any], fuzz_key: tuple[Path, str]
+) -> FuzzRun:
     schema = schemathesis.openapi.from_dict(
-        json_only(openapi), config=schemathesis_config(fuzz_server.url)
+        json_only(openapi), config=schemathesis_config(fuzz_server.url, fuzz_key[1])
     )
     return run_fuzz(schema)
 
@@ -349,6 +378,19 @@ def test_no_server_errors(fuzz_run: FuzzRun) -> None:
     )
 
 
+def test_every_4xx_is_in_the_error_envelope(fuzz_run: FuzzRun) -> None:
+    assert not fuzz_run.bare_4xx, (
+        f"{len(fuzz_run.bare_4xx)} 4xx answers without {{'error': {{'code', ...}}}}\n"
+        f"{report(fuzz_run.bare_4xx)}"
+    )
+
+
+def test_fuzz_was_authenticated(fuzz_run: FuzzRun) -> None:
+    """The key reached the server: most answers are not 401."""
+    statuses = sum(fuzz_run.statuses.values(), Counter())
+    assert statuses[401] < sum(statuses.values()) / 10, fuzz_run.summary()
+
+
 def test_no_transport_errors(fuzz_run: FuzzRun) -> None:
     """No request ended without an answer (timeout, reset, bare close) and the engine had no
     error of its own (a schema it cannot read, say)."""
@@ -356,7 +398,7 @@ def test_no_transport_errors(fuzz_run: FuzzRun) -> None:
 
 
 def test_server_answers_healthz_after_the_fuzz(
-    fuzz_run: FuzzRun, fuzz_server: ServerProcess
+    fuzz_run: FuzzRun, fuzz_server: ServerProcess, fuzz_key: tuple[Path, str]
 ) -> None:
     assert fuzz_server.alive(), f"the server died:\n{fuzz_server.log_tail()}"
     seconds = fuzz_server.healthz_seconds(timeout_s=5.0)
@@ -365,6 +407,7 @@ def test_server_answers_healthz_after_the_fuzz(
     response = httpx.post(
         fuzz_server.url + "/v1/forward",
         json={"input": [[1, 2, 3, 4]], "return_type": "loss"},
+        headers={"authorization": f"Bearer {fuzz_key[1]}"},
         timeout=10.0,
     )
     assert response.status_code == 200, response.text
