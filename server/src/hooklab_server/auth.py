@@ -179,16 +179,23 @@ def keys_main(argv: Sequence[str], keys_file: str, quota_names: Sequence[str]) -
     parser.add_argument(
         "--keys-file", default=keys_file, help="default: the keys_file setting (HOOKLAB_KEYS_FILE)"
     )
+    # --keys-file may also follow the command (hooklab-server keys add NAME --keys-file F).
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--keys-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    add = commands.add_parser("add", help="create a key and print it (once)")
+    add = commands.add_parser("add", help="create a key and print it (once)", parents=[after])
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="may list, read and delete everything")
     add.add_argument(
         "--quota", type=_quota, action="append", default=[], metavar="QUOTA=VALUE",
         help=f"override a quota ({', '.join(quota_names)}); repeatable",
     )  # fmt: skip
-    commands.add_parser("list", help="names, admin flags and quota overrides (never keys)")
-    revoke = commands.add_parser("revoke", help="delete a key: it stops working within a second")
+    commands.add_parser(
+        "list", help="names, admin flags and quota overrides (never keys)", parents=[after]
+    )
+    revoke = commands.add_parser(
+        "revoke", help="delete a key: it stops working within a second", parents=[after]
+    )
     revoke.add_argument("name")
     args = parser.parse_args(argv)
     if not args.keys_file:

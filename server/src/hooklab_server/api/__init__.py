@@ -68,8 +68,9 @@ def create_app(
         service.Readiness(),
         tokenizer_files(model),
     )
-    for module in (service, routes, stored, accounts, generate, patching):
-        app.include_router(module.router)
+    routers = [module.router for module in (service, routes, stored, accounts, generate, patching)]
+    for router in routers:
+        app.include_router(router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -89,6 +90,7 @@ def create_app(
         keys=keys,
         allowed_hosts=settings.open_hosts,
         write_timeout_s=settings.write_timeout_s,
+        route_templates=[getattr(route, "path", "") for r in routers for route in r.routes],
     )
     return app
 

@@ -25,7 +25,7 @@ def _usage(hooklab: Service, account: Account) -> KeyUsage:
     )
 
 
-@router.get("/v1/usage", response_model=UsageResponse)
+@router.get("/v1/usage", response_model=UsageResponse, response_model_exclude_none=True)
 async def usage(request: Request) -> UsageResponse:
     hooklab, account = service(request), account_of(request.scope)
     own = _usage(hooklab, account)

@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -88,8 +89,10 @@ class EdgeMiddleware:
         keys: KeyRing,
         allowed_hosts: tuple[str, ...],
         write_timeout_s: float,
+        route_templates: Iterable[str],
     ) -> None:
         self.app = app
+        self.templates = {template: route_pattern(template) for template in route_templates}
         self.metrics = metrics
         self.keys = keys
         self.any_host = "*" in allowed_hosts
@@ -180,7 +183,7 @@ class EdgeMiddleware:
     def _account_for(self, scope: Scope, status: int, sent: int, started: float) -> None:
         """Metrics and the access-log line of one finished request."""
         seconds = time.perf_counter() - started
-        route, key = _route_label(scope), account_of(scope).name
+        route, key = _route_label(scope, self.templates), account_of(scope).name
         self.metrics.add("requests", route=route, status=str(status), key=key)
         self.metrics.observe("request_seconds", seconds, route=route)
         self.metrics.add("response_bytes", sent, key=key)
@@ -199,8 +202,19 @@ def _single(exc: BaseException) -> BaseException:
     return exc
 
 
-def _route_label(scope: Scope) -> str:
-    """The route's path template (bounded label values), or 'unmatched'."""
+def route_pattern(template: str) -> re.Pattern[str]:
+    """A path template ("/v1/tensors/{object_id}", "/v1/weights/{name:path}") as a regex."""
+    pattern = re.sub(r"\{[^}:]+:path\}", ".+", template)
+    pattern = re.sub(r"\{[^}]+\}", "[^/]+", pattern)
+    return re.compile(f"^{pattern}$")
+
+
+def _route_label(scope: Scope, templates: dict[str, re.Pattern[str]]) -> str:
+    """The route's path template (bounded label values) — also for requests refused before
+    routing — or 'unmatched'."""
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if isinstance(path, str):
+        return path
+    found = (t for t, pattern in templates.items() if pattern.match(scope.get("path", "")))
+    return next(found, "unmatched")

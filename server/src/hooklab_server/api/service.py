@@ -69,7 +69,7 @@ async def capabilities(request: Request) -> Capabilities:
     dtypes, and whether requests need a key."""
     hooklab = service(request)
     settings = hooklab.settings
-    routes = sorted({path for path in _paths(request) if path.startswith("/v1/")})
+    routes = sorted(path for path in request.app.openapi()["paths"] if path.startswith("/v1/"))
     return Capabilities(
         auth=hooklab.keys.enabled,
         model=str(hooklab.ctx.model.cfg.model_name),
@@ -79,10 +79,6 @@ async def capabilities(request: Request) -> Capabilities:
         spec_ops=list(SPEC_OPS),
         dtypes=sorted(DTYPE_CODES),
     )
-
-
-def _paths(request: Request) -> list[str]:
-    return [getattr(route, "path", "") for route in request.app.routes]
 
 
 @router.get("/metrics", response_class=Response)
