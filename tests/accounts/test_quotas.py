@@ -246,6 +246,21 @@ def test_max_new_tokens_quota(accounts: Accounts) -> None:
     assert caught.value.retry_after is None
 
 
+def test_quota_refusals_are_counted_by_key_name_and_quota(accounts: Accounts) -> None:
+    def refusals() -> float:
+        found = accounts.metrics().value(
+            "hooklab_quota_refusals_total", key="newtok", quota="max_new_tokens"
+        )
+        return found or 0.0
+
+    before = refusals()
+    body = {"input": [[5, 6, 7, 8]], "max_new_tokens": 9, "stop_at_eos": False}
+    with accounts.api("newtok") as api:
+        for _ in range(2):
+            assert_quota(api.post("/v1/generate", json=body), "max_new_tokens", retry=False)
+    assert refusals() == before + 2
+
+
 def _patching(pos: int) -> dict[str, Any]:
     """resid_pre over [layer, pos]: 2 x pos rows, one patched forward each."""
     return {

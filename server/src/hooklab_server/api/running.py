@@ -18,6 +18,7 @@ from ..ops import (
     Cancelled,
     CancelToken,
     GenerateWork,
+    QuotaExceeded,
     RequestError,
     TensorsResult,
     Work,
@@ -148,7 +149,11 @@ class HooklabRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestError as error:
-                service(request).metrics.add("rejected", code=str(error.code))
+                metrics = service(request).metrics
+                metrics.add("rejected", code=str(error.code))
+                if isinstance(error, QuotaExceeded):
+                    key = account_of(request.scope).name
+                    metrics.add("quota_refusals", key=key, quota=error.quota)
                 return error_response(error, request_id_of(request.scope))
             except ClientGone:
                 raise
