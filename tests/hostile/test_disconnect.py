@@ -17,10 +17,11 @@ and its log.
 * ``/healthz`` answers within ``HEALTHZ_BOUND_S`` right after the disconnect and after the stop,
   and a tiny forward still works; the log has no traceback and no 500 for the request;
 * memory: the server's ``VmRSS`` after the stop is at most
-  ``before + max(RSS_SLACK_BYTES, RSS_SLACK_FRACTION * (peak - before))``. Not "back to the byte":
-  glibc keeps freed heap in per-thread arenas (the work runs in a thread pool) and torch keeps
-  small caches, so some growth stays after *any* request; the bound catches work that keeps
-  running, and activations / KV caches / patched copies that stay referenced.
+  ``before + max(RSS_SLACK_BYTES, RSS_SLACK_FRACTION * (peak - before))``. Not "back to the byte"
+  (allocator and torch caches), but close: the server hands freed memory back to the system
+  after big work (malloc_trim), cancelled work included (measured: within 2 MiB of before). The
+  bound catches work that keeps running, and activations / KV caches / patched copies that stay
+  referenced.
 * a deadline: the same request with ``timeout_s: DEADLINE_S`` is answered 504
   ``deadline_exceeded`` (``stream: true``: an SSE ``error`` event with that code) within
   ``DEADLINE_SLACK_S`` + one unit time of the deadline, counted with ``reason="deadline"``.
@@ -80,8 +81,8 @@ EXTRA_UNITS = 2  # units after the disconnect: the one running, and one begun be
 SCRAPE_LAG_S = 0.25  # close -> the server notices -> our /metrics scrape; units in it are allowed
 STOP_GRACE_S = 1.0  # beyond EXTRA_UNITS unit times, for in-flight gauges to return to 0
 HEALTHZ_BOUND_S = 1.0
-RSS_SLACK_BYTES = 128 * 2**20
-RSS_SLACK_FRACTION = 0.5
+RSS_SLACK_BYTES = 64 * 2**20
+RSS_SLACK_FRACTION = 0.25
 RSS_SETTLE_S = 3.0  # time allowed for freed memory to show in VmRSS
 UNCANCELLED_CLIENT_TIMEOUT_S = 180.0
 

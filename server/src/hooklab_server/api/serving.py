@@ -72,6 +72,7 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "timeout_keep_alive": settings.keep_alive_s,
         "limit_concurrency": settings.max_connections,
         "log_level": "info",
+        "access_log": False,  # hooklab's own access line (api/edge.py) says more, once
         **overrides,
     }
     return uvicorn.Config(app, **options)
