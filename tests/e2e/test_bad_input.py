@@ -479,21 +479,23 @@ def test_the_server_survives_the_table(bad_server: dict[str, Any]) -> None:
 def test_an_unexpected_server_error_is_a_500_envelope_and_the_connection_survives(
     gpt2_checkpoint: Path,
 ) -> None:
-    """Fault injection: the operation behind /v1/forward raises an unexpected exception. The
+    """Fault injection: the work behind /v1/forward raises an unexpected exception on the
+    executor thread. The
     client gets the JSON error envelope (code internal) and the same keep-alive connection
     serves the next request."""
     app = create_app(engine_model(gpt2_checkpoint), Settings())
     operations = app.state.hooklab.operations
 
-    def broken(work: object, token: object) -> object:
+    def broken(work: object, token: object) -> Iterator[object]:
         raise RuntimeError("injected fault")
+        yield  # a steps generator whose first unit fails on the executor thread
 
     with serve_app(app) as running, httpx.Client(base_url=running.url) as client:
-        original, operations.execute = operations.execute, broken
+        original, operations.steps = operations.steps, broken
         try:
             response = client.post("/v1/forward", json={"input": [[1, 2, 3]]})
         finally:
-            operations.execute = original
+            operations.steps = original
         assert response.status_code == 500
         assert response.json()["error"]["code"] == "internal"
         assert "RuntimeError" in response.json()["error"]["message"]

@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     UNAUTHORIZED = "unauthorized"  # no key, or not a key of this server
     QUOTA = "quota"  # over one of the key's quotas
+    QUEUE_FULL = "queue_full"  # too much work waiting (the key's, or everyone's)
     METHOD_NOT_ALLOWED = "method_not_allowed"
     STORE_FULL = "store_full"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

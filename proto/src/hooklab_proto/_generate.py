@@ -55,6 +55,10 @@ class GenerateStats(BaseModel):
     new_tokens: int
     seconds: float
     tokens_per_s: float
+    queued_s: float = Field(0.0, description="time waiting for the device before the first step")
+    units_waited: int = Field(
+        0, description="units of other requests the device ran before this one's first"
+    )
 
 
 class GenerateResponse(BaseModel):

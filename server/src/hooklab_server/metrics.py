@@ -5,7 +5,6 @@ Per-key series carry the key's *name*, never the key."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import prometheus_client
@@ -22,15 +21,21 @@ Kind = Literal["counter", "gauge", "histogram"]
 DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "requests": ("counter", ("route", "status", "key"), "HTTP requests answered"),
     "request_seconds": ("histogram", ("route",), "time from request to the end of the response"),
+    "queue_seconds": (
+        "histogram",
+        ("op",),
+        "time work waited for the device before its first unit",
+    ),
+    "run_seconds": ("histogram", ("op",), "time the device spent on a request's units"),
     "rejected": ("counter", ("code",), "requests refused with an error before or during work"),
     "tokens": ("counter", ("key", "op"), "tokens run through the model (prompt + generated)"),
     "response_bytes": ("counter", ("key",), "response body bytes sent"),
     "cancelled": ("counter", ("op", "reason"), "work stopped early (disconnect or deadline)"),
     "work_units": ("counter", ("op",), "layers, decode steps and patching forwards executed"),
-    "inflight_requests": ("gauge", ("op",), "operations running now"),
-    "inflight_bytes": ("gauge", (), "estimated peak bytes of the operations running now"),
-    "running_jobs": ("gauge", (), "operations running now, all kinds"),
-    "queue_depth": ("gauge", (), "operations waiting for the device (none wait without a queue)"),
+    "inflight_requests": ("gauge", ("op",), "operations submitted and not yet finished"),
+    "inflight_bytes": ("gauge", (), "estimated peak bytes reserved by admitted operations"),
+    "running_jobs": ("gauge", (), "operations admitted (started, between units) and not finished"),
+    "queue_depth": ("gauge", (), "operations waiting for their first unit"),
     "generations_started": ("counter", (), "generations started"),
     "generations_finished": ("counter", (), "generations that ran to the end"),
     "generations_failed": ("counter", (), "generations that ended with an error"),
@@ -79,6 +84,10 @@ class Metrics:
     def add(self, name: str, amount: float = 1, **labels: str) -> None:
         self._series(name, labels).inc(amount)
 
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """A gauge's current value."""
+        self._series(name, labels).set(value)
+
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._series(name, labels).observe(value)
 
@@ -92,19 +101,6 @@ class Metrics:
     ) -> None:
         """Export ``hooklab_<name>{label=…}`` from ``read()`` at every scrape."""
         self.registry.register(_Sampled(f"hooklab_{name}", help_text, label, read))
-
-    @contextmanager
-    def running(self, op: str, estimated_bytes: int) -> Iterator[None]:
-        """Count an operation (and its estimated memory) as in flight while the block runs."""
-        self.add("inflight_requests", 1, op=op)
-        self.add("running_jobs", 1)
-        self.add("inflight_bytes", estimated_bytes)
-        try:
-            yield
-        finally:
-            self.add("inflight_requests", -1, op=op)
-            self.add("running_jobs", -1)
-            self.add("inflight_bytes", -estimated_bytes)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

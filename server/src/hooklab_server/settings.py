@@ -121,6 +121,21 @@ class Settings:
         "request limits",
     )
 
+    # --- the scheduler
+    max_queued_per_key: int = _setting(
+        64, "requests one key may have queued or running; more get 429 queue_full", "scheduler"
+    )
+    max_queued: int = _setting(
+        1024, "requests queued or running in all; more get 429 queue_full", "scheduler"
+    )
+    memory_budget_bytes: int = _setting(
+        0,
+        "estimated peak bytes the admitted work may hold at once (0: half the RAM on a CPU, "
+        "90% of what the model leaves free on a GPU); a request over it is 413, one that does "
+        "not fit now waits",
+        "scheduler",
+    )
+
     # --- size of one response
     max_response_bytes: int = _setting(4 * _GiB, "largest frame-stream response", "response limits")
     max_json_response_bytes: int = _setting(
@@ -162,7 +177,8 @@ class Settings:
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
-            smallest = 0 if spec.name == "port" else 1e-9  # port 0: any free port
+            # port 0: any free port; memory budget 0: derived from the machine
+            smallest = 0 if spec.name in ("port", "memory_budget_bytes") else 1e-9
             if isinstance(value, int | float) and not isinstance(value, bool) and value < smallest:
                 raise ValueError(f"setting {spec.name} must be positive, not {value}")
 
@@ -303,6 +319,32 @@ def build_parser(prog: str = "hooklab-server", description: str = "") -> argpars
             help=help_text,
         )
     return parser
+
+
+def _shown(value: Any, name: str) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == () or value == "" or (name == "memory_budget_bytes" and value == 0):
+        return "derived" if value == () or value == 0 else "(none)"
+    if isinstance(value, int) and value >= _MiB and "bytes" in name:
+        for unit, factor in (("GiB", _GiB), ("MiB", _MiB)):
+            if value % factor == 0:
+                return f"{value // factor} {unit}"
+    return f"{value:,}" if isinstance(value, int) and value >= 10_000 else str(value)
+
+
+def settings_markdown() -> str:
+    """The settings as the README's table (a test keeps the README's copy current)."""
+    rows = ["| setting (flag · environment) | default | what it bounds |", "|---|---|---|"]
+    group = None
+    for spec in fields(Settings):
+        if spec.metadata["group"] != group:
+            group = spec.metadata["group"]
+            rows.append(f"| **{group}** | | |")
+        shown = _shown(spec.default, spec.name)
+        names = f"`{flag_name(spec.name)}` · `{env_name(spec.name)}`"
+        rows.append(f"| {names} | {shown} | {spec.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def load_settings(

@@ -14,11 +14,12 @@ from hooklab_proto import ErrorCode
 
 from ..auth import KeyRing
 from ..engine import HookedTransformer
-from ..execution import Executor, ThreadExecutor
+from ..execution import Executor
 from ..metrics import Metrics
 from ..ops import Operations, OpsContext, RequestError
 from ..ops.describe import tokenizer_files
 from ..quotas import Quotas
+from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import accounts, generate, patching, routes, service, stored
@@ -62,7 +63,7 @@ def create_app(
     )
     app.state.hooklab = Service(
         operations,
-        executor or ThreadExecutor(operations, metrics),
+        executor or SchedulerExecutor(operations, metrics, settings),
         keys,
         Quotas(),
         service.Readiness(),

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from hooklab_proto import ErrorCode
 
 from ..ops import RequestError
-from ..ops.errors import QuotaExceeded
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
@@ -26,6 +25,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.QUOTA: 429,
+    ErrorCode.QUEUE_FULL: 429,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.STORE_FULL: 507,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
@@ -60,7 +60,7 @@ def error_json(error: RequestError, request_id: str | None) -> str:
 def error_response(error: RequestError, request_id: str | None) -> JSONResponse:
     status = STATUS[error.code]
     headers = {"connection": "close"} if status in CLOSE_AFTER else {}
-    if isinstance(error, QuotaExceeded) and error.retry_after is not None:
+    if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
     if error.code == ErrorCode.UNAUTHORIZED:
         headers["www-authenticate"] = 'Bearer realm="hooklab"'

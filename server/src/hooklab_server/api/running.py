@@ -85,7 +85,8 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
     try:
         # The work checks the token between layers, steps and chunks, so this returns soon
         # after a disconnect or the deadline.
-        return await service(request).executor.run(work, token)
+        key = account_of(request.scope).name
+        return await service(request).executor.run(work, token, key)
     except Cancelled as stop:
         raise _stopped(request, work.op, stop.reason, token) from None
     finally:
@@ -99,7 +100,7 @@ async def generation(
     """A generation's steps then its response (``admission`` made by the route, before any
     response started); counts how it ended in the metrics."""
     metrics = service(request).metrics
-    steps = service(request).executor.generate(work, token)
+    steps = service(request).executor.generate(work, token, account_of(request.scope).name)
     finished = False
     made = 0
     try:

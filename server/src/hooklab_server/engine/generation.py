@@ -108,6 +108,57 @@ def prompt_tokens(
     return tokens, mask if side == "left" and not bool(mask.all()) else None
 
 
+class GenerationState:
+    """The tokens of one generation so far and TransformerLens's rules for the next ones:
+    sampling, stop ids, and padding of finished rows. Give it each step's last logits; callers
+    that run their own forwards (a decode pool) use it as ``generate_tokens`` does."""
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        tokens: torch.Tensor,
+        sampling: SamplingParams = SamplingParams(),
+        stopping: StoppingParams = StoppingParams(),
+    ) -> None:
+        eos_token_id, stop_at_eos = stopping.eos_token_id, stopping.stop_at_eos
+        if eos_token_id is None and stop_at_eos:
+            if model.tokenizer is None or model.tokenizer.eos_token_id is None:
+                raise ValueError("stop_at_eos needs eos_token_id when the model has no tokenizer")
+            eos_token_id = model.tokenizer.eos_token_id
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        self.eos = torch.tensor(eos_ids, device=tokens.device) if stop_at_eos else None
+        # Finished rows are padded (TransformerLens's rule) with the one stop id, or, for a list
+        # of stop ids, with the tokenizer's eos when it has one, else the first listed id.
+        tokenizer_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+        if isinstance(eos_token_id, int) or tokenizer_eos is None:
+            self.pad_id = eos_ids[0] if eos_ids else 0
+        else:
+            self.pad_id = tokenizer_eos
+        self.generator = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
+        self.sampling, self.max_new_tokens = sampling, stopping.max_new_tokens
+        self.tokens = tokens  # [batch, pos]: the prompt, then each step's tokens
+        self.finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        self.steps = 0
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token ids [batch] from the last logits [batch, d_vocab]."""
+        next_tokens = sample_logits(logits, self.tokens, self.sampling, self.generator)
+        if self.eos is not None and self.eos.numel():
+            next_tokens = torch.where(self.finished, self.pad_id, next_tokens)
+            self.finished |= torch.isin(next_tokens, self.eos)
+        self.tokens = torch.cat((self.tokens, next_tokens[:, None]), dim=1)
+        self.steps += 1
+        return next_tokens
+
+    @property
+    def done(self) -> bool:
+        """After ``max_new_tokens`` steps, or once every row produced a stop id."""
+        everyone_stopped = self.eos is not None and bool(self.finished.all())
+        return self.steps >= self.max_new_tokens or everyone_stopped
+
+
 def generate_tokens(
     model: HookedTransformer,
     tokens: torch.Tensor,
@@ -120,45 +171,22 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [batch] step by step (callers may stop early). ``interrupt`` is
     called before every block of every step; it stops the generation by raising."""
-    eos_token_id, stop_at_eos = stopping.eos_token_id, stopping.stop_at_eos
-    if eos_token_id is None and stop_at_eos:
-        if model.tokenizer is None or model.tokenizer.eos_token_id is None:
-            raise ValueError("stop_at_eos needs eos_token_id when the model has no tokenizer")
-        eos_token_id = model.tokenizer.eos_token_id
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    eos = torch.tensor(eos_ids, device=tokens.device)
-    # Finished rows are padded (TransformerLens's rule) with the one stop id, or, for a list of
-    # stop ids, with the tokenizer's eos when it has one, else the first listed id.
-    tokenizer_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
-    if isinstance(eos_token_id, int) or tokenizer_eos is None:
-        pad_id = eos_ids[0] if eos_ids else 0
-    else:
-        pad_id = tokenizer_eos
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
+    state = GenerationState(model, tokens, sampling, stopping)
     hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
     cache = model.init_kv_cache() if use_past_kv_cache else None
-    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     step_input, mask = tokens, attention_mask
-    for _ in range(stopping.max_new_tokens):
+    while not state.done:
         logits = model.forward(step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks)
-        next_tokens = sample_logits(logits[:, -1, :], tokens, sampling, generator)
-        if stop_at_eos and eos_ids:
-            next_tokens = torch.where(finished, pad_id, next_tokens)
-            finished |= torch.isin(next_tokens, eos)
-        tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
+        next_tokens = state.choose(logits[:, -1, :])
         if attention_mask is not None:
             attention_mask = torch.cat(
                 (attention_mask, torch.ones_like(next_tokens[:, None])), dim=1
             )
         yield next_tokens
-        if stop_at_eos and bool(finished.all()):
-            return
         if cache is not None:
             step_input, mask = next_tokens[:, None], None
         else:
-            step_input, mask = tokens, attention_mask
+            step_input, mask = state.tokens, attention_mask
 
 
 def generate(

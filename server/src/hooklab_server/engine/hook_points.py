@@ -93,6 +93,42 @@ class HookRun:
 NO_HOOKS = HookRun()
 
 
+class RowHooks(HookRun):
+    """The hook runs of several requests sharing one forward, each on its own rows (a slice of
+    the batch axis): its functions see, change and capture only those rows."""
+
+    __slots__ = ("parts",)
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[slice, HookRun]],
+        interrupt: Callable[[], None] | None = None,
+    ) -> None:
+        fns: dict[str, list[HookFn]] = {}
+        for _, run in parts:
+            for name, run_fns in run.fns.items():
+                fns.setdefault(name, []).extend(run_fns)
+        capture = frozenset().union(*(run.capture for _, run in parts))
+        explicit = frozenset().union(*(run.explicit for _, run in parts))
+        super().__init__(fns, capture, explicit, interrupt)
+        self.parts = [(rows, run) for rows, run in parts if run.fns or run.capture]
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if not self.wants(name):
+            return value
+        out = value
+        for rows, run in self.parts:
+            if not run.wants(name):
+                continue
+            piece = out[rows]
+            result = run(name, piece)
+            if result is not piece:
+                if out is value:  # a capture may hold value: write the result into a copy
+                    out = value.clone()
+                out[rows] = result
+        return out
+
+
 def build_hook_run(
     hook_names: Sequence[str],
     fwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),

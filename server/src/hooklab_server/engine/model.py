@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .catalogue import hook_names
-from .components.attention import AttentionMask, LayerKV
+from .components.attention import AttentionMask, LayerKV, PooledKV
 from .components.block import TransformerBlock
 from .components.embed import Embed, PosEmbed, Unembed
 from .components.norm import Norm
@@ -304,6 +304,29 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             logits, inputs.tokens, attention_mask if past is None else None, loss_per_token
         )
         return loss if return_type == "loss" else Output(logits, loss)
+
+    def _decode_pooled(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: AttentionMask,
+        kv: Sequence[PooledKV],
+        hooks: HookRun,
+    ) -> torch.Tensor:
+        """One step of a :class:`~.decode_pool.DecodePool`: a new token per row (``tokens`` and
+        ``positions`` [rows]) against each layer's pooled keys and values, with the hook points
+        of a cached ``forward`` step. Returns the logits [rows, d_vocab]."""
+        with torch.inference_mode():
+            tokens, positions = tokens[:, None], positions[:, None]
+            resid = self.embed(tokens, hooks)
+            if self.pos_embed is not None:
+                resid = resid + self.pos_embed(positions, tokens.shape[0], None, hooks)
+            for layer in range(self.cfg.n_layers):
+                if hooks.interrupt is not None:
+                    hooks.interrupt()
+                resid, _ = self.blocks[layer](resid, hooks, positions, mask, kv[layer])
+            resid = self.ln_final(resid, hooks)
+            return self.unembed(resid, hooks)[:, -1]  # [rows, d_vocab]
 
     def init_kv_cache(self) -> KVCache:
         return KVCache([None] * self.cfg.n_layers)

@@ -1,27 +1,50 @@
 """Operations on the engine, independent of HTTP: validate a request once into typed work with a
-cost, then execute it (on the executor's thread) with a cancellation token.
+cost, then run it (on the executor's thread) a unit at a time, with a cancellation token.
 
-    work = operations.validate(request, wants_json=False)   # RequestError when invalid
-    result = operations.execute(work, token)                # Cancelled when stopped early
+    work = operations.validate(request, caller)      # RequestError when invalid
+    steps = operations.steps(work, token)            # a generator: one unit of work per next()
+    result = drive(steps)                             # Cancelled when stopped early
+
+A unit is one forward (a forward request, one chunk of a patching sweep) or one generation step;
+a generation yields its GenerateStep items, the others yield None, and the generator returns the
+result (TensorsResult, or GenerateResponse).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Generator
+from typing import Any, TypeVar
 
 import torch
 
-from hooklab_proto import ForwardRequest, GenerateRequest, PatchingRequest
+from hooklab_proto import (
+    ForwardRequest,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStep,
+    PatchingRequest,
+)
 
 from ..auth import Account
 from .cancel import Cancelled, CancelToken, deadline_error
 from .context import OpsContext
 from .errors import QuotaExceeded, RequestError, too_large
 from .generate import GenerateWork, Generation, validate_generation
-from .patching import PatchingWork, run_patching, validate_patching
+from .patching import PatchingWork, patching_steps, validate_patching
 from .run import ForwardWork, TensorsResult, run_forward, validate_forward
 
 Work = ForwardWork | GenerateWork | PatchingWork
+Steps = Generator[GenerateStep | None, None, TensorsResult | GenerateResponse]
+Result = TypeVar("Result")
+
+
+def drive(steps: Generator[Any, None, Result]) -> Result:
+    """Run every unit of a steps generator; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class Operations:
@@ -40,17 +63,47 @@ class Operations:
             return validate_patching(ctx, request, wants_json)
         raise TypeError(f"no operation validates {type(request).__name__}")
 
-    def execute(self, work: ForwardWork | PatchingWork, token: CancelToken) -> TensorsResult:
-        """Run a validated forward or sweep to its end (raises Cancelled when stopped)."""
-        token.check()
-        with torch.inference_mode():
-            if isinstance(work, ForwardWork):
-                return run_forward(self.ctx, work, token)
-            return run_patching(self.ctx, work, token)
+    def steps(self, work: Work, token: CancelToken) -> Steps:
+        """The work as units (see the module's docstring); each unit checks ``token`` first and
+        runs under inference mode."""
+        if isinstance(work, ForwardWork):
+            inner: Steps = _one_unit(run_forward, self.ctx, work, token)
+        elif isinstance(work, PatchingWork):
+            inner = patching_steps(self.ctx, work, token)
+        else:
+            inner = _generation_steps(self.ctx, work, token)
+        return _in_inference_mode(inner, token)
 
-    def start_generation(self, work: GenerateWork, token: CancelToken) -> Generation:
-        token.check()
-        return Generation(self.ctx, work, token)
+
+def _one_unit(run: Any, ctx: OpsContext, work: Work, token: CancelToken) -> Steps:
+    result: TensorsResult = run(ctx, work, token)
+    return result
+    yield  # a generator of one unit: the work runs at the first next()
+
+
+def _generation_steps(ctx: OpsContext, work: GenerateWork, token: CancelToken) -> Steps:
+    generation = Generation(ctx, work, token)
+    try:
+        yield from generation
+        return generation.response()
+    finally:
+        generation.close()
+
+
+def _in_inference_mode(inner: Steps, token: CancelToken) -> Steps:
+    """Each unit of ``inner`` under inference mode, after a cancellation check (the mode is
+    thread-local state, so it is entered per unit, on whichever thread runs it)."""
+    try:
+        while True:
+            token.check()
+            with torch.inference_mode():
+                try:
+                    item = next(inner)
+                except StopIteration as done:
+                    return done.value
+            yield item
+    finally:
+        inner.close()  # a generation stopped early frees its KV cache now
 
 
 __all__ = [
@@ -64,8 +117,10 @@ __all__ = [
     "PatchingWork",
     "QuotaExceeded",
     "RequestError",
+    "Steps",
     "TensorsResult",
     "Work",
     "deadline_error",
+    "drive",
     "too_large",
 ]

@@ -9,11 +9,18 @@ from hooklab_proto import ErrorCode
 class RequestError(Exception):
     """Bad input detected before (or while) running, with a machine-readable code."""
 
-    def __init__(self, code: ErrorCode, message: str, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        hint: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.hint = hint
+        self.retry_after = retry_after  # seconds after which the same request may succeed
 
 
 def too_large(
@@ -33,6 +40,5 @@ class QuotaExceeded(RequestError):
     def __init__(
         self, quota: str, message: str, hint: str | None, retry_after: float | None
     ) -> None:
-        super().__init__(ErrorCode.QUOTA, message, hint)
+        super().__init__(ErrorCode.QUOTA, message, hint, retry_after)
         self.quota = quota
-        self.retry_after = retry_after

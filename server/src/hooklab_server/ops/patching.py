@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,7 +328,11 @@ def _clean_start(ctx: OpsContext, request: PatchingRequest) -> torch.Tensor | No
     return None if start is None else start.to(ctx.model.device, ctx.model.cfg.dtype)
 
 
-def run_patching(ctx: OpsContext, work: PatchingWork, token: CancelToken) -> TensorsResult:
+def patching_steps(
+    ctx: OpsContext, work: PatchingWork, token: CancelToken
+) -> Generator[None, None, TensorsResult]:
+    """The sweep one forward at a time: it yields after each, so a scheduler can serve other
+    work in between; its return value is the result."""
     model, request, plan, metric = ctx.model, work.request, work.plan, work.metric
     tokens, mask = work.corrupted.tokens, work.corrupted.mask
 
@@ -344,6 +348,7 @@ def run_patching(ctx: OpsContext, work: PatchingWork, token: CancelToken) -> Ten
         )  # fmt: skip
         clean = {layer: found[name] for layer, name in names.items()}
         ctx.metrics.add("work_units", op=work.op)
+        yield
 
     # The unpatched corrupted run: each layer's starting residual, and the baseline.
     starts = [f"blocks.{layer}.hook_resid_pre" for layer in work.layers]
@@ -351,6 +356,7 @@ def run_patching(ctx: OpsContext, work: PatchingWork, token: CancelToken) -> Ten
         tokens, names_filter=starts, attention_mask=mask, interrupt=between_layers
     )
     ctx.metrics.add("work_units", op=work.op)
+    yield
     forwards = 1 + (work.clean_tokens is not None)
     values: list[torch.Tensor | None] = [None] * len(plan.rows)
     for layer in work.layers:
@@ -367,6 +373,7 @@ def run_patching(ctx: OpsContext, work: PatchingWork, token: CancelToken) -> Ten
             result = logits if request.metric.kind == "logits" else metric(logits)
             for slot, i in enumerate(chunk):
                 values[i] = result[slot]
+            yield
     meta: dict[str, Any] = {
         "shape": plan.shape,
         "axes": plan.axes,

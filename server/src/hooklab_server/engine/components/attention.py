@@ -4,11 +4,16 @@ Weights are stored as ``F.linear`` wants them ([out, in]); ``W_Q`` [n_heads, d_m
 friends are views in TransformerLens's layout. Attention runs through
 ``scaled_dot_product_attention`` unless this call hooks or captures ``hook_attn_scores`` or
 ``hook_pattern`` in this layer; only then are the scores and pattern materialised.
+
+Past keys and values come either from a :class:`LayerKV` (one generation, concatenated each step)
+or from a :class:`PooledKV` (a row of a preallocated pool per generation row, written in place;
+see ``engine/decode_pool.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,33 @@ class LayerKV:
 
     keys: torch.Tensor
     values: torch.Tensor
+
+
+class RowSpan(NamedTuple):
+    """One generation's rows in a pooled decode step: its rows, how many key columns it has
+    (its own length, the new token included) and its hook run."""
+
+    rows: slice
+    keys: int
+    hooks: HookRun
+
+
+@dataclass
+class PooledKV:
+    """One layer of a decode pool during one step: one new token per row.
+
+    ``keys``/``values`` are the whole pool [max_rows, max_pos, kv_heads, d_head] (after rotary);
+    active rows are ``0:n``. Row ``r`` writes its new key at ``columns[r]``; the step reads
+    ``width`` columns, with ``mask`` hiding each row's unused and padding columns. ``spans``
+    lists the generations, so hooks on keys, scores and patterns see each one's own box.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor  # arange(n)
+    columns: torch.Tensor  # [n]
+    width: int
+    spans: list[RowSpan]
 
 
 class Attention(nn.Module):
@@ -104,8 +136,9 @@ class Attention(nn.Module):
         hooks: HookRun,
         positions: torch.Tensor,
         mask: AttentionMask,
-        past: LayerKV | None = None,
-    ) -> tuple[torch.Tensor, LayerKV]:
+        past: LayerKV | PooledKV | None = None,
+    ) -> tuple[torch.Tensor, LayerKV | None]:
+        """Returns the output and this call's keys and values (None when written to a pool)."""
         names = self.names
         q = hooks(names["q"], self._project(q_in, self.w_q, self.b_q, self.n_heads))
         k = hooks(names["k"], self._project(k_in, self.w_k, self.b_k, self.n_kv_heads))
@@ -114,6 +147,24 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q = self.rotary(q, positions)
             k = self.rotary(k, positions)
+        if isinstance(past, PooledKV):
+            z, present = self._pooled(q, k, v, hooks, mask, past), None
+        else:
+            z, present = self._cached(q, k, v, hooks, mask, past)
+        z = hooks(names["z"], z)  # [batch, pos, n_heads, d_head]
+        return self._output(z, hooks), present
+
+    def _cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hooks: HookRun,
+        mask: AttentionMask,
+        past: LayerKV | None,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """Attention over the past keys (concatenated in front) and this call's."""
+        names = self.names
         if past is not None:
             k = torch.cat((past.keys, k), dim=1)
             v = torch.cat((past.values, v), dim=1)
@@ -125,8 +176,46 @@ class Attention(nn.Module):
             z = self._explicit(q, k, v, hooks, mask)
         else:
             z = self._sdpa(q, k, v, mask)
-        z = hooks(names["z"], z)  # [batch, pos, n_heads, d_head]
-        return self._output(z, hooks), present
+        return z, present
+
+    def _pooled(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hooks: HookRun,
+        mask: AttentionMask,
+        pool: PooledKV,
+    ) -> torch.Tensor:
+        """Attention of one new token per row against the pool, after writing that token's key
+        and value. A generation whose hooks read or change the rotated keys, scores or pattern
+        gets its own attention on its own rows and key columns, exactly its solo shapes; the
+        rest share one SDPA call over every row."""
+        names = self.names
+        pool.keys[pool.rows, pool.columns] = k[:, 0]
+        pool.values[pool.rows, pool.columns] = v[:, 0]
+        n = q.shape[0]
+        keys, values = pool.keys[:n, : pool.width], pool.values[:n, : pool.width]
+        if self.rotary is not None:
+            q = hooks(names["rot_q"], q)  # [batch, 1, n_heads, d_head]
+        z = self._sdpa(q, keys, values, mask)
+        for span in pool.spans:
+            run = span.hooks
+            hooks_keys = self.rotary is not None and run.wants(names["rot_k"])
+            explicit = run.wants(names["attn_scores"]) or run.wants(names["pattern"])
+            if not (hooks_keys or explicit):
+                continue
+            rows, width = span.rows, span.keys
+            k_own, v_own = keys[rows, :width], values[rows, :width]
+            if hooks_keys:  # a copy: a hook's change applies to this step only, as in solo
+                k_own = run(names["rot_k"], k_own.clone())  # [batch, key_pos, kv_heads, d_head]
+            assert mask.allowed is not None  # a pooled step always has an explicit mask
+            own_mask = AttentionMask(mask.allowed[rows, :, :, :width])
+            if explicit:
+                z[rows] = self._explicit(q[rows], k_own, v_own, run, own_mask)
+            else:
+                z[rows] = self._sdpa(q[rows], k_own, v_own, own_mask)
+        return z  # [batch, 1, n_heads, d_head]
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask

@@ -9,7 +9,7 @@ from torch import nn
 from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
-from .attention import Attention, AttentionMask, LayerKV
+from .attention import Attention, AttentionMask, LayerKV, PooledKV
 from .mlp import MLP
 from .norm import Norm
 from .rotary import Rotary
@@ -60,8 +60,8 @@ class TransformerBlock(nn.Module):
         hooks: HookRun,
         positions: torch.Tensor,
         mask: AttentionMask,
-        past: LayerKV | None = None,
-    ) -> tuple[torch.Tensor, LayerKV]:
+        past: LayerKV | PooledKV | None = None,
+    ) -> tuple[torch.Tensor, LayerKV | None]:
         names = self.names
         resid = hooks(names["resid_pre"], resid)  # [batch, pos, d_model]
         q_in, k_in, v_in = self._attention_inputs(resid, hooks)

@@ -1,0 +1,278 @@
+"""One executor thread owns the model; every request's work reaches it through the fair queue.
+
+The event loop submits validated work (``run``, ``generate``) and awaits its results; the
+executor thread asks the policy which job runs next, runs one unit of it (a forward, a patching
+chunk, a generation step), hands what the unit produced back to the event loop, and asks again.
+Between units it drops queued work whose client left or whose deadline passed, so a light user
+waits at most one unit behind a heavy one and abandoned work costs nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
+
+from ..memory import TRIM_ABOVE_BYTES, release_memory
+from ..metrics import Metrics
+from ..ops import (
+    Cancelled,
+    CancelToken,
+    ForwardWork,
+    GenerateWork,
+    Operations,
+    PatchingWork,
+    RequestError,
+    Steps,
+    TensorsResult,
+    Work,
+)
+from ..settings import Settings
+from .policy import FairQueue, Job, QueueFull, drop_where
+
+logger = logging.getLogger("hooklab_server")
+
+IDLE_WAIT_S = 0.05  # how often an idle executor looks for cancelled queued work
+
+
+@dataclass(eq=False)
+class _Run:
+    """The executor's side of a job: its units, and where their output goes."""
+
+    work: Work
+    steps: Steps
+    token: CancelToken
+    loop: asyncio.AbstractEventLoop
+    deliver: Callable[[Any], None]  # called on the event loop with an item, a result or an error
+    unit_tokens: list[int]  # tokens of the first unit, then of every later one
+    queued_at: float = field(default_factory=time.perf_counter)
+    run_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.deliver, item)
+
+
+def memory_budget(settings: Settings, device: torch.device) -> int:
+    """The bytes admitted work may hold at once: the setting, or (0) half the machine's memory
+    on a CPU, 90% of what the model left free on a GPU."""
+    if settings.memory_budget_bytes:
+        return settings.memory_budget_bytes
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
+
+class SchedulerExecutor:
+    def __init__(self, operations: Operations, metrics: Metrics, settings: Settings) -> None:
+        self.operations = operations
+        self.metrics = metrics
+        model = operations.ctx.model
+        self.n_layers = model.cfg.n_layers
+        self.budget = memory_budget(settings, model.device)
+        # A quantum of the largest unit a request may bring: every key runs a unit per visit.
+        self.queue = FairQueue(
+            quantum=settings.max_tokens * self.n_layers,
+            max_per_key=settings.max_queued_per_key,
+            max_total=settings.max_queued,
+            memory_budget=self.budget,
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="hooklab-executor", daemon=True)
+        self._thread.start()
+        metrics.sampled(
+            "queue_depth_by_key", "requests waiting or between units, by key name", "key",
+            self._depth_by_key,
+        )  # fmt: skip
+
+    # --- the event loop's side --------------------------------------------------------------
+
+    async def run(
+        self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
+    ) -> TensorsResult:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def deliver(item: Any) -> None:
+            if done.done():
+                return  # the caller is gone
+            if isinstance(item, BaseException):
+                done.set_exception(item)
+            else:
+                done.set_result(item)
+
+        job = self._submit(work, token, key, deliver)
+        try:
+            result = await done
+        finally:
+            self._forget(job, token)
+        assert isinstance(result, TensorsResult)
+        result.meta["scheduler"] = job.payload.stats
+        return result
+
+    async def generate(
+        self, work: GenerateWork, token: CancelToken, key: str
+    ) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        job = self._submit(work, token, key, items.put_nowait)
+        try:
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, GenerateResponse):
+                    stats = job.payload.stats
+                    item.stats.queued_s = stats["queued_s"]
+                    item.stats.units_waited = int(stats["units_waited"])
+                    yield item
+                    return
+                yield item
+        finally:
+            self._forget(job, token)
+
+    async def aclose(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+    def _submit(
+        self, work: Work, token: CancelToken, key: str, deliver: Callable[[Any], None]
+    ) -> Job:
+        if work.cost.peak_bytes > self.budget:
+            raise RequestError(
+                ErrorCode.TOO_LARGE,
+                f"this request would hold about {work.cost.peak_bytes} bytes at its peak; the "
+                f"device's budget is {self.budget} bytes (server setting memory_budget_bytes)",
+                "send a smaller batch, fewer positions or fewer captured hook points",
+            )
+        run = _Run(
+            work, self.operations.steps(work, token), token, asyncio.get_running_loop(),
+            deliver, _unit_tokens(work),
+        )  # fmt: skip
+        job = Job(key, self._cost(run, 0), work.cost.peak_bytes, time.monotonic(), run)
+        with self._lock:
+            try:
+                self.queue.submit(job)
+            except QueueFull as full:
+                raise RequestError(
+                    ErrorCode.QUEUE_FULL, full.message, "retry later", full.retry_after
+                ) from None
+        self.metrics.add("inflight_requests", 1, op=work.op)
+        self._publish()
+        self._wake.set()
+        return job
+
+    def _forget(self, job: Job, token: CancelToken) -> None:
+        """The caller stopped waiting (finished, failed, or gone): a queued or half-run job is
+        dropped by the executor at its next look."""
+        if job.payload is not None and token.reason is None and not self._finished(job):
+            token.cancel("disconnect")
+            self._wake.set()
+
+    def _finished(self, job: Job) -> bool:
+        with self._lock:
+            return job not in self.queue.jobs()
+
+    def _publish(self) -> None:
+        """The queue's state as gauges."""
+        with self._lock:
+            jobs = self.queue.jobs()
+            reserved = self.queue.reserved
+        self.metrics.set("queue_depth", sum(job.started is None for job in jobs))
+        self.metrics.set("running_jobs", sum(job.started is not None for job in jobs))
+        self.metrics.set("inflight_bytes", reserved)
+
+    def _depth_by_key(self) -> dict[str, float]:
+        with self._lock:
+            return {key: float(n) for key, n in self.queue.depth_by_key().items()}
+
+    def _cost(self, run: _Run, unit: int) -> float:
+        tokens = run.unit_tokens[min(unit, len(run.unit_tokens) - 1)]
+        return float(tokens * self.n_layers)
+
+    # --- the executor thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                gone = drop_where(self.queue, lambda j: j.payload.token.reason is not None)
+                job = self.queue.next()
+            for stopped in gone:
+                self._stop(stopped)
+            if job is None:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            self._run_unit(job)
+
+    def _stop(self, job: Job) -> None:
+        run: _Run = job.payload
+        self.metrics.add("inflight_requests", -1, op=run.work.op)
+        self._publish()
+        run.steps.close()
+        reason = run.token.reason or "disconnect"
+        run.send(Cancelled(reason))
+        self._trim(run)
+
+    def _run_unit(self, job: Job) -> None:
+        run: _Run = job.payload
+        now = time.perf_counter()
+        if job.started is None:
+            job.started = now
+            run.stats["queued_s"] = now - run.queued_at
+            run.stats["units_waited"] = job.units_waited
+            self.metrics.observe("queue_seconds", now - run.queued_at, op=run.work.op)
+            self._publish()
+        next_cost: float | None = None
+        outcome: Any = None
+        try:
+            item = next(run.steps)
+            next_cost = self._cost(run, job.units_run + 1)
+            if item is not None:
+                run.send(item)
+        except StopIteration as finished:
+            outcome = finished.value
+        except Cancelled as stop:
+            outcome = Cancelled(stop.reason)  # afresh: the stopped frames are freed now
+        except (RequestError, Exception) as exc:
+            if not isinstance(exc, RequestError):
+                logger.exception("%s failed on the executor", run.work.op)
+            outcome = exc
+        seconds = time.perf_counter() - now
+        run.run_s += seconds
+        with self._lock:
+            self.queue.ran(job, job.cost, seconds, next_cost)
+        self._publish()
+        if next_cost is None:
+            self.metrics.add("inflight_requests", -1, op=run.work.op)
+            run.stats["run_s"] = run.run_s
+            run.stats["units"] = job.units_run
+            self.metrics.observe("run_seconds", run.run_s, op=run.work.op)
+            run.send(outcome)
+            self._trim(run)
+
+    @staticmethod
+    def _trim(run: _Run) -> None:
+        if run.work.cost.peak_bytes > TRIM_ABOVE_BYTES:
+            release_memory()
+
+
+def _unit_tokens(work: Work) -> list[int]:
+    """Tokens of each unit: one forward; a sweep's forwards alike; a generation's prefill,
+    then one token per row per step."""
+    if isinstance(work, GenerateWork):
+        return [work.prompt.batch * work.prompt.pos, work.prompt.batch]
+    if isinstance(work, PatchingWork):
+        return [max(1, work.cost.tokens // max(1, work.cost.forwards))]
+    return [work.cost.tokens]
