@@ -44,6 +44,7 @@ class QueueFull(Exception):
 class _Key:
     jobs: deque[Job] = field(default_factory=deque)
     deficit: float = 0.0
+    in_turn: bool = False  # it is the ring's head and has run a unit this visit
 
 
 class FairQueue:
@@ -103,6 +104,7 @@ class FairQueue:
 
     def _drop_key(self, key: str) -> None:
         self._keys[key].deficit = 0.0
+        self._keys[key].in_turn = False
         if key in self._ring:
             self._ring.remove(key)
 
@@ -118,14 +120,21 @@ class FairQueue:
             state = self._keys[key]
             job = state.jobs[0]
             if not self._fits(job):
-                # Head-of-line: this key waits for memory; others may run meanwhile.
+                # This key waits for memory; others may run meanwhile.
+                state.in_turn = False
                 self._ring.rotate(-1)
                 continue
             if state.deficit < job.cost:
+                if state.in_turn:  # its visit is spent: the next key's turn
+                    state.in_turn = False
+                    self._ring.rotate(-1)
+                    continue
+                # A new visit: a quantum more (capped, so an idle key banks no burst).
                 state.deficit = min(state.deficit + self.quantum, 2 * self.quantum + job.cost)
                 if state.deficit < job.cost:
                     self._ring.rotate(-1)
                     continue
+            state.in_turn = True
             state.deficit -= job.cost
             if not job.admitted:
                 job.admitted = True
@@ -149,10 +158,7 @@ class FairQueue:
         if next_cost is None or state is None or job not in state.jobs:  # done, or cancelled
             self.remove(job)
             return
-        job.cost = next_cost
-        # One unit per visit: the next key goes next (what is left of the deficit carries over).
-        if len(self._ring) > 1 and self._ring[0] == job.key:
-            self._ring.rotate(-1)
+        job.cost = next_cost  # whether the key's visit goes on, ``next`` decides
 
     # --- state ------------------------------------------------------------------------------
 
