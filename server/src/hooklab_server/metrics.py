@@ -27,6 +27,9 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
         "time work waited for the device before its first unit",
     ),
     "run_seconds": ("histogram", ("op",), "time the device spent on a request's units"),
+    "gather_seconds": ("histogram", (), "time a forward waited to gather others to merge with"),
+    "batch_requests": ("histogram", (), "requests merged into one forward"),
+    "batch_rows": ("histogram", (), "rows of a merged forward"),
     "rejected": ("counter", ("code",), "requests refused with an error before or during work"),
     "tokens": ("counter", ("key", "op"), "tokens run through the model (prompt + generated)"),
     "response_bytes": ("counter", ("key",), "response body bytes sent"),
@@ -47,6 +50,8 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "quota_refusals": ("counter", ("key", "quota"), "requests refused by a per-key quota"),
 }
 _TYPES: dict[Kind, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+# Histograms of counts, not seconds.
+_BUCKETS = {name: (1, 2, 4, 8, 16, 32, 64, 128) for name in ("batch_requests", "batch_rows")}
 
 
 class _Sampled(Collector):
@@ -69,10 +74,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._metrics: dict[str, Any] = {
-            name: _TYPES[kind](f"hooklab_{name}", help_text, labels, registry=self.registry)
-            for name, (kind, labels, help_text) in DECLARED.items()
-        }
+        self._metrics: dict[str, Any] = {}
+        for name, (kind, labels, help_text) in DECLARED.items():
+            options: dict[str, Any] = {"registry": self.registry}
+            if name in _BUCKETS:
+                options["buckets"] = _BUCKETS[name]
+            self._metrics[name] = _TYPES[kind](f"hooklab_{name}", help_text, labels, **options)
 
     def _series(self, name: str, labels: dict[str, str]) -> Any:
         metric = self._metrics[name]

@@ -128,6 +128,17 @@ class Settings:
     max_queued: int = _setting(
         1024, "requests queued or running in all; more get 429 queue_full", "scheduler"
     )
+    batch_max_tokens: int = _setting(
+        1024,
+        "padded tokens one merged forward of several requests may hold (a larger request runs "
+        "alone)",
+        "scheduler",
+    )
+    gather_window_ms: float = _setting(
+        5.0,
+        "how long a lone forward waits for others to merge with, when nothing else is queued",
+        "scheduler",
+    )
     memory_budget_bytes: int = _setting(
         0,
         "estimated peak bytes the admitted work may hold at once (0: half the RAM on a CPU, "

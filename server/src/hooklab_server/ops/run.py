@@ -197,12 +197,19 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
         attention_mask=work.mask,
         hooks=run,
     )
-    result = TensorsResult(_outputs(out, request))
+    if work.caching is not None:
+        token.check()
+    return finish_forward(ctx, work, out, run.cache)
+
+
+def finish_forward(
+    ctx: OpsContext, work: ForwardWork, out: object, cache: dict[str, torch.Tensor]
+) -> TensorsResult:
+    """The response of a forward from what the engine returned and what was captured."""
+    result = TensorsResult(_outputs(out, work.request))
     caching = work.caching
     if caching is None:
         return result
-    token.check()
-    cache = run.cache
     if caching.store:  # stored with its batch axis, so it can be a patch source
         result.meta["cache_id"] = ctx.store.put("cache", cache, work.owner).id
     if caching.return_cache:

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..ops import (
     TensorsResult,
     Work,
 )
+from ..ops.batching import merge_key, padded_tokens, run_forward_batch
 from ..settings import Settings
 from .policy import FairQueue, Job, QueueFull, drop_where
 
@@ -54,6 +55,7 @@ class _Run:
     loop: asyncio.AbstractEventLoop
     deliver: Callable[[Any], None]  # called on the event loop with an item, a result or an error
     unit_tokens: list[int]  # tokens of the first unit, then of every later one
+    merge_key: Hashable | None = None  # forwards with equal keys may share a batch
     queued_at: float = field(default_factory=time.perf_counter)
     run_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
@@ -80,6 +82,8 @@ class SchedulerExecutor:
         model = operations.ctx.model
         self.n_layers = model.cfg.n_layers
         self.budget = memory_budget(settings, model.device)
+        self.batch_max_tokens = settings.batch_max_tokens
+        self.gather_s = settings.gather_window_ms / 1000
         # A quantum of the largest unit a request may bring: every key runs a unit per visit.
         self.queue = FairQueue(
             quantum=settings.max_tokens * self.n_layers,
@@ -160,6 +164,8 @@ class SchedulerExecutor:
             work, self.operations.steps(work, token), token, asyncio.get_running_loop(),
             deliver, _unit_tokens(work),
         )  # fmt: skip
+        if isinstance(work, ForwardWork):
+            run.merge_key = merge_key(self.operations.ctx, work)
         job = Job(key, self._cost(run, 0), work.cost.peak_bytes, time.monotonic(), run)
         with self._lock:
             try:
@@ -214,7 +220,103 @@ class SchedulerExecutor:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
-            self._run_unit(job)
+            batch = self._batch_for(job)
+            if len(batch) > 1:
+                self._run_batch(batch)
+            else:
+                self._run_unit(job)
+
+    def _batch_for(self, job: Job) -> list[Job]:
+        """``job`` and the queued forwards that can share its forward (within the token budget;
+        when nothing else waits, after a short gather window for more to arrive)."""
+        run: _Run = job.payload
+        if run.merge_key is None or job.units_run:
+            return [job]
+        assert isinstance(run.work, ForwardWork)
+        batch = [job]
+        works = [run.work]
+
+        def accept(other: Job) -> bool:
+            candidate: _Run = other.payload
+            if candidate.merge_key != run.merge_key or candidate.token.reason is not None:
+                return False
+            assert isinstance(candidate.work, ForwardWork)
+            if padded_tokens([*works, candidate.work]) > self.batch_max_tokens:
+                return False
+            works.append(candidate.work)
+            batch.append(other)
+            return True
+
+        if padded_tokens(works) >= self.batch_max_tokens:
+            return batch
+        started = time.perf_counter()
+        with self._lock:
+            alone = self.queue.depth() == 1
+        if alone and self.gather_s > 0:
+            self._wake.clear()
+            self._wake.wait(self.gather_s)
+        with self._lock:
+            self.queue.take_along(job, accept)
+        run.stats["gather_s"] = time.perf_counter() - started
+        self.metrics.observe("gather_seconds", run.stats["gather_s"])
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """One merged forward for several requests' forwards."""
+        runs: list[_Run] = [job.payload for job in batch]
+        now = time.perf_counter()
+        for job in batch:
+            self._started(job, now)
+        works = [run.work for run in runs if isinstance(run.work, ForwardWork)]
+        assert len(works) == len(runs)
+        ops = sorted({work.op for work in works})
+
+        def on_layer() -> None:
+            for op in ops:
+                self.metrics.add("work_units", op=op)
+
+        try:
+            with torch.inference_mode():
+                outcomes: list[Any] = run_forward_batch(
+                    self.operations.ctx,
+                    works,
+                    [run.token for run in runs],
+                    on_layer,
+                )
+        except Cancelled as stop:
+            outcomes = [Cancelled(stop.reason) for _ in runs]
+        except Exception as exc:
+            logger.exception("a merged forward of %d requests failed", len(runs))
+            outcomes = [exc for _ in runs]
+        seconds = time.perf_counter() - now
+        rows = sum(int(work.input.shape[0]) for work in works)
+        self.metrics.observe("batch_requests", len(runs))
+        self.metrics.observe("batch_rows", rows)
+        for job, run, outcome in zip(batch, runs, outcomes, strict=True):
+            run.steps.close()
+            run.stats.update(co_batched=len(runs), batch_rows=rows)
+            self._finish(job, run, outcome, seconds)
+
+    def _started(self, job: Job, now: float) -> None:
+        run: _Run = job.payload
+        if job.started is None:
+            job.started = now
+            run.stats["queued_s"] = now - run.queued_at
+            run.stats["units_waited"] = job.units_waited
+            self.metrics.observe("queue_seconds", now - run.queued_at, op=run.work.op)
+            self._publish()
+
+    def _finish(self, job: Job, run: _Run, outcome: Any, seconds: float) -> None:
+        run.run_s += seconds
+        with self._lock:
+            self.queue.ran(job, job.cost, seconds, None)
+        self._publish()
+        self.metrics.add("inflight_requests", -1, op=run.work.op)
+        run.stats["run_s"] = run.run_s
+        run.stats["units"] = job.units_run
+        self.metrics.observe("run_seconds", run.run_s, op=run.work.op)
+        run.send(outcome)
+        self._trim(run)
 
     def _stop(self, job: Job) -> None:
         run: _Run = job.payload
@@ -228,12 +330,7 @@ class SchedulerExecutor:
     def _run_unit(self, job: Job) -> None:
         run: _Run = job.payload
         now = time.perf_counter()
-        if job.started is None:
-            job.started = now
-            run.stats["queued_s"] = now - run.queued_at
-            run.stats["units_waited"] = job.units_waited
-            self.metrics.observe("queue_seconds", now - run.queued_at, op=run.work.op)
-            self._publish()
+        self._started(job, now)
         next_cost: float | None = None
         outcome: Any = None
         try:
@@ -250,17 +347,13 @@ class SchedulerExecutor:
                 logger.exception("%s failed on the executor", run.work.op)
             outcome = exc
         seconds = time.perf_counter() - now
+        if next_cost is None:
+            self._finish(job, run, outcome, seconds)
+            return
         run.run_s += seconds
         with self._lock:
             self.queue.ran(job, job.cost, seconds, next_cost)
         self._publish()
-        if next_cost is None:
-            self.metrics.add("inflight_requests", -1, op=run.work.op)
-            run.stats["run_s"] = run.run_s
-            run.stats["units"] = job.units_run
-            self.metrics.observe("run_seconds", run.run_s, op=run.work.op)
-            run.send(outcome)
-            self._trim(run)
 
     @staticmethod
     def _trim(run: _Run) -> None:

@@ -144,6 +144,25 @@ class FairQueue:
             return job
         return None
 
+    def take_along(self, first: Job, accept: Callable[[Job], bool]) -> list[Job]:
+        """More jobs to run in one batch with ``first`` (just picked by ``next``): each key's
+        waiting jobs in order, keys in ring order, while ``accept`` takes them and memory
+        allows. Each is charged to its key's deficit — possibly below zero, which its key then
+        makes up by waiting — so riding along is no way around fairness."""
+        taken: list[Job] = []
+        for key in list(self._ring):
+            for job in list(self._keys[key].jobs):
+                if job is first:
+                    continue
+                if job.started is not None or not self._fits(job) or not accept(job):
+                    break  # a key's jobs stay in order
+                self._keys[key].deficit -= job.cost
+                job.admitted = True
+                self.reserved += job.reserve_bytes
+                job.units_waited += self.units_run
+                taken.append(job)
+        return taken
+
     def _fits(self, job: Job) -> bool:
         return job.admitted or self.reserved + job.reserve_bytes <= self.memory_budget
 

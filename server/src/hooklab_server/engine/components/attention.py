@@ -171,7 +171,9 @@ class Attention(nn.Module):
         present = LayerKV(k, v)
         if self.rotary is not None:
             q = hooks(names["rot_q"], q)  # [batch, pos, n_heads, d_head]
-            k = hooks(names["rot_k"], k)  # [batch, key_pos, n_kv_heads, d_head]
+            # TransformerLens caches keys before rotary: a hook's in-place edit stays out of it.
+            k = hooks(names["rot_k"], k.clone() if names["rot_k"] in hooks.fns else k)
+            # k: [batch, key_pos, n_kv_heads, d_head]
         if hooks.wants(names["attn_scores"]) or hooks.wants(names["pattern"]):
             z = self._explicit(q, k, v, hooks, mask)
         else:
