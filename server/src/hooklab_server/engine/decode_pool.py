@@ -21,8 +21,10 @@ steps; the rows after them move up, so active rows are always ``0..n-1`` and a s
 Numerics: a generation's logits equal its solo ``generate`` within float rounding (~1e-6 in
 fp32), not bit for bit: GEMM kernels depend on the row count, and masked key columns change the
 attention sums (``scheduling.md`` §3). Rows never influence each other: with the same geometry,
-changing one generation's tokens or hooks leaves every other row's bits unchanged. The pool is
-not thread-safe; one executor thread owns it.
+changing one generation's tokens or hooks leaves every other row's bits unchanged, with one
+exception: hooking ``attn.hook_result`` or a norm's ``hook_scale``/``hook_normalized`` moves
+that layer to TransformerLens's unfused formula for every row of the step (values of the other
+rows then move by rounding, ~1e-6). The pool is not thread-safe; one executor thread owns it.
 """
 
 from __future__ import annotations
