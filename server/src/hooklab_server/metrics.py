@@ -30,6 +30,7 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "gather_seconds": ("histogram", (), "time a forward waited to gather others to merge with"),
     "batch_requests": ("histogram", (), "requests merged into one forward"),
     "batch_rows": ("histogram", (), "rows of a merged forward"),
+    "decode_rows": ("histogram", (), "rows of the decode pool in one step (continuous batching)"),
     "rejected": ("counter", ("code",), "requests refused with an error before or during work"),
     "tokens": ("counter", ("key", "op"), "tokens run through the model (prompt + generated)"),
     "response_bytes": ("counter", ("key",), "response body bytes sent"),
@@ -37,6 +38,7 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "work_units": ("counter", ("op",), "layers, decode steps and patching forwards executed"),
     "inflight_requests": ("gauge", ("op",), "operations submitted and not yet finished"),
     "inflight_bytes": ("gauge", (), "estimated peak bytes reserved by admitted operations"),
+    "decode_pool_bytes": ("gauge", (), "memory of the decode pool's KV cache (made once)"),
     "running_jobs": ("gauge", (), "operations admitted (started, between units) and not finished"),
     "queue_depth": ("gauge", (), "operations waiting for their first unit"),
     "generations_started": ("counter", (), "generations started"),
@@ -51,7 +53,9 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
 }
 _TYPES: dict[Kind, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 # Histograms of counts, not seconds.
-_BUCKETS = {name: (1, 2, 4, 8, 16, 32, 64, 128) for name in ("batch_requests", "batch_rows")}
+_BUCKETS = {
+    name: (1, 2, 4, 8, 16, 32, 64, 128) for name in ("batch_requests", "batch_rows", "decode_rows")
+}
 
 
 class _Sampled(Collector):

@@ -139,6 +139,18 @@ class Settings:
         "how long a lone forward waits for others to merge with, when nothing else is queued",
         "scheduler",
     )
+    decode_rows: int = _setting(
+        16,
+        "rows of the shared KV pool: generations decoding together (continuous batching); "
+        "the pool is made at the first generation",
+        "scheduler",
+    )
+    decode_positions: int = _setting(
+        512,
+        "positions per pool row (capped by the model's context): a generation with a longer "
+        "prompt + max_new_tokens decodes alone",
+        "scheduler",
+    )
     memory_budget_bytes: int = _setting(
         0,
         "estimated peak bytes the admitted work may hold at once (0: half the RAM on a CPU, "

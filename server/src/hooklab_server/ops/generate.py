@@ -18,6 +18,7 @@ from hooklab_proto import (
     GenerateStep,
 )
 from hooklab_server.engine.generation import (
+    GenerationState,
     NonFiniteLogits,
     SamplingParams,
     StoppingParams,
@@ -108,6 +109,15 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
     return GenerateWork(prompt, sampling, stopping, hooks, request, cost)
 
 
+def _cannot_sample(exc: NonFiniteLogits) -> RequestError:
+    return RequestError(
+        ErrorCode.VALIDATION,
+        f"cannot sample: {exc}",
+        "an intervention pushed the activations out of range; use smaller values or "
+        "do_sample=false",
+    )
+
+
 class Generation:
     """One running generation; iterate to run it a step at a time. Counts itself in the metrics:
     started here, then finished (``response``), failed or cancelled (``fail`` / ``cancel``)."""
@@ -124,11 +134,12 @@ class Generation:
             self.model, work.prompt.tokens, work.prompt.mask, work.sampling, work.stopping,
             work.request.use_past_kv_cache, work.hooks, between_layers,
         )  # fmt: skip
+        self.state: GenerationState | None = None  # when run in a decode pool
         self.started = time.perf_counter()
         ctx.metrics.add("generations_started")
 
     def __iter__(self) -> Iterator[GenerateStep]:
-        metrics = self.ctx.metrics
+        """Run alone: the engine's own KV-cache loop, a step per item."""
         while True:
             self.token.check()
             try:
@@ -136,20 +147,40 @@ class Generation:
             except StopIteration:
                 return
             except NonFiniteLogits as exc:
-                raise RequestError(
-                    ErrorCode.VALIDATION,
-                    f"cannot sample: {exc}",
-                    "an intervention pushed the activations out of range; use smaller values "
-                    "or do_sample=false",
-                ) from None
-            self.new.append(next_tokens)
-            metrics.add("work_units", op=self.work.op)
-            metrics.add("generated_tokens", next_tokens.numel())
-            yield GenerateStep(
-                step=len(self.new) - 1,
-                tokens=next_tokens.tolist(),
-                text=self._decode_each(next_tokens),
+                raise _cannot_sample(exc) from None
+            yield self._record(next_tokens)
+
+    # --- run in a decode pool: the caller runs the forwards, this chooses the tokens ----------
+
+    def take(self, logits: torch.Tensor) -> GenerateStep:
+        """The step chosen from this generation's last logits [batch, d_vocab] (TransformerLens's
+        sampling and stopping rules, as ``generate_tokens`` applies them)."""
+        if self.state is None:
+            work = self.work
+            self.state = GenerationState(
+                self.model, work.prompt.tokens, work.sampling, work.stopping
             )
+        try:
+            next_tokens = self.state.choose(logits)
+        except NonFiniteLogits as exc:
+            raise _cannot_sample(exc) from None
+        return self._record(next_tokens)
+
+    @property
+    def last_tokens(self) -> torch.Tensor:
+        return self.new[-1]
+
+    @property
+    def done(self) -> bool:
+        return self.state is not None and self.state.done
+
+    def _record(self, next_tokens: torch.Tensor) -> GenerateStep:
+        self.new.append(next_tokens)
+        self.ctx.metrics.add("work_units", op=self.work.op)
+        self.ctx.metrics.add("generated_tokens", next_tokens.numel())
+        return GenerateStep(
+            step=len(self.new) - 1, tokens=next_tokens.tolist(), text=self._decode_each(next_tokens)
+        )
 
     def close(self) -> None:
         """Stop the engine loop and free its KV cache."""

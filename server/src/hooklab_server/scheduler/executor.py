@@ -22,6 +22,7 @@ import torch
 
 from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
 
+from ..engine import DecodePool, RowGroup
 from ..memory import TRIM_ABOVE_BYTES, release_memory
 from ..metrics import Metrics
 from ..ops import (
@@ -37,6 +38,7 @@ from ..ops import (
     Work,
 )
 from ..ops.batching import merge_key, padded_tokens, run_forward_batch
+from ..ops.generate import Generation
 from ..settings import Settings
 from .policy import FairQueue, Job, QueueFull, drop_where
 
@@ -93,6 +95,13 @@ class SchedulerExecutor:
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._live: set[Job] = set()  # submitted, not yet finished
+        # Continuous batching: generations decode together in one pool (made when first needed).
+        self.pool: DecodePool | None = None
+        self.decode_rows = settings.decode_rows
+        self.decode_positions = min(settings.decode_positions, model.cfg.n_ctx)
+        self.decoding: dict[RowGroup, _Decoding] = {}
+        self._decode_next = False  # decode steps and other units take turns
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="hooklab-executor", daemon=True)
         self._thread.start()
@@ -168,9 +177,11 @@ class SchedulerExecutor:
             run.merge_key = merge_key(self.operations.ctx, work)
         job = Job(key, self._cost(run, 0), work.cost.peak_bytes, time.monotonic(), run)
         with self._lock:
+            self._live.add(job)
             try:
                 self.queue.submit(job)
             except QueueFull as full:
+                self._live.discard(job)
                 raise RequestError(
                     ErrorCode.QUEUE_FULL, full.message, "retry later", full.retry_after
                 ) from None
@@ -188,15 +199,16 @@ class SchedulerExecutor:
 
     def _finished(self, job: Job) -> bool:
         with self._lock:
-            return job not in self.queue.jobs()
+            return job not in self._live
 
     def _publish(self) -> None:
         """The queue's state as gauges."""
         with self._lock:
             jobs = self.queue.jobs()
-            reserved = self.queue.reserved
+            reserved = self.queue.reserved - self.queue.reserved_by_executor
         self.metrics.set("queue_depth", sum(job.started is None for job in jobs))
-        self.metrics.set("running_jobs", sum(job.started is not None for job in jobs))
+        running = sum(job.started is not None for job in jobs) + len(self.decoding)
+        self.metrics.set("running_jobs", running)
         self.metrics.set("inflight_bytes", reserved)
 
     def _depth_by_key(self) -> dict[str, float]:
@@ -211,20 +223,142 @@ class SchedulerExecutor:
 
     def _serve(self) -> None:
         while not self._stopping:
+            self._leave_cancelled()
+            if self.decoding and self._decode_next:
+                self._decode_next = False
+                self._decode_step()
+                continue
             with self._lock:
                 gone = drop_where(self.queue, lambda j: j.payload.token.reason is not None)
-                job = self.queue.next()
+                job = self.queue.next(self._ready)
             for stopped in gone:
                 self._stop(stopped)
+            self._decode_next = True
             if job is None:
-                self._wake.wait(IDLE_WAIT_S)
-                self._wake.clear()
+                if not self.decoding:
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                continue
+            if self._pooled(job.payload) and job.started is None:
+                self._join(job)
                 continue
             batch = self._batch_for(job)
             if len(batch) > 1:
                 self._run_batch(batch)
             else:
                 self._run_unit(job)
+
+    # --- continuous batching: generations in the decode pool --------------------------------
+
+    def _pooled(self, run: _Run) -> bool:
+        """Whether a generation decodes in the shared pool (else it runs alone, step by step):
+        it uses a KV cache and fits a pool's rows and positions."""
+        work = run.work
+        if not isinstance(work, GenerateWork) or not work.request.use_past_kv_cache:
+            return False
+        prompt = work.prompt
+        total = prompt.pos + work.stopping.max_new_tokens
+        return prompt.batch <= self.decode_rows and total <= self.decode_positions
+
+    def _ready(self, job: Job) -> bool:
+        """A pooled generation waits for free rows; everything else is ready."""
+        run: _Run = job.payload
+        if job.started is not None or not self._pooled(run) or self.pool is None:
+            return True
+        assert isinstance(run.work, GenerateWork)
+        return run.work.prompt.batch <= self.pool.free_rows
+
+    def _join(self, job: Job) -> None:
+        """Prefill a generation into the pool (its first unit): it decodes with the others
+        from the next step on."""
+        run: _Run = job.payload
+        work = run.work
+        assert isinstance(work, GenerateWork)
+        now = time.perf_counter()
+        self._started(job, now)
+        run.steps.close()  # it runs here, not through its own steps
+        if self.pool is None:
+            self.pool = DecodePool(
+                self.operations.ctx.model, self.decode_rows, self.decode_positions
+            )
+            pool_bytes = self.pool.kv.numel() * self.pool.kv.element_size()
+            with self._lock:
+                self.queue.reserve(pool_bytes)
+            self.metrics.set("decode_pool_bytes", pool_bytes)
+        generation: Generation | None = None
+        try:
+            generation = Generation(self.operations.ctx, work, run.token)
+            with torch.inference_mode():
+                group, logits = self.pool.join(
+                    work.prompt.tokens, work.prompt.mask, work.hooks, run.token.check
+                )
+                try:
+                    run.send(generation.take(logits))
+                except BaseException:
+                    self.pool.leave(group)
+                    raise
+        except BaseException as exc:
+            self._finish(job, run, _outcome_of(exc, run), time.perf_counter() - now)
+            if generation is not None:
+                self.metrics.add("generations_failed")
+            return
+        run.run_s += time.perf_counter() - now
+        with self._lock:
+            self.queue.park(job)
+        if generation.done:
+            self.pool.leave(group)
+            self._finish(job, run, self._response(generation, run), 0.0)
+            return
+        self.decoding[group] = _Decoding(job, run, generation)
+        self._publish()
+
+    def _decode_step(self) -> None:
+        """One token for every generation in the pool, in one forward."""
+        assert self.pool is not None
+        now = time.perf_counter()
+        tokens = {group: d.generation.last_tokens for group, d in self.decoding.items()}
+        try:
+            with torch.inference_mode():
+                logits = self.pool.step(tokens)
+        except Exception as exc:
+            logger.exception("a decode step of %d generations failed", len(self.decoding))
+            for group in list(self.decoding):
+                self._end_decoding(group, exc, now)
+            return
+        seconds = time.perf_counter() - now
+        self.metrics.observe("decode_rows", self.pool.active_rows)
+        for group, d in list(self.decoding.items()):
+            d.run.run_s += seconds
+            try:
+                with torch.inference_mode():
+                    d.run.send(d.generation.take(logits[group]))
+            except Exception as exc:
+                self._end_decoding(group, exc, now)
+                continue
+            if d.generation.done:
+                self._end_decoding(group, None, now)
+
+    def _leave_cancelled(self) -> None:
+        for group, d in list(self.decoding.items()):
+            reason = d.run.token.reason
+            if reason is not None:
+                self._end_decoding(group, Cancelled(reason), time.perf_counter())
+
+    def _end_decoding(self, group: RowGroup, failure: BaseException | None, since: float) -> None:
+        assert self.pool is not None
+        d = self.decoding.pop(group)
+        self.pool.leave(group)
+        if failure is None:
+            outcome: Any = self._response(d.generation, d.run)
+        else:
+            outcome = _outcome_of(failure, d.run)
+            if not isinstance(failure, Cancelled):
+                self.metrics.add("generations_failed")
+        self._finish(d.job, d.run, outcome, 0.0)
+
+    @staticmethod
+    def _response(generation: Generation, run: _Run) -> GenerateResponse:
+        return generation.response()
 
     def _batch_for(self, job: Job) -> list[Job]:
         """``job`` and the queued forwards that can share its forward (within the token budget;
@@ -310,6 +444,7 @@ class SchedulerExecutor:
         run.run_s += seconds
         with self._lock:
             self.queue.ran(job, job.cost, seconds, None)
+            self._live.discard(job)
         self._publish()
         self.metrics.add("inflight_requests", -1, op=run.work.op)
         run.stats["run_s"] = run.run_s
@@ -320,6 +455,7 @@ class SchedulerExecutor:
 
     def _stop(self, job: Job) -> None:
         run: _Run = job.payload
+        self._live.discard(job)
         self.metrics.add("inflight_requests", -1, op=run.work.op)
         self._publish()
         run.steps.close()
@@ -359,6 +495,22 @@ class SchedulerExecutor:
     def _trim(run: _Run) -> None:
         if run.work.cost.peak_bytes > TRIM_ABOVE_BYTES:
             release_memory()
+
+
+@dataclass(eq=False)
+class _Decoding:
+    job: Job
+    run: _Run
+    generation: Generation
+
+
+def _outcome_of(exc: BaseException, run: _Run) -> BaseException:
+    """What to hand back for a failed unit: a fresh Cancelled (the stopped frames go now)."""
+    if isinstance(exc, Cancelled):
+        return Cancelled(exc.reason)
+    if not isinstance(exc, RequestError):
+        logger.error("%s failed on the executor: %r", run.work.op, exc)
+    return exc
 
 
 def _unit_tokens(work: Work) -> list[int]:

@@ -61,7 +61,8 @@ class FairQueue:
         self.max_per_key = max_per_key
         self.max_total = max_total
         self.memory_budget = memory_budget
-        self.reserved = 0  # bytes held by admitted jobs
+        self.reserved = 0  # bytes held by admitted jobs and by the executor itself
+        self.reserved_by_executor = 0
         self.units_run = 0  # every unit of every job, in order
         self._keys: dict[str, _Key] = {}
         self._ring: deque[str] = deque()  # keys with queued jobs, head first
@@ -110,16 +111,16 @@ class FairQueue:
 
     # --- choosing ---------------------------------------------------------------------------
 
-    def next(self, passes: int = 4) -> Job | None:
+    def next(self, ready: Callable[[Job], bool] = lambda job: True, passes: int = 4) -> Job | None:
         """The job whose next unit runs now (it stays at the front of its key's queue), or
-        None when nothing can run (empty, or nothing fits in memory yet)."""
+        None when nothing can run (empty, nothing fits in memory yet, nothing ``ready``)."""
         for _ in range(passes * max(1, len(self._ring))):
             if not self._ring:
                 return None
             key = self._ring[0]
             state = self._keys[key]
             job = state.jobs[0]
-            if not self._fits(job):
+            if not self._fits(job) or not ready(job):
                 # This key waits for memory; others may run meanwhile.
                 state.in_turn = False
                 self._ring.rotate(-1)
@@ -162,6 +163,20 @@ class FairQueue:
                 job.units_waited += self.units_run
                 taken.append(job)
         return taken
+
+    def park(self, job: Job) -> None:
+        """Take a running job out of its key's queue, keeping its memory: its units run
+        elsewhere now (a generation decoding in the shared pool). ``remove`` ends it."""
+        state = self._keys.get(job.key)
+        if state is not None and job in state.jobs:
+            state.jobs.remove(job)
+            if not state.jobs:
+                self._drop_key(job.key)
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold memory for the executor's own use (the decode pool)."""
+        self.reserved += nbytes
+        self.reserved_by_executor += nbytes
 
     def _fits(self, job: Job) -> bool:
         return job.admitted or self.reserved + job.reserve_bytes <= self.memory_budget
