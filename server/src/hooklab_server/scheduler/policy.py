@@ -2,11 +2,13 @@
 queues and admission by memory. Pure policy — no threads, no torch — so its order can be tested
 exactly.
 
-Each key has a FIFO of jobs. Keys with work sit in a ring; a visit adds ``quantum`` to the key's
+Each key has a FIFO of jobs. Keys with work sit in a ring; a visit adds a quantum to the key's
 deficit (capped, so an idle key banks no burst) and the key runs units while their cost fits the
-deficit. A job of many units (a patching sweep, a generation) goes back to the front of its
-key's queue after each unit, so one key's sweep and another key's single forward alternate by
-cost rather than by arrival: one user's 50 requests do not starve another's one.
+deficit. The quantum adapts: the largest next-unit cost among the keys waiting, so a key whose
+units are small runs as many as one large unit of another key costs (shares follow cost), and a
+key whose units are large runs one before a waiting key's turn (a light request waits at most
+one chunk of a heavy sweep). A job of many units (a patching sweep, a generation) stays at the
+front of its key's queue between units, so one user's 50 requests do not starve another's one.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class FairQueue:
                     self._ring.rotate(-1)
                     continue
                 # A new visit: a quantum more (capped, so an idle key banks no burst).
-                state.deficit = min(state.deficit + self.quantum, 2 * self.quantum + job.cost)
+                quantum = self._quantum(job)
+                state.deficit = min(state.deficit + quantum, 2 * quantum + job.cost)
                 if state.deficit < job.cost:
                     self._ring.rotate(-1)
                     continue
@@ -144,6 +147,12 @@ class FairQueue:
                 job.units_waited += self.units_run
             return job
         return None
+
+    def _quantum(self, job: Job) -> float:
+        """One visit's credit: the costliest next unit among the keys waiting (at most the
+        configured quantum, the largest unit a request may bring)."""
+        heads = [self._keys[key].jobs[0].cost for key in self._ring if self._keys[key].jobs]
+        return min(self.quantum, max([job.cost, *heads]))
 
     def take_along(self, first: Job, accept: Callable[[Job], bool]) -> list[Job]:
         """More jobs to run in one batch with ``first`` (just picked by ``next``): each key's
