@@ -22,7 +22,7 @@ from hooklab_proto import (
     dtype_code,
 )
 
-from .errors import ConnectionFailedError, QuotaError, RequestTimeoutError, server_error
+from .errors import ConnectionFailedError, RequestTimeoutError, server_error
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -107,8 +107,9 @@ class Transport:
         error = server_error(
             code, message, hint, response.status_code, response.headers.get("x-request-id")
         )
-        if isinstance(error, QuotaError) and "retry-after" in response.headers:
-            error.retry_after = float(response.headers["retry-after"])
+        retry_after = response.headers.get("retry-after", "")
+        if retry_after.isdigit():  # hooklab sends seconds (HTTP also allows a date)
+            error.retry_after = float(retry_after)
         raise error
 
     def get_json(self, path: str) -> Any:

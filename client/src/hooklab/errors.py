@@ -29,6 +29,7 @@ class ServerError(HooklabError):
         self.hint = hint
         self.status = status
         self.request_id = request_id  # names the request in the server's log
+        self.retry_after: float | None = None  # seconds, when the server said (429)
         super().__init__(f"{message} ({code}; {hint})" if hint else f"{message} ({code})")
 
 
@@ -96,7 +97,10 @@ class QuotaError(ServerError):
     """Over one of the key's quotas; ``retry_after`` (seconds) says when to try again, when
     waiting helps (None: ask for less instead)."""
 
-    retry_after: float | None = None
+
+class QueueFullError(ServerError):
+    """The server (or this key's share of it) has too much work queued; try again after
+    ``retry_after`` seconds."""
 
 
 class DeadlineExceededError(ServerError):
@@ -119,6 +123,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
     "deadline_exceeded": DeadlineExceededError,
     "unauthorized": UnauthorizedError,
     "quota": QuotaError,
+    "queue_full": QueueFullError,
     "validation_error": InvalidRequestError,
     "unknown_hook": UnknownHookError,
     "bad_index": BadIndexError,
@@ -156,6 +161,7 @@ __all__ = [
     "InvalidRequestError",
     "MethodNotAllowedError",
     "NotFoundError",
+    "QueueFullError",
     "QuotaError",
     "RequestTimeoutError",
     "ServerError",
