@@ -151,6 +151,12 @@ class Settings:
         "prompt + max_new_tokens decodes alone",
         "scheduler",
     )
+    forward_slice_ms: float = _setting(
+        100.0,
+        "between two decode steps, other work (joins, forwards, chunks) runs for up to this "
+        "long (plus one unit): the stall of a streaming token, against prefill throughput",
+        "scheduler",
+    )
     memory_budget_bytes: int = _setting(
         0,
         "estimated peak bytes the admitted work may hold at once (0: half the RAM on a CPU, "

@@ -101,7 +101,7 @@ class SchedulerExecutor:
         self.decode_rows = settings.decode_rows
         self.decode_positions = min(settings.decode_positions, model.cfg.n_ctx)
         self.decoding: dict[RowGroup, _Decoding] = {}
-        self._decode_next = False  # decode steps and other units take turns
+        self.forward_slice_s = settings.forward_slice_ms / 1000
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="hooklab-executor", daemon=True)
         self._thread.start()
@@ -222,20 +222,26 @@ class SchedulerExecutor:
     # --- the executor thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Decode steps and other units interleave: after a step, other units (joins,
+        forwards, chunks) run until ``forward_slice_ms`` is used, then the next step — so a
+        token stalls at most a slice plus a unit, and joins can fill the pool in a burst."""
+        last_step = time.perf_counter()
         while not self._stopping:
             self._leave_cancelled()
-            if self.decoding and self._decode_next:
-                self._decode_next = False
+            if self.decoding and time.perf_counter() - last_step >= self.forward_slice_s:
                 self._decode_step()
+                last_step = time.perf_counter()
                 continue
             with self._lock:
                 gone = drop_where(self.queue, lambda j: j.payload.token.reason is not None)
                 job = self.queue.next(self._ready)
             for stopped in gone:
                 self._stop(stopped)
-            self._decode_next = True
             if job is None:
-                if not self.decoding:
+                if self.decoding:  # nothing else to do: step now
+                    self._decode_step()
+                    last_step = time.perf_counter()
+                else:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                 continue
