@@ -140,3 +140,34 @@ def test_a_cancelled_generation_frees_its_rows_and_others_are_unaffected(
     # Its rows are free: a full pool's worth of generations runs at once afterwards.
     running = _metric(served.url, "hooklab_running_jobs")
     assert running == 0, f"{running} jobs still running after the cancel"
+
+
+def test_seeded_sampling_is_reproducible_beside_other_generations(pooled_server: Served) -> None:
+    """A seeded, sampled generation gives the same tokens alone and while it shares the pool
+    with others (its random stream is its own)."""
+    served = pooled_server
+    ids = torch.tensor([[11, 12, 13, 14]])
+    sampled = {"do_sample": True, "temperature": 0.9, "top_k": 50, "seed": 1234}
+    alone = served.model.generate(ids, max_new_tokens=30, stop_at_eos=False, **sampled)
+    plans = _plans(served)
+    results: list[Any] = [None] * 3
+
+    def run(index: int) -> None:
+        client = hooklab.connect(served.url)
+        try:
+            if index == 0:
+                results[0] = client.generate(ids, max_new_tokens=30, stop_at_eos=False, **sampled)
+            else:
+                prompt, new, ours, _ = plans[index]
+                results[index] = client.generate(
+                    prompt, max_new_tokens=new, fwd_hooks=ours, **GREEDY
+                )
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert torch.equal(results[0], alone)
