@@ -31,6 +31,8 @@ DECLARED: dict[str, tuple[Kind, tuple[str, ...], str]] = {
     "batch_requests": ("histogram", (), "requests merged into one forward"),
     "batch_rows": ("histogram", (), "rows of a merged forward"),
     "decode_rows": ("histogram", (), "rows of the decode pool in one step (continuous batching)"),
+    "decode_step_seconds": ("histogram", (), "time of one decode step of the pool"),
+    "join_seconds": ("histogram", (), "time of a generation's prefill into the pool"),
     "rejected": ("counter", ("code",), "requests refused with an error before or during work"),
     "tokens": ("counter", ("key", "op"), "tokens run through the model (prompt + generated)"),
     "response_bytes": ("counter", ("key",), "response body bytes sent"),

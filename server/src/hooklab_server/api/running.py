@@ -70,10 +70,9 @@ async def _watch_disconnect(request: Request, token: CancelToken) -> None:
             return
 
 
-def _stopped(request: Request, op: str, reason: str, token: CancelToken) -> Exception:
-    """Count work stopped early, and what to raise for it: 504 past the deadline, nothing to
-    answer when the client left."""
-    service(request).metrics.add("cancelled", op=op, reason=reason)
+def _stopped(reason: str, token: CancelToken) -> Exception:
+    """What to raise for work stopped early (the executor counted it): 504 past the deadline,
+    nothing to answer when the client left."""
     return deadline_error(token) if reason == "deadline" else ClientGone()
 
 
@@ -88,7 +87,7 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
         key = account_of(request.scope).name
         return await service(request).executor.run(work, token, key)
     except Cancelled as stop:
-        raise _stopped(request, work.op, stop.reason, token) from None
+        raise _stopped(stop.reason, token) from None
     finally:
         watcher.cancel()
         settle(request, work, admission, work.cost.tokens)
@@ -98,8 +97,7 @@ async def generation(
     request: Request, work: GenerateWork, token: CancelToken, admission: Admission
 ) -> AsyncIterator[GenerateStep | GenerateResponse]:
     """A generation's steps then its response (``admission`` made by the route, before any
-    response started); counts how it ended in the metrics."""
-    metrics = service(request).metrics
+    response started)."""
     steps = service(request).executor.generate(work, token, account_of(request.scope).name)
     finished = False
     made = 0
@@ -109,16 +107,10 @@ async def generation(
             made += not finished
             yield item
     except Cancelled as stop:
-        metrics.add("generations_cancelled")
-        raise _stopped(request, work.op, stop.reason, token) from None
+        raise _stopped(stop.reason, token) from None
     except (asyncio.CancelledError, GeneratorExit):
-        if not finished:  # the streaming client left between two steps
+        if not finished:  # the streaming client left between two steps: stop the work
             token.cancel("disconnect")
-            metrics.add("generations_cancelled")
-            metrics.add("cancelled", op=work.op, reason="disconnect")
-        raise
-    except BaseException:
-        metrics.add("generations_failed")
         raise
     finally:
         await steps.aclose()

@@ -305,10 +305,9 @@ class SchedulerExecutor:
                     raise
         except BaseException as exc:
             self._finish(job, run, _outcome_of(exc, run), time.perf_counter() - now)
-            if generation is not None:
-                self.metrics.add("generations_failed")
             return
         run.run_s += time.perf_counter() - now
+        self.metrics.observe("join_seconds", time.perf_counter() - now)
         with self._lock:
             self.queue.park(job)
         if generation.done:
@@ -333,6 +332,7 @@ class SchedulerExecutor:
             return
         seconds = time.perf_counter() - now
         self.metrics.observe("decode_rows", self.pool.active_rows)
+        self.metrics.observe("decode_step_seconds", seconds)
         for group, d in list(self.decoding.items()):
             d.run.run_s += seconds
             try:
@@ -358,8 +358,6 @@ class SchedulerExecutor:
             outcome: Any = self._response(d.generation, d.run)
         else:
             outcome = _outcome_of(failure, d.run)
-            if not isinstance(failure, Cancelled):
-                self.metrics.add("generations_failed")
         self._finish(d.job, d.run, outcome, 0.0)
 
     @staticmethod
@@ -447,10 +445,19 @@ class SchedulerExecutor:
             self._publish()
 
     def _finish(self, job: Job, run: _Run, outcome: Any, seconds: float) -> None:
+        """A job ended (a result, a failure, or stopped): counted here, before its caller
+        hears of it, so the metrics never lag the answer."""
         run.run_s += seconds
         with self._lock:
             self.queue.ran(job, job.cost, seconds, None)
             self._live.discard(job)
+        generating = isinstance(run.work, GenerateWork)
+        if isinstance(outcome, Cancelled):
+            self.metrics.add("cancelled", op=run.work.op, reason=outcome.reason)
+            if generating:
+                self.metrics.add("generations_cancelled")
+        elif isinstance(outcome, BaseException) and generating:
+            self.metrics.add("generations_failed")
         self._publish()
         self.metrics.add("inflight_requests", -1, op=run.work.op)
         run.stats["run_s"] = run.run_s
@@ -460,12 +467,16 @@ class SchedulerExecutor:
         self._trim(run)
 
     def _stop(self, job: Job) -> None:
+        """A queued (or between-units) job whose client left or whose deadline passed."""
         run: _Run = job.payload
         self._live.discard(job)
+        reason = run.token.reason or "disconnect"
+        self.metrics.add("cancelled", op=run.work.op, reason=reason)
+        if isinstance(run.work, GenerateWork) and job.started is not None:
+            self.metrics.add("generations_cancelled")
         self.metrics.add("inflight_requests", -1, op=run.work.op)
         self._publish()
         run.steps.close()
-        reason = run.token.reason or "disconnect"
         run.send(Cancelled(reason))
         self._trim(run)
 
