@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .components.attention import AttentionMask, PooledKV, RowSpan
-from .hook_points import HookRun, RowHooks
+from .hook_points import NO_HOOKS, HookRun, RowHooks
 from .model import FwdHooks, HookedTransformer
 
 
@@ -109,9 +109,20 @@ class DecodePool:
         model = self.model
         hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
         cache = model.init_kv_cache()
-        logits = model.forward(
-            tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks
-        )
+        if any(name.startswith(("ln_final.", "unembed.")) for name in hooks.fns):
+            logits = model.forward(
+                tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks
+            )[:, -1]
+        else:
+            # Only the last position's logits are used: unembedding the others would cost a
+            # quarter of a short prefill (d_model x d_vocab per position) for nothing.
+            resid = model.forward(
+                tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks,
+                stop_at_layer=model.cfg.n_layers,
+            )  # fmt: skip
+            with torch.inference_mode():
+                last = model.ln_final(resid[:, -1:], NO_HOOKS)
+                logits = model.unembed(last, NO_HOOKS)[:, -1]
         group = RowGroup(self.active_rows, batch, width, hooks)
         rows = group.rows
         with torch.inference_mode():
@@ -133,7 +144,7 @@ class DecodePool:
             self.lengths[rows] = width
         self.extent[rows] = [width] * batch
         self.groups.append(group)
-        return group, logits[:, -1]
+        return group, logits
 
     def step(
         self,
