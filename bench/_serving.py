@@ -65,23 +65,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(checkpoint: Path, port: int) -> list[str]:
+def server_command(checkpoint: Path, port: int, device: str = "cpu") -> list[str]:
     script = Path(sys.executable).parent / "hooklab-server"
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "hooklab_server.cli"]
-    return [*launcher, "--model", str(checkpoint), "--port", str(port), "--device", "cpu"]
+    return [*launcher, "--model", str(checkpoint), "--port", str(port), "--device", device]
 
 
 @contextmanager
 def running_server(
-    checkpoint: Path, log_path: Path, threads: int
+    checkpoint: Path,
+    log_path: Path,
+    threads: int,
+    device: str = "cpu",
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``hooklab-server`` in its own process on a free loopback port; yields (url, process)
-    right after starting it — call :func:`wait_ready` before using it."""
+    """``hooklab-server`` in its own process on a free loopback port (``env``: extra
+    ``HOOKLAB_*`` settings); yields (url, process) right after starting it — call
+    :func:`wait_ready` before using it."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    full_env = {**os.environ, **(env or {}), **threads_env}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(checkpoint, port), stdout=log, stderr=subprocess.STDOUT, env=env
+            server_command(checkpoint, port, device),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
         )
     try:
         yield f"http://127.0.0.1:{port}", process

@@ -42,13 +42,12 @@ import io
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serving import SEED, free_port, gpt2_small_checkpoint, server_command, wait_ready
+from _serving import SEED, gpt2_small_checkpoint, running_server, wait_ready
 from _table import print_table
 
 import hooklab
@@ -101,32 +100,6 @@ def make_keys(keys_file: Path, names: list[str]) -> dict[str, str]:
         assert code == 0, f"keys add {name} failed ({code})"
         made[name] = out.getvalue().strip()
     return made
-
-
-@contextlib.contextmanager
-def running_server(
-    checkpoint: Path, log_path: Path, device: str, env: dict[str, str]
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``hooklab-server`` in its own process (as bench/_serving.py starts it, with the device
-    and extra settings given)."""
-    port = free_port()
-    command = server_command(checkpoint, port)
-    command[command.index("--device") + 1] = device
-    full_env = {
-        **os.environ, **env, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
-    }  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 # ---- the work ----------------------------------------------------------------------------------
@@ -330,7 +303,7 @@ def main() -> None:
             "HOOKLAB_QUOTA_TOKENS_PER_MINUTE": str(10**9),
         }
         log = Path(folder) / "server.log"
-        with running_server(checkpoint, log, args.device, env) as (url, process):
+        with running_server(checkpoint, log, THREADS, args.device, env) as (url, process):
             wait_ready(url, process, log)
             pool = {name: make_user(url, name, keys[name], i) for i, name in enumerate(names)}
             solo = make_user(url, "solo", keys["solo"], len(names))
