@@ -10,7 +10,7 @@ import torch
 from hooklab_proto import ErrorCode, StoreTensorRequest
 from hooklab_server.engine import HookedTransformer
 
-from ..store import Stored
+from ..store import StoredInfo
 from .context import OpsContext
 from .cost import check_response, response_size
 from .errors import RequestError
@@ -50,7 +50,7 @@ def stored_cache(ctx: OpsContext, object_id: str, wants_json: bool) -> dict[str,
     return value
 
 
-def store_tensor(ctx: OpsContext, request: StoreTensorRequest) -> Stored:
+def store_tensor(ctx: OpsContext, request: StoreTensorRequest) -> StoredInfo:
     tensor = ctx.tensor(request.tensor, "tensor")
     return ctx.store.put("tensor", tensor, ctx.caller, request.ttl_s)
 
