@@ -49,6 +49,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     REQUEST_TIMEOUT = "request_timeout"  # the body did not arrive in time
     DEADLINE = "deadline_exceeded"  # the work passed the request's timeout_s
+    UNAVAILABLE = "unavailable"  # a part the server needs (Redis, a model's workers) is down
     INTERNAL = "internal"
 
 
