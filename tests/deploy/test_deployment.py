@@ -164,6 +164,8 @@ def test_compose_stack(project: Path) -> None:
     assert "HOOKLAB_MODEL" not in api["environment"]  # stateless: no model
 
     assert worker["command"] == ["hooklab-worker"]
+    # The worker serves no HTTP: the server's every-interface checks (hosts, keys) stay off.
+    assert "HOOKLAB_HOST" not in worker["environment"]
     assert worker["environment"]["HOOKLAB_DEVICE"] == "cuda"
     assert worker["environment"]["HOOKLAB_MODEL"]
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in worker["volumes"])
@@ -303,6 +305,11 @@ def test_targets_and_commands() -> None:
     assert stages[-1] == "api"  # a plain `docker build` gives the server
     assert json.loads(effective("api", "CMD").args) == ["hooklab-server"]
     assert json.loads(effective("worker", "CMD").args) == ["hooklab-worker"]
+    # Only the API listens on every interface (the worker keeps the loopback default).
+    host = [
+        i for i in dockerfile_instructions() if i.keyword == "ENV" and "HOOKLAB_HOST=" in i.args
+    ]
+    assert [i.stage for i in host] == ["api"]
     [base_arg] = [i for i in dockerfile_instructions() if i.keyword == "ARG" and i.stage == ""]
     assert base_arg.args.startswith("BASE=nvidia/cuda:")
     assert any(i.args == 'TORCH_INDEX=""' for i in dockerfile_instructions() if i.keyword == "ARG")
