@@ -2,7 +2,9 @@
 TransformerLens 3.9 on the same weights as the reference (``e2e_servers``).
 
 One server per checkpoint lives for the whole session (``gpt2_server``, ``llama_server``,
-``neox_server``, and ``server`` parametrised over them). ``limited_server`` is a fresh server per
+``neox_server``, and ``server`` parametrised over them), in each deployment: embedded, and
+scaled out over Redis with two worker processes (``deployment``), so every test using them
+runs against both. ``limited_server`` is a fresh server per
 test with tiny limits (tokens, batch, body and response size, store bytes); ``make_server`` starts
 servers with any other ``Settings``. Every server is stopped, and its thread joined, when its
 fixture ends.
@@ -11,32 +13,71 @@ fixture ends.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from fixtures.redis_server import RedisServer
 from hooklab_server.settings import Settings
 
-from .e2e_servers import TINY_LIMITS, Served, served_checkpoint
+from .e2e_servers import TINY_LIMITS, Served, scaled_out_checkpoint, served_checkpoint
+
+DEPLOYMENTS = ("embedded", "redis")
+
+
+@pytest.fixture(scope="session", params=DEPLOYMENTS)
+def deployment(request: pytest.FixtureRequest) -> str:
+    """How the session servers run: one process (embedded), or scaled out (redis: the API tier
+    over a real redis-server and two hooklab-worker processes per model)."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")
-def gpt2_server(gpt2_checkpoint: Path) -> Iterator[Served]:
-    with served_checkpoint(gpt2_checkpoint) as served:
+def e2e_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the e2e deployments' own (other tests empty the shared one)."""
+    server = RedisServer(tmp_path_factory.mktemp("e2e-redis")).start()
+    yield server
+    server.stop()
+
+
+@contextmanager
+def _session_server(
+    request: pytest.FixtureRequest, deployment: str, checkpoint: Path
+) -> Iterator[Served]:
+    if deployment == "embedded":
+        with served_checkpoint(checkpoint) as served:
+            yield served
+        return
+    redis_url = request.getfixturevalue("e2e_redis").url
+    folder = request.getfixturevalue("tmp_path_factory").mktemp(f"{checkpoint.name}-workers")
+    with scaled_out_checkpoint(checkpoint, redis_url, folder) as served:
         yield served
 
 
 @pytest.fixture(scope="session")
-def llama_server(llama_checkpoint: Path) -> Iterator[Served]:
-    with served_checkpoint(llama_checkpoint) as served:
+def gpt2_server(
+    request: pytest.FixtureRequest, deployment: str, gpt2_checkpoint: Path
+) -> Iterator[Served]:
+    with _session_server(request, deployment, gpt2_checkpoint) as served:
         yield served
 
 
 @pytest.fixture(scope="session")
-def neox_server(neox_checkpoint: Path) -> Iterator[Served]:
-    with served_checkpoint(neox_checkpoint) as served:
+def llama_server(
+    request: pytest.FixtureRequest, deployment: str, llama_checkpoint: Path
+) -> Iterator[Served]:
+    with _session_server(request, deployment, llama_checkpoint) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def neox_server(
+    request: pytest.FixtureRequest, deployment: str, neox_checkpoint: Path
+) -> Iterator[Served]:
+    with _session_server(request, deployment, neox_checkpoint) as served:
         yield served
 
 
@@ -44,8 +85,8 @@ SERVER_ARCHS = ("gpt2", "llama", "neox")
 
 
 @pytest.fixture(params=SERVER_ARCHS)
-def server(request: pytest.FixtureRequest) -> Served:
-    """Each session server in turn (ids gpt2, llama, neox)."""
+def server(request: pytest.FixtureRequest, deployment: str) -> Served:
+    """Each session server in turn (ids gpt2, llama, neox), in each deployment."""
     served: Served = request.getfixturevalue(f"{request.param}_server")
     served.model.reset_hooks()  # a failed test must not leave hooks on the shared client
     return served

@@ -18,6 +18,7 @@ import uvicorn
 
 import hooklab
 from fixtures.oracle import load_tl_model
+from fixtures.scaled_out import ScaledOut
 from hooklab_server.api import create_app
 from hooklab_server.api.serving import server_config
 from hooklab_server.engine import load_model
@@ -117,12 +118,34 @@ def tl_model(checkpoint: Path) -> Any:
 
 @contextmanager
 def served_checkpoint(checkpoint: Path, settings: Settings | None = None) -> Iterator[Served]:
-    with serve(engine_model(checkpoint), settings) as running:
-        client = hooklab.connect(running.url)
-        try:
-            yield Served(running.url, client, tl_model(checkpoint))
-        finally:
-            client.close()
+    with (
+        serve(engine_model(checkpoint), settings) as running,
+        _served(running.url, checkpoint) as served,
+    ):
+        yield served
+
+
+@contextmanager
+def scaled_out_checkpoint(
+    checkpoint: Path, redis_url: str, folder: Path, settings: Settings | None = None
+) -> Iterator[Served]:
+    """The same, served scaled out: an API over Redis and two worker processes."""
+    deployment = ScaledOut(redis_url, [checkpoint], folder, settings)
+    try:
+        deployment.start()
+        with _served(deployment.url, checkpoint) as served:
+            yield served
+    finally:
+        deployment.stop()
+
+
+@contextmanager
+def _served(url: str, checkpoint: Path) -> Iterator[Served]:
+    client = hooklab.connect(url)
+    try:
+        yield Served(url, client, tl_model(checkpoint))
+    finally:
+        client.close()
 
 
 # ---- inputs ----------------------------------------------------------------------------------

@@ -484,7 +484,7 @@ def test_an_unexpected_server_error_is_a_500_envelope_and_the_connection_survive
     client gets the JSON error envelope (code internal) and the same keep-alive connection
     serves the next request."""
     app = create_app(engine_model(gpt2_checkpoint), Settings())
-    operations = app.state.hooklab.operations
+    operations = app.state.hooklab.models.entry.operations
 
     def broken(work: object, token: object) -> Iterator[object]:
         raise RuntimeError("injected fault")

@@ -41,7 +41,9 @@ def test_greedy_tokens_equal_transformerlens(server: Served) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
-def test_greedy_tokens_equal_hugging_face(arch: str, request: pytest.FixtureRequest) -> None:
+def test_greedy_tokens_equal_hugging_face(
+    arch: str, deployment: str, request: pytest.FixtureRequest
+) -> None:
     served: Served = request.getfixturevalue(f"{arch}_server")
     hf = load_hf_model(request.getfixturevalue(f"{arch}_checkpoint"))
     tokens = sample_tokens(served.tl, batch=2, pos=6)
@@ -132,9 +134,12 @@ def test_verbose_generate_prints_the_tokens_as_they_arrive(
 
 
 def metric(url: str, name: str) -> int:
+    """The counter's total over its series (scaled out: one series per worker)."""
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    value = next(line.split()[1] for line in lines if line.startswith(f"hooklab_{name}_total"))
-    return int(float(value))
+    series = f"hooklab_{name}_total"
+    values = [line.split()[-1] for line in lines if line.split("{")[0].split(" ")[0] == series]
+    assert values, f"no {series} in /metrics"
+    return int(sum(float(value) for value in values))
 
 
 def test_closing_a_stream_stops_the_generation_on_the_server(gpt2_server: Served) -> None:

@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 
 
 def connect(
-    url: str, api_key: str | None = None, timeout: float | None = 60.0
+    url: str, api_key: str | None = None, timeout: float | None = 60.0, model: str | None = None
 ) -> HookedTransformer:
     """Shorthand for :meth:`HookedTransformer.from_server`."""
-    return HookedTransformer.from_server(url, api_key, timeout)
+    return HookedTransformer.from_server(url, api_key, timeout, model)
 
 
 __all__ = [

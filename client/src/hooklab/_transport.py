@@ -57,9 +57,23 @@ def _encode(value: Any) -> Any:
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_encode)
 
+# Routes that run on one of the served models: their bodies name it; the GETs take ?model=.
+_MODEL_BODIES = frozenset(
+    ["/v1/forward", "/v1/run_with_cache", "/v1/run_with_hooks", "/v1/generate",
+     "/v1/patching", "/v1/tokenize", "/v1/detokenize"]
+)  # fmt: skip
+_MODEL_QUERIES = ("/v1/model", "/v1/tokenizer", "/v1/weights/")
+
 
 class Transport:
-    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 60.0):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float | None = 60.0,
+        model: str | None = None,
+    ):
+        self.model = model  # which served model requests go to (None: the server's default)
         api_key = api_key or os.environ.get("HOOKLAB_API_KEY") or None
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
@@ -112,9 +126,20 @@ class Transport:
             error.retry_after = float(retry_after)
         raise error
 
+    def _params(self, path: str) -> dict[str, str]:
+        named = self.model is not None and path.startswith(_MODEL_QUERIES)
+        return {"model": self.model} if named and self.model is not None else {}
+
+    def _content(self, path: str, body: dict[str, Any]) -> bytes:
+        if self.model is not None and path in _MODEL_BODIES:
+            body = {**body, "model": self.model}
+        return _encoder.encode(body)
+
     def get_json(self, path: str) -> Any:
         with self._errors():
-            response = self.client.get(path, headers={"accept": "application/json"})
+            response = self.client.get(
+                path, params=self._params(path), headers={"accept": "application/json"}
+            )
         self._raise_for_status(response)
         return response.json()
 
@@ -122,7 +147,7 @@ class Transport:
         with self._errors():
             response = self.client.post(
                 path,
-                content=_encoder.encode(body),
+                content=self._content(path, body),
                 headers={"content-type": MSGPACK_MEDIA_TYPE, "accept": "application/json"},
             )
         self._raise_for_status(response)
@@ -136,7 +161,7 @@ class Transport:
         with (
             self._errors(),
             self.client.stream(
-                "POST", path, content=_encoder.encode(body), headers=headers
+                "POST", path, content=self._content(path, body), headers=headers
             ) as response,
         ):
             self._raise_for_status(response)
@@ -166,13 +191,16 @@ class Transport:
         self, method: str, path: str, body: dict[str, Any] | None = None, progress: bool = True
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Send a request and decode its frame stream: (begin-frame fields, tensors by name)."""
-        content = _encoder.encode(body) if body is not None else None
+        content = self._content(path, body) if body is not None else None
         headers = {"accept": FRAMES_MEDIA_TYPE}
         if content is not None:
             headers["content-type"] = MSGPACK_MEDIA_TYPE
+        params = self._params(path)
         with (
             self._errors(),
-            self.client.stream(method, path, content=content, headers=headers) as response,
+            self.client.stream(
+                method, path, content=content, headers=headers, params=params
+            ) as response,
         ):
             self._raise_for_status(response)
             return _read_frames(response, progress)

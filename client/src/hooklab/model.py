@@ -60,6 +60,8 @@ class HookedTransformer:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
         info = transport.get_json("/v1/model")
+        # Pinned: a server serving several models keeps answering with this one.
+        transport.model = info["model_name"]
         self.info = info
         self.cfg = _config(info["cfg"])
         self.hook_names: list[str] = [point["name"] for point in info["hook_points"]]
@@ -69,11 +71,17 @@ class HookedTransformer:
 
     @classmethod
     def from_server(
-        cls, url: str, api_key: str | None = None, timeout: float | None = 60.0
+        cls,
+        url: str,
+        api_key: str | None = None,
+        timeout: float | None = 60.0,
+        model: str | None = None,
     ) -> HookedTransformer:
         """Connect to a hooklab server (e.g. ``http://gpu-box:8000``). ``api_key`` defaults to
-        the ``HOOKLAB_API_KEY`` environment variable; a server without keys needs none."""
-        return cls(Transport(url, api_key, timeout))
+        the ``HOOKLAB_API_KEY`` environment variable; a server without keys needs none.
+        ``model`` picks one of the models the server serves (``GET /v1/models``); by default
+        the server's first."""
+        return cls(Transport(url, api_key, timeout, model))
 
     def close(self) -> None:
         self._transport.close()

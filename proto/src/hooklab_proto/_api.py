@@ -64,6 +64,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+ModelName = Annotated[
+    str | None,
+    Field(
+        max_length=256,
+        description="which served model (GET /v1/models); default: the only, or first, one",
+    ),
+]
 Timeout = Annotated[
     float | None,
     Field(gt=0, description="seconds this request may run; capped by the server (limits)"),
@@ -73,6 +80,7 @@ Timeout = Annotated[
 class ForwardRequest(Body):
     """TransformerLens ``forward`` arguments, plus hook specs active during this call."""
 
+    model: ModelName = None
     input: TokenInput | None = Field(None, description="text, texts, or token ids [batch, pos]")
     residual: TensorValue | None = Field(
         None, description="residual stream [batch, pos, d_model] to start from (start_at_layer)"
@@ -109,6 +117,7 @@ class RunWithHooksRequest(RunWithCacheRequest):
 
 
 class TokenizeRequest(Body):
+    model: ModelName = None
     input: Annotated[str | list[str], bounded_length("max_batch", "texts")]
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
@@ -121,6 +130,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(Body):
+    model: ModelName = None
     tokens: Annotated[list[int] | list[list[int]], bounded_ids("max_tokens")]
 
 
@@ -212,6 +222,17 @@ class ModelInfo(BaseModel):
     hook_points: list[HookPointInfo]
     tokenizer: TokenizerInfo | None
     limits: Limits
+
+
+class ServedModel(ModelInfo):
+    workers: int = Field(description="processes running it now (0: none, requests get 503)")
+
+
+class ModelsResponse(BaseModel):
+    """``GET /v1/models``: every model served, the default (what a request naming no model
+    gets) first."""
+
+    models: list[ServedModel]
 
 
 class Capabilities(BaseModel):

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from ._api import HookSpecs, Timeout, TokenInput
+from ._api import HookSpecs, ModelName, Timeout, TokenInput
 from ._base import Body
 from ._limits import bounded_length
 
@@ -22,6 +22,7 @@ class GenerateRequest(Body):
     sampling and stopping parameters.
     """
 
+    model: ModelName = None
     input: TokenInput = Field("", description="a prompt, a list of prompts, or token ids")
     max_new_tokens: int = Field(10, ge=0, description="capped by the model's context")
     stop_at_eos: bool = True

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ._api import Timeout, TokenInput
+from ._api import ModelName, Timeout, TokenInput
 from ._base import Body
 from ._limits import bounded_length
 from ._tensor_values import TensorValue
@@ -101,6 +101,7 @@ class PatchingRequest(Body):
     (tokens or text, run on the server), ``clean_cache`` (a stored cache id) or
     ``clean_activations`` (hook name -> tensor, inline or a stored-tensor ref)."""
 
+    model: ModelName = None
     corrupted: TokenInput = Field(description="corrupted tokens [batch, pos] (or text)")
     clean: TokenInput | None = None
     clean_cache: str | None = Field(None, min_length=1, max_length=128)

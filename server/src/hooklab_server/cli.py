@@ -7,11 +7,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .auth import KeyRing, keys_main
-from .settings import build_parser, is_loopback, is_wildcard, load_settings
+from .settings import Settings, build_parser, is_loopback, is_wildcard, load_settings
+
+if TYPE_CHECKING:
+    from .engine import HookedTransformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,17 +43,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             "add keys ('hooklab-server keys add NAME' with --keys-file), or pass --insecure-open "
             "to serve anyone who can reach it"
         )
-    from .api import create_app
-    from .api.edge import RequestIdFilter
     from .api.serving import server_config
-    from .engine import load_model
+
+    configure_logging()
+    log = logging.getLogger("hooklab_server")
+    log.info("answering to hosts: %s", ", ".join(settings.open_hosts))
+    if keys.enabled:
+        log.info("API keys required (%d keys in %s)", len(keys.accounts()), settings.keys_file)
+    elif settings.insecure_open and not is_loopback(settings.host):
+        log.warning(
+            "OPEN MODE on %s without API keys (--insecure-open): anyone who reaches this port "
+            "can use the model and every stored object",
+            settings.host,
+        )
+    if settings.redis_url:
+        from .remote import scaled_out_app
+
+        log.info(
+            "scaled out: jobs, stored objects and quotas in Redis (prefix %r)",
+            settings.redis_prefix,
+        )
+        app = scaled_out_app(settings, keys)
+    else:
+        from .api import create_app
+
+        model = load_configured_model(settings, "hooklab-server")
+        if model is None:
+            return 2
+        app = create_app(model, settings, keys=keys)
+    import uvicorn
+
+    # log_config=None: uvicorn's lines go through the handler above, request ids included.
+    config = server_config(app, settings, log_config=None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def configure_logging() -> None:
+    from .api.edge import RequestIdFilter
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s [%(request_id)s] %(message)s"
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
-    log = logging.getLogger("hooklab_server")
+
+
+def load_configured_model(settings: Settings, program: str) -> HookedTransformer | None:
+    """The model the settings name, on their device and dtype; None (said on stderr) when it
+    cannot be loaded."""
+    from .engine import load_model
 
     started = time.perf_counter()
     processing = settings.processing
@@ -64,29 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             fold_value_biases=processing,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
-        print(f"hooklab-server: cannot load {settings.model!r}: {exc}", file=sys.stderr)
-        return 2
+        print(f"{program}: cannot load {settings.model!r}: {exc}", file=sys.stderr)
+        return None
     cfg = model.cfg
-    log.info(
+    logging.getLogger("hooklab_server").info(
         "loaded %s in %.1f s: %d layers, d_model %d, %d hook points, %s on %s",
         settings.model, time.perf_counter() - started, cfg.n_layers, cfg.d_model,
         len(model.hook_names), settings.dtype, cfg.device,
     )  # fmt: skip
-    log.info("answering to hosts: %s", ", ".join(settings.open_hosts))
-    if keys.enabled:
-        log.info("API keys required (%d keys in %s)", len(keys.accounts()), settings.keys_file)
-    elif settings.insecure_open and not is_loopback(settings.host):
-        log.warning(
-            "OPEN MODE on %s without API keys (--insecure-open): anyone who reaches this port "
-            "can use the model and every stored object",
-            settings.host,
-        )
-    import uvicorn
-
-    # log_config=None: uvicorn's lines go through the handler above, request ids included.
-    config = server_config(create_app(model, settings, keys=keys), settings, log_config=None)
-    uvicorn.Server(config).run()
-    return 0
+    return model
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The execution seam: routes hand validated work to an :class:`Executor` and never touch the
 model themselves. The scheduler (``scheduler/``: one executor thread, fair queues) implements
-it; a Redis-backed worker pool can implement the same protocol.
+it in this process; ``remote/executor.py`` hands it to worker processes through Redis.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from typing import Protocol
 from hooklab_proto import GenerateResponse, GenerateStep
 
 from .ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, TensorsResult
+from .tensor_frames import EncodedTensors
 
 
 class Executor(Protocol):
     async def run(
         self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
-    ) -> TensorsResult:
+    ) -> TensorsResult | EncodedTensors:
         """Run a forward or a patching sweep for the key named ``key`` to the end; raise
         ``Cancelled`` when the token stops it, ``RequestError`` for input only found wrong
         while running (or when it cannot be queued)."""

@@ -126,6 +126,14 @@ def unavailable(exc: Exception) -> RequestError:
     )
 
 
+def answered(fn: Callable[[], Result]) -> Result:
+    """``fn()``, with Redis not answering turned into :func:`unavailable`."""
+    try:
+        return fn()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise unavailable(exc) from None
+
+
 class RedisStore:
     def __init__(
         self,
@@ -146,12 +154,6 @@ class RedisStore:
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
         self._settle = client.register_script(_SETTLE_ONLY)
-
-    def _call(self, fn: Callable[[], Result]) -> Result:
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise unavailable(exc) from None
 
     def _key(self, object_id: str) -> str:
         return f"{self.prefix}:obj:{object_id}"
@@ -174,7 +176,7 @@ class RedisStore:
             now, self.prefix, info.id, owner.name, info.charged_bytes, info.expires_at, limit,
             self.max_bytes, self.max_objects, *fields,
         ]  # fmt: skip
-        answer: Any = self._call(lambda: self._put(keys=keys, args=args))
+        answer: Any = answered(lambda: self._put(keys=keys, args=args))
         outcome, used = _text(answer[0]), int(answer[1])
         if outcome == "quota":
             owned = self.listing_of(owner.name)
@@ -187,7 +189,7 @@ class RedisStore:
         return info
 
     def get(self, kind: str, object_id: str, caller: Account) -> Stored:
-        fields: dict[Any, Any] = self._call(lambda: self.redis.hgetall(self._key(object_id)))
+        fields: dict[Any, Any] = answered(lambda: self.redis.hgetall(self._key(object_id)))
         if b"info" not in fields:
             raise not_found(kind, object_id)
         info = _INFO_DECODER.decode(fields[b"info"])
@@ -205,7 +207,7 @@ class RedisStore:
     def delete(self, kind: str, object_id: str, caller: Account) -> None:
         self.get(kind, object_id, caller)  # the same 404 for missing and someone else's
         args: list[Any] = [self._clock(), self.prefix, object_id]
-        self._call(lambda: self._delete(keys=self._counters, args=args))
+        answered(lambda: self._delete(keys=self._counters, args=args))
 
     def listing(self, kind: str, caller: Account) -> list[StoredInfo]:
         if caller.admin:
@@ -217,20 +219,20 @@ class RedisStore:
 
     def bytes_by_owner(self) -> dict[str, int]:
         self._settle_expired()
-        owned: dict[Any, Any] = self._call(lambda: self.redis.hgetall(f"{self.prefix}:owned"))
+        owned: dict[Any, Any] = answered(lambda: self.redis.hgetall(f"{self.prefix}:owned"))
         return {_text(name): int(size) for name, size in owned.items() if int(size)}
 
     # --- helpers ----------------------------------------------------------------------------
 
     def _settle_expired(self) -> None:
         args: list[Any] = [self._clock(), self.prefix]
-        self._call(lambda: self._settle(keys=self._counters, args=args))
+        answered(lambda: self._settle(keys=self._counters, args=args))
 
     def _infos(self, index: str) -> list[StoredInfo]:
         self._settle_expired()
-        ids: list[Any] = self._call(lambda: self.redis.zrangebyscore(index, self._clock(), "+inf"))
+        ids: list[Any] = answered(lambda: self.redis.zrangebyscore(index, self._clock(), "+inf"))
         pipe = self.redis.pipeline(transaction=False)
         for object_id in ids:
             pipe.hget(self._key(_text(object_id)), "info")
-        found = self._call(pipe.execute)
+        found = answered(pipe.execute)
         return [_INFO_DECODER.decode(raw) for raw in found if raw is not None]

@@ -203,6 +203,33 @@ class Settings:
         3600.0, "lifetime of a stored object (requests may ask for less)", "store"
     )
 
+    # --- scaled out (Redis)
+    redis_url: str = _setting(
+        "",
+        "Redis (redis://host:6379/0) for stored objects, quotas and jobs: hooklab-server becomes "
+        "a stateless API and hooklab-worker processes run the models; empty: one process, "
+        "everything in memory",
+        "scaled out",
+    )
+    redis_prefix: str = _setting(
+        "hooklab", "prefix of every Redis key (deployments sharing one Redis differ)", "scaled out"
+    )
+    worker_lease_s: float = _setting(
+        15.0,
+        "a worker renews the jobs it holds; one not renewed for this long (its worker died) "
+        "goes to another worker",
+        "scaled out",
+    )
+    worker_jobs: int = _setting(
+        32,
+        "jobs one worker holds at once (its scheduler orders and batches them); more wait in "
+        "Redis for any worker",
+        "scaled out",
+    )
+    result_ttl_s: float = _setting(
+        600.0, "how long a job's results stay in Redis for the API to read", "scaled out"
+    )
+
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)

@@ -16,9 +16,10 @@ from ..auth import KeyRing
 from ..engine import HookedTransformer
 from ..execution import Executor
 from ..metrics import Metrics
+from ..models import EmbeddedModels, ModelSet
 from ..ops import Operations, OpsContext, RequestError
 from ..ops.describe import tokenizer_files
-from ..quotas import Quotas
+from ..quotas import MemoryQuotas, Quotas
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..store import MemoryStore, Store
@@ -32,28 +33,38 @@ _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 def create_app(
-    model: HookedTransformer,
+    model: HookedTransformer | None = None,
     settings: Settings | None = None,
     store: Store | None = None,
     executor: Executor | None = None,
     keys: KeyRing | None = None,
+    *,
+    models: ModelSet | None = None,
+    quotas: Quotas | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
+    """An embedded server over ``model`` (the scheduler runs it in this process), or, given
+    ``models`` (with the store and quotas they share), the API tier over them."""
     settings = settings or Settings()
     keys = keys or KeyRing(settings.keys_file, settings.quotas())
     store = store or MemoryStore(
         settings.max_stored_bytes, settings.store_ttl_s, settings.max_stored_objects
     )
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     metrics.sampled(
         "stored_bytes", "bytes stored, by the key that stored them", "key", store.bytes_by_owner
     )
-    operations = Operations(OpsContext(model, store, settings, metrics, keys.open_account()))
+    if models is None:
+        assert model is not None, "an embedded server needs its model"
+        operations = Operations(OpsContext(model, store, settings, metrics, keys.open_account()))
+        executor = executor or SchedulerExecutor(operations, metrics, settings)
+        models = EmbeddedModels(operations, executor, tokenizer_files(model))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         hooklab: Service = app.state.hooklab
-        await hooklab.executor.aclose()
+        await hooklab.models.aclose()
 
     app = FastAPI(
         title="hooklab",
@@ -61,14 +72,7 @@ def create_app(
         summary="TransformerLens-style run_with_cache / run_with_hooks over HTTP",
         lifespan=lifespan,
     )
-    app.state.hooklab = Service(
-        operations,
-        executor or SchedulerExecutor(operations, metrics, settings),
-        keys,
-        Quotas(),
-        service.Readiness(),
-        tokenizer_files(model),
-    )
+    app.state.hooklab = Service(models, store, settings, metrics, keys, quotas or MemoryQuotas())
     routers = [module.router for module in (service, routes, stored, accounts, generate, patching)]
     for router in routers:
         app.include_router(router)

@@ -16,7 +16,7 @@ router = APIRouter(route_class=HooklabRoute, responses=ERRORS, tags=["service"])
 
 
 def _usage(hooklab: Service, account: Account) -> KeyUsage:
-    stored = hooklab.ctx.store.bytes_by_owner().get(account.name, 0)
+    stored = hooklab.store.bytes_by_owner().get(account.name, 0)
     return KeyUsage(
         key=account.name,
         admin=account.admin,

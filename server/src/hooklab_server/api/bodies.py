@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
 
@@ -23,18 +22,16 @@ from hooklab_proto import (
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
     TOO_LARGE_ERROR,
-    EncodedFrame,
     ErrorCode,
-    encode_control,
-    encode_tensor,
     limits_context,
     stream_chunks,
     stream_length,
     tensor_to_json,
 )
 
-from ..ops import RequestError, too_large
+from ..ops import RequestError, TensorsResult, too_large
 from ..settings import Settings
+from ..tensor_frames import EncodedTensors, encode_frames
 from .errors import ClientGone
 from .state import service
 
@@ -216,17 +213,18 @@ def json_body(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
     return msgspec.json.encode(body)
 
 
-def encode_frames(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[EncodedFrame]:
-    """begin, one frame per tensor (payloads are views, no copy on the CPU), end."""
-    started = time.perf_counter()
-    frames = [
-        encode_control("begin", n_tensors=len(tensors), **meta),
-        *(encode_tensor(tensor, name) for name, tensor in tensors.items()),
-    ]
-    total_bytes = sum(frame.payload.nbytes for frame in frames)
-    stats = {"tensor_bytes": total_bytes, "encode_s": time.perf_counter() - started}
-    frames.append(encode_control("end", stats=stats))
-    return frames
+async def result_response(request: Request, result: TensorsResult | EncodedTensors) -> Response:
+    """A run's result; a worker's frame stream goes out as it came when the client wants
+    frames (no decoding, no copy)."""
+    if isinstance(result, EncodedTensors):
+        if not wants_json(request):
+            return StreamingResponse(
+                _chunks(result.pieces),
+                media_type=FRAMES_MEDIA_TYPE,
+                headers={"content-length": str(result.nbytes)},
+            )
+        result = await run_in_threadpool(result.decoded)
+    return await tensors_response(request, result.tensors, result.meta)
 
 
 async def tensors_response(
@@ -240,14 +238,14 @@ async def tensors_response(
     # In a thread too: a device tensor is copied to host memory on the way.
     frames = await run_in_threadpool(encode_frames, meta, tensors)
     return StreamingResponse(
-        _chunks(frames),
+        _chunks(stream_chunks(frames)),
         media_type=FRAMES_MEDIA_TYPE,
         headers={"content-length": str(stream_length(frames))},
     )
 
 
-async def _chunks(frames: Iterable[Any]) -> AsyncIterator[bytes | memoryview]:
+async def _chunks(chunks: Iterable[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
     # Async on purpose: Starlette would hop to a worker thread for every chunk of a sync one,
     # and producing a chunk here costs no more than that hop (payloads are views).
-    for chunk in stream_chunks(frames):
+    for chunk in chunks:
         yield chunk

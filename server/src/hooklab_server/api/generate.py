@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from hooklab_proto import (
     EVENT_DONE,
@@ -16,6 +18,7 @@ from hooklab_proto import (
     GenerateResponse,
 )
 
+from ..models import ModelEntry
 from ..ops import CancelToken, GenerateWork, RequestError
 from ..quotas import Admission
 from .bodies import parse
@@ -31,6 +34,7 @@ from .running import (
     generation,
     validate,
 )
+from .state import model_entry
 
 logger = logging.getLogger("hooklab_server")
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
@@ -53,29 +57,49 @@ async def generate(request: Request) -> Response | GenerateResponse:
     closing the connection stops the generation at the next step."""
     body = await parse(request, GenerateRequest)
     token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
-    work = await validate(request, body)
+    entry = await model_entry(request, body.model)
+    work = await validate(request, entry, body)
     assert isinstance(work, GenerateWork)
     admission = admit(request, work)
     if not body.stream:
-        return await collect_generation(request, work, token, admission)
-    return StreamingResponse(
-        _events(request, work, token, admission),
+        return await collect_generation(request, entry, work, token, admission)
+    return _EventStream(
+        _events(request, entry, work, token, admission),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
 
 
+class _EventStream(StreamingResponse):
+    """Closes its events generator however the response ends, at once: a client that left
+    stops the generation now, not when the garbage collector finds the generator."""
+
+    body_iterator: AsyncGenerator[bytes, None]
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def _events(
-    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
-) -> AsyncIterator[bytes]:
+    request: Request,
+    entry: ModelEntry,
+    work: GenerateWork,
+    token: CancelToken,
+    admission: Admission,
+) -> AsyncGenerator[bytes, None]:
     """Token events, then ``done``; any failure after the stream started is an ``error``
-    event, never a bare close. A client that leaves stops the generation (Starlette cancels
+    event, never a bare close. A client that leaves stops the generation (the response closes
     this generator, which closes the executor's)."""
     request_id = request_id_of(request.scope)
     try:
-        async for item in generation(request, work, token, admission):
-            name = EVENT_DONE if isinstance(item, GenerateResponse) else EVENT_TOKEN
-            yield _event(name, item.model_dump_json())
+        steps = generation(request, entry, work, token, admission)
+        async with contextlib.aclosing(steps) as items:
+            async for item in items:
+                name = EVENT_DONE if isinstance(item, GenerateResponse) else EVENT_TOKEN
+                yield _event(name, item.model_dump_json())
     except RequestError as error:
         yield _event(EVENT_ERROR, error_json(error, request_id))
     except ClientGone:

@@ -6,10 +6,11 @@ from fastapi import APIRouter, Request, Response
 
 from hooklab_proto import PatchingRequest
 
-from .bodies import parse, tensors_response
+from .bodies import parse, result_response
 from .openapi import request_body
 from .routes import ERRORS, STREAM
 from .running import HooklabRoute, cancel_token, run, validate
+from .state import model_entry
 
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
@@ -23,6 +24,6 @@ async def patching(request: Request) -> Response:
     ``patching.logits`` [rows, batch, positions, d_vocab]); the begin frame holds ``shape``."""
     body = await parse(request, PatchingRequest)
     token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
-    work = await validate(request, body)
-    result = await run(request, work, token)
-    return await tensors_response(request, result.tensors, result.meta)
+    entry = await model_entry(request, body.model)
+    work = await validate(request, entry, body)
+    return await result_response(request, await run(request, entry, work, token))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import (
@@ -13,22 +13,28 @@ from hooklab_proto import (
     ErrorResponse,
     ForwardRequest,
     ModelInfo,
+    ModelsResponse,
     RunWithCacheRequest,
     RunWithHooksRequest,
+    ServedModel,
     TokenizeRequest,
     TokenizeResponse,
 )
 
-from ..ops import objects
+from ..models import ModelEntry
 from ..ops.describe import describe_model, detokenize_ids, tokenize_text
-from .bodies import parse, tensors_response, wants_json
+from .bodies import parse, result_response, wants_json
+from .edge import account_of
 from .openapi import request_body
 from .running import HooklabRoute, cancel_token, run, validate
-from .state import service
+from .state import model_entry, service
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 415, 422, 504, 507)
+    status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 415, 422, 503, 504, 507)
 }
+# Not length-checked here: FastAPI's own 422 would bypass the error envelope, and the lookup
+# answers any unknown name (cut to 100 characters) the same way.
+ModelQuery = Annotated[str | None, Query(description="which served model (default: the first)")]
 STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/vnd.hooklab.frames+msgpack": {}, "application/json": {}}}
 }
@@ -36,16 +42,32 @@ STREAM: dict[int | str, dict[str, Any]] = {
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
+def _described(request: Request, entry: ModelEntry) -> ModelInfo:
+    model = entry.operations.ctx.model
+    return describe_model(model, service(request).settings, list(entry.tokenizer_files))
+
+
+@router.get("/v1/models", response_model=ModelsResponse, tags=["model"])
+async def models(request: Request) -> ModelsResponse:
+    """Every served model with its config and live workers, the default first."""
+    served = await service(request).models.listing()
+    return ModelsResponse(
+        models=[
+            ServedModel(**_described(request, entry).model_dump(), workers=entry.workers)
+            for entry in served
+        ]
+    )
+
+
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"])
-async def model_info(request: Request) -> ModelInfo:
-    ctx = service(request).ctx
-    return describe_model(ctx.model, ctx.settings, list(service(request).tokenizer_files))
+async def model_info(request: Request, model: ModelQuery = None) -> ModelInfo:
+    return _described(request, await model_entry(request, model))
 
 
 @router.get("/v1/tokenizer", tags=["model"])
-async def tokenizer(request: Request) -> dict[str, dict[str, str]]:
+async def tokenizer(request: Request, model: ModelQuery = None) -> dict[str, dict[str, str]]:
     """The tokenizer's files, so clients can tokenise locally."""
-    return {"files": service(request).tokenizer_files}
+    return {"files": (await model_entry(request, model)).tokenizer_files}
 
 
 @router.post(
@@ -54,7 +76,8 @@ async def tokenizer(request: Request) -> dict[str, dict[str, str]]:
 )  # fmt: skip
 async def tokenize(request: Request) -> TokenizeResponse:
     body = await parse(request, TokenizeRequest)
-    return await run_in_threadpool(tokenize_text, service(request).ctx, body)
+    ctx = (await model_entry(request, body.model)).operations.ctx
+    return await run_in_threadpool(tokenize_text, ctx, body)
 
 
 @router.post(
@@ -63,15 +86,16 @@ async def tokenize(request: Request) -> TokenizeResponse:
 )  # fmt: skip
 async def detokenize(request: Request) -> DetokenizeResponse:
     body = await parse(request, DetokenizeRequest)
-    return await run_in_threadpool(detokenize_ids, service(request).ctx, body)
+    ctx = (await model_entry(request, body.model)).operations.ctx
+    return await run_in_threadpool(detokenize_ids, ctx, body)
 
 
 async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
     body = await parse(request, model)
     token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
-    work = await validate(request, body)
-    result = await run(request, work, token)
-    return await tensors_response(request, result.tensors, result.meta)
+    entry = await model_entry(request, body.model)
+    work = await validate(request, entry, body)
+    return await result_response(request, await run(request, entry, work, token))
 
 
 @router.post(
@@ -101,8 +125,9 @@ async def run_with_hooks(request: Request) -> Response:
 
 
 @router.get("/v1/weights/{name:path}", responses=STREAM, tags=["model"])
-async def weight(name: str, request: Request) -> Response:
+async def weight(name: str, request: Request, model: ModelQuery = None) -> Response:
     """Any parameter by TransformerLens name: W_E, W_U, W_Q (stacked), blocks.0.attn.W_O, …"""
-    ctx = service(request).ctx
-    value = await run_in_threadpool(objects.weight, ctx, name, wants_json(request))
-    return await tensors_response(request, {name: value})
+    entry = await model_entry(request, model)
+    caller, token = account_of(request.scope), cancel_token(request, None)
+    value = await entry.read_weight(name, caller, wants_json(request), token)
+    return await result_response(request, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from hooklab_proto import GenerateResponse, GenerateStep
 
+from ..models import ModelEntry
 from ..ops import (
     Cancelled,
     CancelToken,
@@ -25,6 +26,7 @@ from ..ops import (
     deadline_error,
 )
 from ..quotas import Admission
+from ..tensor_frames import EncodedTensors
 from .bodies import wants_json
 from .edge import account_of, note_tokens, request_id_of
 from .errors import ClientGone, error_response, internal_error
@@ -39,9 +41,9 @@ def cancel_token(request: Request, timeout_s: float | None) -> CancelToken:
     return CancelToken(min(wanted, settings.max_timeout_s))
 
 
-async def validate(request: Request, body: Any) -> Work:
-    """Validate a parsed body into the caller's work, off the event loop."""
-    validate = service(request).operations.validate
+async def validate(request: Request, entry: ModelEntry, body: Any) -> Work:
+    """Validate a parsed body into the caller's work on the model, off the event loop."""
+    validate = entry.operations.validate
     return await run_in_threadpool(validate, body, account_of(request.scope), wants_json(request))
 
 
@@ -76,7 +78,9 @@ def _stopped(reason: str, token: CancelToken) -> Exception:
     return deadline_error(token) if reason == "deadline" else ClientGone()
 
 
-async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult:
+async def run(
+    request: Request, entry: ModelEntry, work: Work, token: CancelToken
+) -> TensorsResult | EncodedTensors:
     """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
     assert not isinstance(work, GenerateWork)
     admission = admit(request, work)
@@ -85,7 +89,7 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
         # The work checks the token between layers, steps and chunks, so this returns soon
         # after a disconnect or the deadline.
         key = account_of(request.scope).name
-        return await service(request).executor.run(work, token, key)
+        return await entry.executor.run(work, token, key)
     except Cancelled as stop:
         raise _stopped(stop.reason, token) from None
     finally:
@@ -94,11 +98,15 @@ async def run(request: Request, work: Work, token: CancelToken) -> TensorsResult
 
 
 async def generation(
-    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
-) -> AsyncIterator[GenerateStep | GenerateResponse]:
+    request: Request,
+    entry: ModelEntry,
+    work: GenerateWork,
+    token: CancelToken,
+    admission: Admission,
+) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
     """A generation's steps then its response (``admission`` made by the route, before any
     response started)."""
-    steps = service(request).executor.generate(work, token, account_of(request.scope).name)
+    steps = entry.executor.generate(work, token, account_of(request.scope).name)
     finished = False
     made = 0
     try:
@@ -119,11 +127,15 @@ async def generation(
 
 
 async def collect_generation(
-    request: Request, work: GenerateWork, token: CancelToken, admission: Admission
+    request: Request,
+    entry: ModelEntry,
+    work: GenerateWork,
+    token: CancelToken,
+    admission: Admission,
 ) -> GenerateResponse:
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
-        async for item in generation(request, work, token, admission):
+        async for item in generation(request, entry, work, token, admission):
             if isinstance(item, GenerateResponse):
                 return item
         raise AssertionError("a generation ends with its response")

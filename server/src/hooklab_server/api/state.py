@@ -3,43 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
 from ..auth import KeyRing
-from ..execution import Executor
 from ..metrics import Metrics
-from ..ops import Operations, OpsContext
+from ..models import ModelEntry, ModelSet
 from ..quotas import Quotas
 from ..settings import Settings
-
-if TYPE_CHECKING:
-    from .service import Readiness
+from ..store import Store
 
 
 @dataclass(frozen=True)
 class Service:
-    operations: Operations
-    executor: Executor
+    models: ModelSet
+    store: Store
+    settings: Settings
+    metrics: Metrics
     keys: KeyRing
     quotas: Quotas
-    readiness: Readiness
-    tokenizer_files: dict[str, str]
-
-    @property
-    def ctx(self) -> OpsContext:
-        return self.operations.ctx
-
-    @property
-    def settings(self) -> Settings:
-        return self.operations.ctx.settings
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.operations.ctx.metrics
 
 
 def service(request: HTTPConnection) -> Service:
     found: Service = request.app.state.hooklab
     return found
+
+
+async def model_entry(request: HTTPConnection, name: str | None) -> ModelEntry:
+    """The served model a request names (its body's ``model``, or ``?model=``)."""
+    return await service(request).models.get(name)

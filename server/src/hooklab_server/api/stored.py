@@ -7,8 +7,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest
 
+from ..auth import Account
 from ..ops import objects
-from ..store import StoredInfo
+from ..settings import Settings
+from ..store import Store, StoredInfo
 from .bodies import parse, tensors_response, wants_json
 from .edge import account_of
 from .openapi import request_body
@@ -32,14 +34,26 @@ def _described(info: StoredInfo) -> StoredObject:
     )
 
 
+def _read(request: Request, object_id: str) -> tuple[Store, Settings, Account, str, bool]:
+    """The arguments of a stored-object read for this request."""
+    hooklab = service(request)
+    return (
+        hooklab.store,
+        hooklab.settings,
+        account_of(request.scope),
+        object_id,
+        wants_json(request),
+    )
+
+
 @router.post(
     "/v1/tensors", response_model=StoredObject, status_code=201,
     openapi_extra=request_body(StoreTensorRequest),
 )  # fmt: skip
 async def store_tensor(request: Request) -> StoredObject:
     body = await parse(request, StoreTensorRequest)
-    ctx = service(request).ctx.as_caller(account_of(request.scope))
-    return _described(await run_in_threadpool(objects.store_tensor, ctx, body))
+    store, caller = service(request).store, account_of(request.scope)
+    return _described(await run_in_threadpool(objects.store_tensor, store, caller, body))
 
 
 @router.get("/v1/tensors", response_model=StoredObjects)
@@ -55,34 +69,32 @@ async def list_caches(request: Request) -> StoredObjects:
 
 
 async def _listing(request: Request, kind: str) -> StoredObjects:
-    store, caller = service(request).ctx.store, account_of(request.scope)
+    store, caller = service(request).store, account_of(request.scope)
     found = await run_in_threadpool(store.listing, kind, caller)
     return StoredObjects(objects=[_described(info) for info in found])
 
 
 @router.get("/v1/tensors/{object_id}", responses=STREAM)
 async def get_tensor(object_id: str, request: Request) -> Response:
-    ctx = service(request).ctx.as_caller(account_of(request.scope))
-    value = await run_in_threadpool(objects.stored_tensor, ctx, object_id, wants_json(request))
+    value = await run_in_threadpool(objects.stored_tensor, *_read(request, object_id))
     return await tensors_response(request, {object_id: value})
 
 
 @router.get("/v1/caches/{object_id}", responses=STREAM)
 async def get_cache(object_id: str, request: Request) -> Response:
-    ctx = service(request).ctx.as_caller(account_of(request.scope))
-    value = await run_in_threadpool(objects.stored_cache, ctx, object_id, wants_json(request))
+    value = await run_in_threadpool(objects.stored_cache, *_read(request, object_id))
     return await tensors_response(request, value, {"cache_id": object_id})
 
 
 @router.delete("/v1/tensors/{object_id}", status_code=204)
 async def delete_tensor(object_id: str, request: Request) -> Response:
-    store = service(request).ctx.store
+    store = service(request).store
     await run_in_threadpool(store.delete, "tensor", object_id, account_of(request.scope))
     return Response(status_code=204)
 
 
 @router.delete("/v1/caches/{object_id}", status_code=204)
 async def delete_cache(object_id: str, request: Request) -> Response:
-    store = service(request).ctx.store
+    store = service(request).store
     await run_in_threadpool(store.delete, "cache", object_id, account_of(request.scope))
     return Response(status_code=204)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -81,3 +82,11 @@ class HookedConfig:
         out = asdict(self)
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         return out
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> HookedConfig:
+        """The config ``to_dict`` described."""
+        known = {spec.name for spec in dataclasses.fields(cls)}
+        values = {name: value for name, value in fields.items() if name in known}
+        values["dtype"] = getattr(torch, str(values.get("dtype", "float32")))
+        return cls(**values)

@@ -66,8 +66,10 @@ def sample_logits(
         raise NonFiniteLogits("the logits hold NaN or infinite values; cannot sample from them")
     scaled = logits / params.temperature
     if not bool(scaled.isfinite().all()):
-        # A tiny temperature overflows; softmax is shift-invariant, so scale from the maximum.
-        scaled = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+        # A tiny temperature overflows; softmax is shift-invariant, so scale from the maximum
+        # (the maximum stays 0 even where the temperature underflows to 0 in float32).
+        shifted = logits - logits.amax(-1, keepdim=True)
+        scaled = torch.where(shifted == 0, 0.0, shifted / params.temperature)
     logits = scaled
     if params.freq_penalty > 0:
         counts = torch.zeros_like(logits)

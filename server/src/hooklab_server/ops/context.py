@@ -10,6 +10,8 @@ import torch
 
 from hooklab_proto import (
     ErrorCode,
+    JsonTensor,
+    MsgpackTensor,
     TensorRef,
     TensorValue,
     WireFormatError,
@@ -22,6 +24,14 @@ from ..metrics import Metrics
 from ..settings import Settings
 from ..store import Store
 from .errors import RequestError
+
+
+def decoded_tensor(value: JsonTensor | MsgpackTensor, what: str) -> torch.Tensor:
+    """An inline tensor's value; 400 naming ``what`` when its bytes and shape disagree."""
+    try:
+        return inline_tensor(value)
+    except WireFormatError as exc:
+        raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor in {what}: {exc}") from None
 
 
 @dataclass(eq=False)  # hashed by identity: one per server
@@ -41,10 +51,7 @@ class OpsContext:
             stored = self.store.get("tensor", value.ref, self.caller).value
             assert isinstance(stored, torch.Tensor)
             return stored
-        try:
-            return inline_tensor(value)
-        except WireFormatError as exc:
-            raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor in {what}: {exc}") from None
+        return decoded_tensor(value, what)
 
     def finite_tensor(self, value: TensorValue, what: str) -> torch.Tensor:
         """A tensor that enters the computation: floating point values must be finite."""

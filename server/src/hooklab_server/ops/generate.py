@@ -25,6 +25,7 @@ from hooklab_server.engine.generation import (
     generate_tokens,
 )
 
+from ..auth import Account
 from .cancel import CancelToken
 from .context import OpsContext
 from .cost import (
@@ -48,6 +49,8 @@ class GenerateWork:
     hooks: list[tuple[str, HookFn]]
     request: GenerateRequest
     cost: Cost
+    caller: Account
+    wants_json: bool = True  # a generation answers in JSON (or server-sent events)
     op: str = "generate"
 
 
@@ -106,7 +109,7 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
     logits = prompt.batch * prompt.pos * cfg.d_vocab_out * 4
     peak = kv + logits + building + working_bytes(model, prompt.batch, prompt.pos, False)
     cost = Cost(total, new, with_slack(peak), sent)
-    return GenerateWork(prompt, sampling, stopping, hooks, request, cost)
+    return GenerateWork(prompt, sampling, stopping, hooks, request, cost, ctx.caller)
 
 
 def _cannot_sample(exc: NonFiniteLogits) -> RequestError:

@@ -10,8 +10,10 @@ import torch
 from hooklab_proto import ErrorCode, StoreTensorRequest
 from hooklab_server.engine import HookedTransformer
 
-from ..store import StoredInfo
-from .context import OpsContext
+from ..auth import Account
+from ..settings import Settings
+from ..store import Store, StoredInfo
+from .context import OpsContext, decoded_tensor
 from .cost import check_response, response_size
 from .errors import RequestError
 
@@ -32,30 +34,34 @@ def weight(ctx: OpsContext, name: str, wants_json: bool) -> torch.Tensor:
             f"no weight named {name[:100]!r}" + ("…" if len(name) > 100 else ""),
             f"this model has: {' '.join(known)} (per layer: blocks.{{L}}.…)",
         ) from None
-    _check_tensors([value], wants_json, ctx)
+    _check_tensors([value], wants_json, ctx.settings)
     return value
 
 
-def stored_tensor(ctx: OpsContext, object_id: str, wants_json: bool) -> torch.Tensor:
-    value = ctx.store.get("tensor", object_id, ctx.caller).value
+def stored_tensor(
+    store: Store, settings: Settings, caller: Account, object_id: str, wants_json: bool
+) -> torch.Tensor:
+    value = store.get("tensor", object_id, caller).value
     assert isinstance(value, torch.Tensor)
-    _check_tensors([value], wants_json, ctx)
+    _check_tensors([value], wants_json, settings)
     return value
 
 
-def stored_cache(ctx: OpsContext, object_id: str, wants_json: bool) -> dict[str, torch.Tensor]:
-    value = ctx.store.get("cache", object_id, ctx.caller).value
+def stored_cache(
+    store: Store, settings: Settings, caller: Account, object_id: str, wants_json: bool
+) -> dict[str, torch.Tensor]:
+    value = store.get("cache", object_id, caller).value
     assert isinstance(value, dict)
-    _check_tensors(list(value.values()), wants_json, ctx)
+    _check_tensors(list(value.values()), wants_json, settings)
     return value
 
 
-def store_tensor(ctx: OpsContext, request: StoreTensorRequest) -> StoredInfo:
-    tensor = ctx.tensor(request.tensor, "tensor")
-    return ctx.store.put("tensor", tensor, ctx.caller, request.ttl_s)
+def store_tensor(store: Store, caller: Account, request: StoreTensorRequest) -> StoredInfo:
+    tensor = decoded_tensor(request.tensor, "tensor")
+    return store.put("tensor", tensor, caller, request.ttl_s)
 
 
-def _check_tensors(tensors: list[torch.Tensor], wants_json: bool, ctx: OpsContext) -> None:
+def _check_tensors(tensors: list[torch.Tensor], wants_json: bool, settings: Settings) -> None:
     # JSON writes every dtype as numbers; frames keep each tensor's own bytes.
     sent = sum(response_size(t.numel(), t.element_size(), wants_json)[0] for t in tensors)
-    check_response(sent, wants_json, ctx.settings)
+    check_response(sent, wants_json, settings)

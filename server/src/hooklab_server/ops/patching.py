@@ -31,6 +31,7 @@ from hooklab_server.engine import HookedTransformer, HookPoint, lm_cross_entropy
 from hooklab_server.engine.catalogue import act_names, axis_sizes, hook_shape
 from hooklab_server.engine.hook_points import NO_HOOKS
 
+from ..auth import Account
 from .cancel import CancelToken
 from .context import OpsContext
 from .cost import Cost, check_response, response_size, with_slack
@@ -202,6 +203,8 @@ class PatchingWork:
     per_forward: int
     request: PatchingRequest
     cost: Cost
+    caller: Account
+    wants_json: bool
     op: str = "patching"
 
 
@@ -273,7 +276,8 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     peak = per_forward * per_copy + building
     return PatchingWork(
         corrupted, clean_tokens, clean_activations, clean_start, plan, metric, layers,
-        per_forward, request, Cost(tokens, forwards, with_slack(peak), sent),
+        per_forward, request, Cost(tokens, forwards, with_slack(peak), sent), ctx.caller,
+        wants_json,
     )  # fmt: skip
 
 

@@ -60,7 +60,8 @@ class ForwardWork:
     names: list[str]  # activations to capture (none: a plain forward)
     request: ForwardRequest
     cost: Cost
-    owner: Account  # stores the cache, when asked to
+    caller: Account  # owns the cache, when one is stored
+    wants_json: bool  # the response's form (its size limits differ)
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -172,7 +173,7 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     peak = captured + building + working_bytes(model, size, length, explicit)
     cost = Cost(size * length, 1, with_slack(peak), sent)
     return ForwardWork(
-        op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller
+        op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json
     )
 
 
@@ -211,7 +212,7 @@ def finish_forward(
     if caching is None:
         return result
     if caching.store:  # stored with its batch axis, so it can be a patch source
-        result.meta["cache_id"] = ctx.store.put("cache", cache, work.owner).id
+        result.meta["cache_id"] = ctx.store.put("cache", cache, work.caller).id
     if caching.return_cache:
         if caching.remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}

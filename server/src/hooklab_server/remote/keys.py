@@ -1,0 +1,45 @@
+"""Every Redis key the API and the workers share, named once (``P`` is the deployment's prefix):
+
+    P:jobs:<model>       stream of jobs for the model; consumer group "workers"
+    P:results:<job>      stream of the job's results (frames, steps, done, error); expires
+    P:cancel:<job>       set when nobody waits for the job any more (value: the reason)
+    P:tries:<job>        how many workers have started the job (a job that kills them stops)
+    P:models             hash: model -> its registration (config, tokenizer files)
+    P:workers:<model>    zset: worker id -> when its heartbeat runs out (Unix s)
+    P:worker_metrics     hash: worker id -> its model and engine-side metrics (each heartbeat)
+
+Stored objects and quotas have their own keys (``redis_store.py``, ``redis_quotas.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str
+
+    def jobs(self, model: str) -> str:
+        return f"{self.prefix}:jobs:{model}"
+
+    def results(self, job_id: str) -> str:
+        return f"{self.prefix}:results:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def tries(self, job_id: str) -> str:
+        return f"{self.prefix}:tries:{job_id}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def workers(self, model: str) -> str:
+        return f"{self.prefix}:workers:{model}"
+
+    @property
+    def worker_metrics(self) -> str:
+        return f"{self.prefix}:worker_metrics"
