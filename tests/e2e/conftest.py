@@ -4,16 +4,19 @@ TransformerLens 3.9 on the same weights as the reference (``e2e_servers``).
 One server per checkpoint lives for the whole session (``gpt2_server``, ``llama_server``,
 ``neox_server``, and ``server`` parametrised over them), in each deployment: embedded, and
 scaled out over Redis with two worker processes (``deployment``), so every test using them
-runs against both. ``limited_server`` is a fresh server per
-test with tiny limits (tokens, batch, body and response size, store bytes); ``make_server`` starts
-servers with any other ``Settings``. Every server is stopped, and its thread joined, when its
-fixture ends.
+runs against both; so do ``limited_server``, ``make_server`` and servers made with ``serve_in``.
+The scheduler's own tests (merged forwards, the decode pool) keep an embedded server: they
+watch one process's batching, which scaled out happens inside each worker.
+
+``limited_server`` is a fresh server per test with tiny limits (tokens, batch, body and response
+size, store bytes); ``make_server`` starts servers with any other ``Settings``. Every server is
+stopped, and its thread joined, when its fixture ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,41 +46,43 @@ def e2e_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
     server.stop()
 
 
-@contextmanager
-def _session_server(
-    request: pytest.FixtureRequest, deployment: str, checkpoint: Path
-) -> Iterator[Served]:
-    if deployment == "embedded":
-        with served_checkpoint(checkpoint) as served:
+ServeIn = Callable[[Path, Settings | None], AbstractContextManager[Served]]
+
+
+@pytest.fixture(scope="session")
+def serve_in(request: pytest.FixtureRequest, deployment: str) -> ServeIn:
+    """``serve_in(checkpoint, settings)``: a context serving the checkpoint in this session's
+    deployment (scaled out: a fresh key prefix and two workers with the same settings)."""
+
+    @contextmanager
+    def serve(checkpoint: Path, settings: Settings | None = None) -> Iterator[Served]:
+        if deployment == "embedded":
+            with served_checkpoint(checkpoint, settings) as served:
+                yield served
+            return
+        redis_url = request.getfixturevalue("e2e_redis").url
+        folder = request.getfixturevalue("tmp_path_factory").mktemp(f"{checkpoint.name}-workers")
+        with scaled_out_checkpoint(checkpoint, redis_url, folder, settings) as served:
             yield served
-        return
-    redis_url = request.getfixturevalue("e2e_redis").url
-    folder = request.getfixturevalue("tmp_path_factory").mktemp(f"{checkpoint.name}-workers")
-    with scaled_out_checkpoint(checkpoint, redis_url, folder) as served:
+
+    return serve
+
+
+@pytest.fixture(scope="session")
+def gpt2_server(serve_in: ServeIn, gpt2_checkpoint: Path) -> Iterator[Served]:
+    with serve_in(gpt2_checkpoint, None) as served:
         yield served
 
 
 @pytest.fixture(scope="session")
-def gpt2_server(
-    request: pytest.FixtureRequest, deployment: str, gpt2_checkpoint: Path
-) -> Iterator[Served]:
-    with _session_server(request, deployment, gpt2_checkpoint) as served:
+def llama_server(serve_in: ServeIn, llama_checkpoint: Path) -> Iterator[Served]:
+    with serve_in(llama_checkpoint, None) as served:
         yield served
 
 
 @pytest.fixture(scope="session")
-def llama_server(
-    request: pytest.FixtureRequest, deployment: str, llama_checkpoint: Path
-) -> Iterator[Served]:
-    with _session_server(request, deployment, llama_checkpoint) as served:
-        yield served
-
-
-@pytest.fixture(scope="session")
-def neox_server(
-    request: pytest.FixtureRequest, deployment: str, neox_checkpoint: Path
-) -> Iterator[Served]:
-    with _session_server(request, deployment, neox_checkpoint) as served:
+def neox_server(serve_in: ServeIn, neox_checkpoint: Path) -> Iterator[Served]:
+    with serve_in(neox_checkpoint, None) as served:
         yield served
 
 
@@ -93,19 +98,19 @@ def server(request: pytest.FixtureRequest, deployment: str) -> Served:
 
 
 @pytest.fixture
-def limited_server(gpt2_checkpoint: Path) -> Iterator[Served]:
+def limited_server(serve_in: ServeIn, gpt2_checkpoint: Path) -> Iterator[Served]:
     """A fresh GPT-2 server (empty store) with ``TINY_LIMITS``."""
-    with served_checkpoint(gpt2_checkpoint, TINY_LIMITS) as served:
+    with serve_in(gpt2_checkpoint, TINY_LIMITS) as served:
         yield served
 
 
 @pytest.fixture
-def make_server(gpt2_checkpoint: Path) -> Iterator[Callable[..., Served]]:
+def make_server(serve_in: ServeIn, gpt2_checkpoint: Path) -> Iterator[Callable[..., Served]]:
     """``make_server(**settings)``: a fresh GPT-2 server with those ``Settings`` fields."""
     stack: list[Any] = []
 
     def make(**fields: Any) -> Served:
-        context = served_checkpoint(gpt2_checkpoint, Settings(**fields))
+        context = serve_in(gpt2_checkpoint, Settings(**fields))
         served = context.__enter__()
         stack.append(context)
         return served

@@ -23,7 +23,7 @@ import torch
 from hooklab_server.api import create_app
 from hooklab_server.settings import Settings
 
-from .e2e_servers import TINY_LIMITS, engine_model, serve_app, served_checkpoint
+from .e2e_servers import TINY_LIMITS, engine_model, serve_app
 
 INTERNAL = "500 internal instead of a 4xx"
 TOKENS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]  # batch 2, pos 6
@@ -392,10 +392,11 @@ CASES: dict[str, Bad] = {
 
 
 @pytest.fixture(scope="module")
-def bad_server(gpt2_checkpoint: Any) -> Iterator[dict[str, Any]]:
-    """A server with TINY_LIMITS and one tensor stored before any bad request."""
+def bad_server(serve_in: Any, gpt2_checkpoint: Any) -> Iterator[dict[str, Any]]:
+    """A server with TINY_LIMITS and one tensor stored before any bad request (in each
+    deployment)."""
     with (
-        served_checkpoint(gpt2_checkpoint, TINY_LIMITS) as served,
+        serve_in(gpt2_checkpoint, TINY_LIMITS) as served,
         httpx.Client(base_url=served.url, timeout=60) as client,
     ):
         stored = client.post("/v1/tensors", json={"tensor": vec(8)})

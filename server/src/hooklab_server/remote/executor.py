@@ -24,6 +24,7 @@ from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
 
 from ..auth import Account
 from ..ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, RequestError
+from ..redis_store import unavailable
 from ..tensor_frames import EncodedTensors
 from .jobs import Job, decode_error, encode_job, job_for, weight_job
 from .keys import RedisKeys
@@ -40,15 +41,6 @@ def worker_gone(model: str) -> RequestError:
         f"no worker is running model {model!r} any more",
         "start a hooklab-worker for it, or retry once one is back",
         retry_after=5.0,
-    )
-
-
-def unavailable(exc: Exception) -> RequestError:
-    return RequestError(
-        ErrorCode.UNAVAILABLE,
-        f"Redis does not answer ({type(exc).__name__})",
-        "retry shortly; the operator should check redis-server",
-        retry_after=2.0,
     )
 
 

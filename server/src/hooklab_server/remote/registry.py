@@ -19,10 +19,11 @@ from ..engine.shell import model_shell
 from ..metrics import Family, Metrics
 from ..models import ModelEntry, not_served
 from ..ops import CancelToken, Operations, OpsContext
+from ..redis_store import unavailable
 from ..settings import Settings
 from ..store import Store
 from ..tensor_frames import EncodedTensors
-from .executor import RemoteExecutor, unavailable
+from .executor import RemoteExecutor
 from .keys import RedisKeys
 
 
@@ -48,6 +49,10 @@ class WorkerReport(msgspec.Struct):
     metrics: list[Family]
 
 
+def worker_report(model: str, metrics: list[Family]) -> bytes:
+    return msgspec.msgpack.encode(WorkerReport(model, metrics))
+
+
 def beat(
     client: redis.Redis,
     keys: RedisKeys,
@@ -61,7 +66,7 @@ def beat(
     now, model = time.time(), registration.name
     if not client.hexists(keys.models, model):
         register(client, keys, registration)
-    report = msgspec.msgpack.encode(WorkerReport(model, metrics))
+    report = worker_report(model, metrics)
     with client.pipeline() as pipe:
         pipe.zadd(keys.workers(model), {worker: now + lease_s})
         pipe.zremrangebyscore(keys.workers(model), "-inf", now)

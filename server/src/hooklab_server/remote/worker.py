@@ -50,7 +50,7 @@ from ..settings import Settings
 from ..tensor_frames import stream_pieces
 from .jobs import REQUESTS, WEIGHT, Job, decode_job, encode_error
 from .keys import GROUP, RedisKeys
-from .registry import Registration, beat, leave, register
+from .registry import Registration, beat, leave, register, worker_report
 
 log = logging.getLogger("hooklab_server.worker")
 
@@ -59,6 +59,7 @@ PIECE_BYTES = 1 << 20  # one results entry: large enough to be cheap, small enou
 CANCEL_POLL_S = 0.01  # one MGET per poll while jobs run: cheap, and a stop lands within a step
 READ_BLOCK_MS = 500
 STOP_GRACE_S = 30.0
+FINAL = frozenset({"end", "done", "error"})
 
 
 class Worker:
@@ -107,11 +108,13 @@ class Worker:
                 for entry_id, fields in entries:
                     self._start(entry_id, fields, tasks)
         finally:
-            await asyncio.to_thread(leave, self.sync, self.keys, self.model, self.id)
-            if tasks:  # finish what was started; a job cut off here is reclaimed elsewhere
+            # Finish what was started (still beating, so the API keeps waiting for it); a job
+            # cut off after the grace period is reclaimed by another worker.
+            if tasks:
                 await asyncio.wait(tasks, timeout=STOP_GRACE_S)
             for helper in helpers:
                 helper.cancel()
+            await asyncio.to_thread(leave, self.sync, self.keys, self.model, self.id)
             await self.executor.aclose()
             await self.redis.aclose()
             self.sync.close()
@@ -277,6 +280,9 @@ class Worker:
     async def _send(self, job: Job, entries: list[tuple[str, bytes]]) -> None:
         results = self.keys.results(job.id)
         async with self.redis.pipeline(transaction=False) as pipe:
+            if entries[-1][0] in FINAL:  # the metrics count the job before the API hears of it
+                report = worker_report(self.model, self.metrics.engine_families())
+                pipe.hset(self.keys.worker_metrics, self.id, report)
             for kind, data in entries:
                 pipe.xadd(results, {"k": kind, "d": data})
             pipe.expire(results, int(self.settings.result_ttl_s))
