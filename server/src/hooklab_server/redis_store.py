@@ -121,8 +121,7 @@ def unavailable(exc: Exception) -> RequestError:
     """Redis does not answer (the store, the quotas or the job queue): 503, retry soon."""
     return RequestError(
         ErrorCode.UNAVAILABLE,
-        f"Redis does not answer ({type(exc).__name__}): stored objects, quotas and jobs live "
-        "there",
+        f"Redis does not answer ({type(exc).__name__}): stored objects, quotas and jobs live there",
         "retry in a moment (nothing stored is lost); if it lasts, the operator should check "
         "redis-server",
         retry_after=1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import KeyUsage, UsageResponse
 
@@ -28,8 +29,12 @@ def _usage(hooklab: Service, account: Account) -> KeyUsage:
 @router.get("/v1/usage", response_model=UsageResponse, response_model_exclude_none=True)
 async def usage(request: Request) -> UsageResponse:
     hooklab, account = service(request), account_of(request.scope)
-    own = _usage(hooklab, account)
-    keys = None
-    if account.admin and hooklab.keys.enabled:
-        keys = [_usage(hooklab, other) for other in hooklab.keys.accounts()]
-    return UsageResponse(**own.model_dump(), keys=keys)
+
+    def usage_of_all() -> UsageResponse:  # off the event loop: the counts may live in Redis
+        own = _usage(hooklab, account)
+        keys = None
+        if account.admin and hooklab.keys.enabled:
+            keys = [_usage(hooklab, other) for other in hooklab.keys.accounts()]
+        return UsageResponse(**own.model_dump(), keys=keys)
+
+    return await run_in_threadpool(usage_of_all)

@@ -60,7 +60,7 @@ async def generate(request: Request) -> Response | GenerateResponse:
     entry = await model_entry(request, body.model)
     work = await validate(request, entry, body)
     assert isinstance(work, GenerateWork)
-    admission = admit(request, work)
+    admission = await admit(request, work)
     if not body.stream:
         return await collect_generation(request, entry, work, token, admission)
     return _EventStream(

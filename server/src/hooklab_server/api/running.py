@@ -47,10 +47,12 @@ async def validate(request: Request, entry: ModelEntry, body: Any) -> Work:
     return await run_in_threadpool(validate, body, account_of(request.scope), wants_json(request))
 
 
-def admit(request: Request, work: Work) -> Admission:
+async def admit(request: Request, work: Work) -> Admission:
     """Hold one of the caller's running slots and charge the work's tokens (429 if over).
     The edge releases the slot when the request ends, should the route not get to it."""
-    admission = service(request).quotas.admit(account_of(request.scope), work.cost.tokens)
+    quotas, caller = service(request).quotas, account_of(request.scope)
+    # Off the event loop: scaled out, the counts live in Redis.
+    admission = await run_in_threadpool(quotas.admit, caller, work.cost.tokens)
     request.scope["state"]["admission"] = admission
     return admission
 
@@ -83,7 +85,7 @@ async def run(
 ) -> TensorsResult | EncodedTensors:
     """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
     assert not isinstance(work, GenerateWork)
-    admission = admit(request, work)
+    admission = await admit(request, work)
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
         # The work checks the token between layers, steps and chunks, so this returns soon

@@ -26,10 +26,10 @@ def scaled_out_app(settings: Settings, keys: KeyRing) -> FastAPI:
     from ..metrics import Metrics
     from ..redis_quotas import RedisQuotas
     from ..redis_store import RedisStore
-    from .keys import RedisKeys
+    from .keys import CLIENT_OPTIONS, RedisKeys
     from .registry import RemoteModels, live_worker_metrics
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
     prefix = settings.redis_prefix
     store = RedisStore(
         client, settings.max_stored_bytes, settings.store_ttl_s, settings.max_stored_objects,
@@ -39,7 +39,7 @@ def scaled_out_app(settings: Settings, keys: KeyRing) -> FastAPI:
     keys_of = RedisKeys(prefix)
     metrics = Metrics(from_workers=lambda: live_worker_metrics(client, keys_of))
     models = RemoteModels(
-        aioredis.Redis.from_url(settings.redis_url), keys_of, store, settings,
+        aioredis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS), keys_of, store, settings,
         metrics, keys.open_account(),
     )  # fmt: skip
     return create_app(

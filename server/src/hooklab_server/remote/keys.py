@@ -13,8 +13,12 @@ Stored objects and quotas have their own keys (``redis_store.py``, ``redis_quota
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 GROUP = "workers"
+# Every connection gives up rather than hang: a Redis that does not answer is a 503 at once,
+# and no blocking read here waits longer than a second.
+CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 
 
 @dataclass(frozen=True)

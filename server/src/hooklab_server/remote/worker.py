@@ -49,7 +49,7 @@ from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..tensor_frames import stream_pieces
 from .jobs import REQUESTS, WEIGHT, Job, decode_job, encode_error
-from .keys import GROUP, RedisKeys
+from .keys import CLIENT_OPTIONS, GROUP, RedisKeys
 from .registry import Registration, beat, leave, register, worker_report
 
 log = logging.getLogger("hooklab_server.worker")
@@ -66,8 +66,8 @@ class Worker:
     def __init__(self, model: HookedTransformer, settings: Settings) -> None:
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix)
-        self.sync = redis.Redis.from_url(settings.redis_url)
-        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.sync = redis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
         store = RedisStore(
             self.sync, settings.max_stored_bytes, settings.store_ttl_s,
             settings.max_stored_objects, settings.redis_prefix,
