@@ -65,10 +65,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launcher(script: str, module: str) -> list[str]:
+    """The venv's console script ``script``, or ``python -m module`` where it is missing."""
+    path = Path(sys.executable).parent / script
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
 def server_command(checkpoint: Path, port: int, device: str = "cpu") -> list[str]:
-    script = Path(sys.executable).parent / "hooklab-server"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "hooklab_server.cli"]
-    return [*launcher, "--model", str(checkpoint), "--port", str(port), "--device", device]
+    return [
+        *launcher("hooklab-server", "hooklab_server.cli"),
+        "--model", str(checkpoint), "--port", str(port), "--device", device,
+    ]  # fmt: skip
+
+
+@contextmanager
+def running_process(
+    command: list[str], log_path: Path, threads: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """``command`` in its own process, output to ``log_path``, ``threads`` OpenMP/MKL threads
+    (``env``: extra settings); terminated (then killed after 15 s) on the way out."""
+    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    full_env = {**os.environ, **(env or {}), **threads_env}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @contextmanager
@@ -83,25 +112,9 @@ def running_server(
     ``HOOKLAB_*`` settings); yields (url, process) right after starting it — call
     :func:`wait_ready` before using it."""
     port = free_port()
-    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    full_env = {**os.environ, **(env or {}), **threads_env}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            server_command(checkpoint, port, device),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-    try:
+    command = server_command(checkpoint, port, device)
+    with running_process(command, log_path, threads, env) as process:
         yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:

@@ -369,7 +369,10 @@ def test_two_api_processes_share_stored_objects_and_quotas(
         assert two.get("/v1/usage").json()["usage"]["tokens_last_minute"] == 30
         over = two.post("/v1/forward", json={"input": [list(range(3, 14))]})  # 30 + 11 > 40
         assert over.status_code == 429 and error_of(over)["code"] == "quota"
-        assert one.post("/v1/forward", json={"input": [list(range(3, 13))]}).status_code == 200
+        assert one.post("/v1/forward", json={"input": [list(range(3, 10))]}).status_code == 200
+        # A generation's tokens are settled (prompt + generated) before its answer arrives.
+        body = {"input": [[3, 4]], "max_new_tokens": 1, "stop_at_eos": False}
+        assert two.post("/v1/generate", json=body).status_code == 200
         assert one.get("/v1/usage").json()["usage"]["tokens_last_minute"] == 40
         one.close()
         two.close()

@@ -11,13 +11,13 @@ from typing import Protocol
 from hooklab_proto import GenerateResponse, GenerateStep
 
 from .ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, TensorsResult
-from .tensor_frames import EncodedTensors
+from .tensor_frames import StreamedTensors
 
 
 class Executor(Protocol):
     async def run(
         self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
-    ) -> TensorsResult | EncodedTensors:
+    ) -> TensorsResult | StreamedTensors:
         """Run a forward or a patching sweep for the key named ``key`` to the end; raise
         ``Cancelled`` when the token stops it, ``RequestError`` for input only found wrong
         while running (or when it cannot be queued)."""

@@ -25,10 +25,10 @@ from .auth import Account
 from .execution import Executor
 from .ops import CancelToken, Operations, RequestError, TensorsResult, objects
 from .ops.describe import public_name
-from .tensor_frames import EncodedTensors
+from .tensor_frames import StreamedTensors
 
 WeightReader = Callable[
-    [str, Account, bool, CancelToken], Awaitable[TensorsResult | EncodedTensors]
+    [str, Account, bool, CancelToken], Awaitable[TensorsResult | StreamedTensors]
 ]
 
 

@@ -4,8 +4,9 @@ client wants frames)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from hooklab_proto import (
 
 from .ops import TensorsResult
 
+SMALL_BYTES = 64 * 1024  # chunks below this are gathered (headers, small tensors)
+
 
 def encode_frames(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[EncodedFrame]:
     """begin, one frame per tensor (payloads are views, no copy on the CPU), end."""
@@ -37,16 +40,34 @@ def encode_frames(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> lis
     return frames
 
 
-def stream_pieces(result: TensorsResult, piece_bytes: int) -> Iterator[bytes]:
-    """The result's frame stream in pieces of about ``piece_bytes`` (the last one shorter)."""
+def stream_pieces(frames: list[EncodedFrame], piece_bytes: int) -> Iterator[bytes | memoryview]:
+    """The frame stream in pieces of at most ``piece_bytes``: tensor payloads as views of the
+    tensors (no copy), headers and small payloads gathered into one piece."""
     pending = bytearray()
-    for chunk in stream_chunks(encode_frames(result.meta, result.tensors)):
-        pending += chunk
-        while len(pending) >= piece_bytes:
-            yield bytes(pending[:piece_bytes])
-            del pending[:piece_bytes]
+    for chunk in stream_chunks(frames):
+        if len(chunk) < SMALL_BYTES:
+            pending += chunk
+            continue
+        if pending:
+            yield bytes(pending)
+            pending = bytearray()
+        view = memoryview(chunk).cast("B")
+        for start in range(0, len(view), piece_bytes):
+            yield view[start : start + piece_bytes]
     if pending:
         yield bytes(pending)
+
+
+@dataclass
+class StreamedTensors:
+    """A result whose frame stream (``nbytes`` long) is still arriving from a worker."""
+
+    nbytes: int
+    pieces: AsyncGenerator[bytes, None]
+
+    async def collected(self) -> EncodedTensors:
+        async with contextlib.aclosing(self.pieces) as pieces:
+            return EncodedTensors([piece async for piece in pieces])
 
 
 @dataclass

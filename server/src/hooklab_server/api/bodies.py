@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.types import Send
 
 from hooklab_proto import (
     FRAMES_MEDIA_TYPE,
@@ -31,7 +32,7 @@ from hooklab_proto import (
 
 from ..ops import RequestError, TensorsResult, too_large
 from ..settings import Settings
-from ..tensor_frames import EncodedTensors, encode_frames
+from ..tensor_frames import StreamedTensors, encode_frames
 from .errors import ClientGone
 from .state import service
 
@@ -213,18 +214,33 @@ def json_body(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
     return msgspec.json.encode(body)
 
 
-async def result_response(request: Request, result: TensorsResult | EncodedTensors) -> Response:
-    """A run's result; a worker's frame stream goes out as it came when the client wants
+async def result_response(request: Request, result: TensorsResult | StreamedTensors) -> Response:
+    """A run's result; a worker's frame stream goes out as it arrives when the client wants
     frames (no decoding, no copy)."""
-    if isinstance(result, EncodedTensors):
+    if isinstance(result, StreamedTensors):
         if not wants_json(request):
-            return StreamingResponse(
-                _chunks(result.pieces),
+            return ClosingStream(
+                result.pieces,
                 media_type=FRAMES_MEDIA_TYPE,
                 headers={"content-length": str(result.nbytes)},
             )
-        result = await run_in_threadpool(result.decoded)
+        encoded = await result.collected()
+        result = await run_in_threadpool(encoded.decoded)
     return await tensors_response(request, result.tensors, result.meta)
+
+
+class ClosingStream(StreamingResponse):
+    """Closes its body generator however the response ends, at once (a client that left, a
+    cancelled request): what the generator holds (a job, a slot) is let go now, not when the
+    garbage collector finds it."""
+
+    body_iterator: AsyncGenerator[Any, None]
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def tensors_response(

@@ -7,8 +7,6 @@ import logging
 from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
-from starlette.types import Send
 
 from hooklab_proto import (
     EVENT_DONE,
@@ -21,7 +19,7 @@ from hooklab_proto import (
 from ..models import ModelEntry
 from ..ops import CancelToken, GenerateWork, RequestError
 from ..quotas import Admission
-from .bodies import parse
+from .bodies import ClosingStream, parse
 from .edge import request_id_of
 from .errors import ClientGone, error_json, internal_error
 from .openapi import request_body
@@ -63,24 +61,11 @@ async def generate(request: Request) -> Response | GenerateResponse:
     admission = await admit(request, work)
     if not body.stream:
         return await collect_generation(request, entry, work, token, admission)
-    return _EventStream(
+    return ClosingStream(
         _events(request, entry, work, token, admission),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
-
-
-class _EventStream(StreamingResponse):
-    """Closes its events generator however the response ends, at once: a client that left
-    stops the generation now, not when the garbage collector finds the generator."""
-
-    body_iterator: AsyncGenerator[bytes, None]
-
-    async def stream_response(self, send: Send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 async def _events(

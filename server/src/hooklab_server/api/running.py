@@ -4,6 +4,7 @@ the deadline passes, and every failure answered as a JSON error (never a bare 50
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
@@ -26,7 +27,7 @@ from ..ops import (
     deadline_error,
 )
 from ..quotas import Admission
-from ..tensor_frames import EncodedTensors
+from ..tensor_frames import StreamedTensors
 from .bodies import wants_json
 from .edge import account_of, note_tokens, request_id_of
 from .errors import ClientGone, error_response, internal_error
@@ -82,7 +83,7 @@ def _stopped(reason: str, token: CancelToken) -> Exception:
 
 async def run(
     request: Request, entry: ModelEntry, work: Work, token: CancelToken
-) -> TensorsResult | EncodedTensors:
+) -> TensorsResult | StreamedTensors:
     """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
     assert not isinstance(work, GenerateWork)
     admission = await admit(request, work)
@@ -137,9 +138,13 @@ async def collect_generation(
 ) -> GenerateResponse:
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
-        async for item in generation(request, entry, work, token, admission):
-            if isinstance(item, GenerateResponse):
-                return item
+        # Closed on the way out, so the tokens are settled and the slot freed before the
+        # response goes (not whenever the generator is collected).
+        steps = generation(request, entry, work, token, admission)
+        async with contextlib.aclosing(steps) as items:
+            async for item in items:
+                if isinstance(item, GenerateResponse):
+                    return item
         raise AssertionError("a generation ends with its response")
     finally:
         watcher.cancel()

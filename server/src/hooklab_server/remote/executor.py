@@ -25,7 +25,7 @@ from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
 from ..auth import Account
 from ..ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, RequestError
 from ..redis_store import unavailable
-from ..tensor_frames import EncodedTensors
+from ..tensor_frames import StreamedTensors
 from .jobs import Job, decode_error, encode_job, job_for, weight_job
 from .keys import RedisKeys
 
@@ -54,12 +54,12 @@ class RemoteExecutor:
 
     async def run(
         self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
-    ) -> EncodedTensors:
+    ) -> StreamedTensors:
         return await self._tensors(job_for(work, token.remaining_s()), token)
 
     async def weight(
         self, name: str, caller: Account, wants_json: bool, token: CancelToken
-    ) -> EncodedTensors:
+    ) -> StreamedTensors:
         return await self._tensors(weight_job(name, caller, wants_json, token.remaining_s()), token)
 
     async def generate(
@@ -91,17 +91,35 @@ class RemoteExecutor:
 
     # --- the job's round trip ----------------------------------------------------------------
 
-    async def _tensors(self, job: Job, token: CancelToken) -> EncodedTensors:
-        pieces: list[bytes] = []
-        async with contextlib.aclosing(self._results(job, token)) as results:
+    async def _tensors(self, job: Job, token: CancelToken) -> StreamedTensors:
+        """Returns once the worker has the result and says how long its frame stream is; the
+        frames follow as the response goes out (the transfers overlap)."""
+        results = self._results(job, token)
+        try:
+            async for kind, data in results:
+                if kind == "size":
+                    return StreamedTensors(int(data), self._frames(results))
+        except BaseException:
+            await results.aclose()
+            raise
+        raise AssertionError("a results stream ends with 'end' or 'error'")
+
+    async def _frames(
+        self, results: AsyncGenerator[tuple[str, bytes], None]
+    ) -> AsyncGenerator[bytes, None]:
+        async with contextlib.aclosing(results):
             async for kind, data in results:
                 if kind == "frames":
-                    pieces.append(data)
-                elif kind == "reset":
-                    pieces.clear()
+                    yield data
                 elif kind == "end":
-                    return EncodedTensors(pieces)
-        raise AssertionError("a results stream ends with 'end' or 'error'")
+                    return
+                elif kind == "reset":  # the worker died while sending
+                    raise RequestError(
+                        ErrorCode.UNAVAILABLE,
+                        "the worker sending this result stopped half-way",
+                        "send the request again",
+                        retry_after=1.0,
+                    )
 
     async def _results(
         self, job: Job, token: CancelToken
@@ -109,12 +127,13 @@ class RemoteExecutor:
         """The job's result entries as they come; 'error' entries raised. Stops the job on
         Redis when this generator is left early (the client left, the deadline passed)."""
         results = self.keys.results(job.id)
-        finished = False
+        finished = sending = False
         try:
             await self.redis.xadd(self.keys.jobs(self.model), {"job": encode_job(job)})
             last, checked = "0-0", time.monotonic()
             while True:
-                token.check()
+                if not sending:  # the deadline covers the work, not the transfer of its result
+                    token.check()
                 answer: Any = await self.redis.xread({results: last}, count=64, block=READ_BLOCK_MS)
                 for _stream, entries in answer or []:
                     for entry_id, fields in entries:
@@ -124,6 +143,7 @@ class RemoteExecutor:
                             finished = True
                             raise decode_error(data)
                         finished = kind in ("end", "done")
+                        sending = sending or kind == "size"
                         yield kind, data
                         if finished:
                             return

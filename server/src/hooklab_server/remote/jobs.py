@@ -5,6 +5,7 @@ request again, as the API did, before it runs anything.
 
 Results stream entries carry a kind ``k`` and data ``d``:
 
+    size     the result is ready: its frame stream is this many bytes (decimal)
     frames   a piece of the result's tensor frame stream (proto/README.md §1)
     end      the frame stream is complete
     step     a generation step (GenerateStep as JSON)
@@ -44,7 +45,7 @@ REQUESTS: dict[str, type[BaseModel]] = {
 }
 WEIGHT = "weight"
 
-ResultKind = Literal["frames", "end", "step", "done", "error", "reset"]
+ResultKind = Literal["size", "frames", "end", "step", "done", "error", "reset"]
 
 
 class Caller(msgspec.Struct, frozen=True):

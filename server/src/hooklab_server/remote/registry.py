@@ -22,7 +22,7 @@ from ..ops import CancelToken, Operations, OpsContext
 from ..redis_store import unavailable
 from ..settings import Settings
 from ..store import Store
-from ..tensor_frames import EncodedTensors
+from ..tensor_frames import StreamedTensors
 from .executor import RemoteExecutor
 from .keys import RedisKeys
 
@@ -176,7 +176,7 @@ class RemoteModels:
 
         async def read_weight(
             weight: str, caller: Account, wants_json: bool, token: CancelToken
-        ) -> EncodedTensors:
+        ) -> StreamedTensors:
             return await known.executor.weight(weight, caller, wants_json, token)
 
         return ModelEntry(

@@ -22,10 +22,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from hooklab_proto import ErrorCode, GenerateResponse
+from hooklab_proto import ErrorCode, GenerateResponse, stream_length
 
 from ..api.bodies import validate_body
 from ..auth import Account
@@ -47,7 +48,7 @@ from ..ops.describe import public_name, tokenizer_files
 from ..redis_store import RedisStore
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
-from ..tensor_frames import stream_pieces
+from ..tensor_frames import encode_frames, stream_pieces
 from .jobs import REQUESTS, WEIGHT, Job, decode_job, encode_error
 from .keys import CLIENT_OPTIONS, GROUP, RedisKeys
 from .registry import Registration, beat, leave, register, worker_report
@@ -55,7 +56,8 @@ from .registry import Registration, beat, leave, register, worker_report
 log = logging.getLogger("hooklab_server.worker")
 
 MAX_TRIES = 3
-PIECE_BYTES = 1 << 20  # one results entry: large enough to be cheap, small enough to stream
+PIECE_BYTES = 4 << 20  # the largest results entry (a tensor's payload is cut into these)
+BATCH_BYTES = 16 << 20  # entries written at once: the API reads a batch while the next is sent
 CANCEL_POLL_S = 0.01  # one MGET per poll while jobs run: cheap, and a stop lands within a step
 READ_BLOCK_MS = 500
 STOP_GRACE_S = 30.0
@@ -84,6 +86,7 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.jobs_key = self.keys.jobs(self.model)
         self.running: dict[str, tuple[str, CancelToken]] = {}  # entry id -> (job id, token)
+        self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
     # --- the loops ---------------------------------------------------------------------------
@@ -97,7 +100,6 @@ class Worker:
             asyncio.create_task(loop())
             for loop in (self._heartbeats, self._renew_and_reclaim, self._watch_cancels)
         ]
-        tasks: set[asyncio.Task[None]] = set()
         try:
             while not self.stopping.is_set():
                 free = self._capacity - len(self.running)
@@ -106,12 +108,12 @@ class Worker:
                     continue
                 entries = await self._read(free)
                 for entry_id, fields in entries:
-                    self._start(entry_id, fields, tasks)
+                    self._start(entry_id, fields)
         finally:
             # Finish what was started (still beating, so the API keeps waiting for it); a job
             # cut off after the grace period is reclaimed by another worker.
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            if self.tasks:
+                await asyncio.wait(self.tasks, timeout=STOP_GRACE_S)
             for helper in helpers:
                 helper.cancel()
             await asyncio.to_thread(leave, self.sync, self.keys, self.model, self.id)
@@ -177,7 +179,7 @@ class Worker:
                         self.jobs_key, GROUP, self.id, lease_ms, "0-0", count=free
                     )
                     for entry_id, fields in answer[1]:
-                        self._start(entry_id, fields or {}, None)
+                        self._start(entry_id, fields or {})
             except (redis.ConnectionError, redis.TimeoutError):
                 log.warning("claim renewal failed: Redis does not answer")
 
@@ -197,21 +199,24 @@ class Worker:
 
     # --- one job ------------------------------------------------------------------------------
 
-    def _start(
-        self, entry_id: bytes, fields: dict[bytes, bytes], tasks: set[asyncio.Task[None]] | None
-    ) -> None:
+    def _start(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         key = entry_id.decode()
         if key in self.running:
             return
-        task = asyncio.create_task(self._handle(key, fields))
-        if tasks is not None:
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async def _handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        job = decode_job(fields[b"job"]) if b"job" in fields else None
+        # A deleted entry (its job answered) comes back without fields, and one that is not a
+        # job is dropped: each is acknowledged, nothing more.
+        try:
+            job = decode_job(fields[b"job"]) if b"job" in fields else None
+        except msgspec.DecodeError:
+            log.error("job entry %s is not a job; dropped", key)
+            job = None
         token = CancelToken(job.remaining_s() if job else 0.0)
-        self.running[entry_id] = (job.id if job else "", token)
+        self.running[key] = (job.id if job else "", token)  # counted now: reads stay in bounds
+        task = asyncio.create_task(self._handle(key, job, token))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, entry_id: str, job: Job | None, token: CancelToken) -> None:
         try:
             if job is not None and await self._should_run(job):
                 await self._run(job, token)
@@ -274,10 +279,21 @@ class Worker:
         return self.operations.validate(body, caller, job.wants_json)
 
     async def _send_tensors(self, job: Job, result: TensorsResult) -> None:
-        pieces = await asyncio.to_thread(lambda: list(stream_pieces(result, PIECE_BYTES)))
-        await self._send(job, [*(("frames", piece) for piece in pieces), ("end", b"")])
+        """The size first, then the frames a batch at a time: the API starts its response
+        while the rest is still being written."""
+        frames = await asyncio.to_thread(encode_frames, result.meta, result.tensors)
+        size = str(stream_length(frames)).encode()
+        entries: list[tuple[str, bytes | memoryview]] = [("size", size)]
+        batch = 0
+        for piece in stream_pieces(frames, PIECE_BYTES):
+            entries.append(("frames", piece))
+            batch += len(piece)
+            if batch >= BATCH_BYTES:
+                await self._send(job, entries)
+                entries, batch = [], 0
+        await self._send(job, [*entries, ("end", b"")])
 
-    async def _send(self, job: Job, entries: list[tuple[str, bytes]]) -> None:
+    async def _send(self, job: Job, entries: list[tuple[str, bytes | memoryview]]) -> None:
         results = self.keys.results(job.id)
         async with self.redis.pipeline(transaction=False) as pipe:
             if entries[-1][0] in FINAL:  # the metrics count the job before the API hears of it
