@@ -61,6 +61,7 @@ BATCH_BYTES = 2 << 20  # entries written at once: the API reads a batch while th
 CANCEL_POLL_S = 0.05  # one MGET per poll while jobs run; a stop lands within a step or two
 READ_BLOCK_MS = 500
 STOP_GRACE_S = 30.0
+BUSY_DELAY_S, BUSY_DELAY_MAX_S = 0.002, 0.02
 FINAL = frozenset({"end", "done", "error"})
 REPORT_EVERY_S = 0.2
 
@@ -104,11 +105,14 @@ class Worker:
         ]
         try:
             while not self.stopping.is_set():
-                free = self._capacity - len(self.running)
-                if free <= 0:
+                if len(self.running) >= self._capacity:
                     await asyncio.sleep(0.01)
                     continue
-                entries = await self._read(free)
+                # One job at a time, a busy worker a little later than an idle one: jobs
+                # spread over the workers (each its own device) rather than pile on one.
+                if self.running:
+                    await asyncio.sleep(min(BUSY_DELAY_MAX_S, BUSY_DELAY_S * len(self.running)))
+                entries = await self._read(1)
                 for entry_id, fields in entries:
                     self._start(entry_id, fields)
         finally:
