@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import ErrorCode
 
@@ -92,7 +91,7 @@ class EmbeddedModels:
         self, name: str, caller: Account, wants_json: bool, token: CancelToken
     ) -> TensorsResult:
         ctx = self.entry.operations.ctx
-        value = await run_in_threadpool(objects.weight, ctx, name, wants_json)
+        value = await asyncio.to_thread(objects.weight, ctx, name, wants_json)
         return TensorsResult({name: value}, {})
 
     async def get(self, name: str | None) -> ModelEntry:
@@ -128,7 +127,7 @@ class Readiness:
             model = operations.ctx.model
             one_token = torch.zeros(1, 1, dtype=torch.long)
             try:
-                forward = run_in_threadpool(model.forward, one_token, return_type=None)
+                forward = asyncio.to_thread(model.forward, one_token, return_type=None)
                 await asyncio.wait_for(forward, READY_TIMEOUT_S)
                 self.problem = None
             except Exception as exc:  # a device error, or a model that does not answer
