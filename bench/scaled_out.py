@@ -84,6 +84,7 @@ from _serving import (
     launcher,
     running_process,
     running_server,
+    stop_process,
     wait_ready,
 )
 from _table import print_table
@@ -124,13 +125,8 @@ def redis_server(folder: Path) -> Iterator[RedisServer]:
     try:
         yield server.start()
     finally:
-        if server.process is not None and server.process.poll() is None:
-            server.process.terminate()
-            try:
-                server.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+        if server.process is not None:
+            stop_process(server.process, timeout_s=10)
 
 
 class Deployment:
@@ -177,12 +173,7 @@ class Deployment:
     def stop_worker(self) -> None:
         """Stop the last worker added (SIGTERM: it leaves the registry as it goes)."""
         process, _ = self.workers.pop()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=30)
 
     def wait_workers(self) -> None:
         """Until ``GET /v1/models`` counts the live workers (so the API is ready too)."""

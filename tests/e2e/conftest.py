@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fixtures.redis_server import RedisServer
+from fixtures.redis_server import RedisServer, running_redis
 from hooklab_server.settings import Settings
 
 from .e2e_servers import TINY_LIMITS, Served, scaled_out_checkpoint, served_checkpoint
@@ -41,9 +41,8 @@ def deployment(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def e2e_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of the e2e deployments' own (other tests empty the shared one)."""
-    server = RedisServer(tmp_path_factory.mktemp("e2e-redis")).start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("e2e-redis")) as server:
+        yield server
 
 
 ServeIn = Callable[[Path, Settings | None], AbstractContextManager[Served]]

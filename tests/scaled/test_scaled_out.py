@@ -33,7 +33,7 @@ from accounts.harness import add_key
 from e2e.e2e_servers import sample_tokens, tl_model
 
 import hooklab
-from fixtures.redis_server import RedisServer
+from fixtures.redis_server import RedisServer, running_redis
 from fixtures.scaled_out import TEST_LEASE_S, ScaledOut
 from hooklab import metrics, patching
 from hooklab_proto import tensor_from_json
@@ -48,9 +48,8 @@ ANSWER, WRONG = [5, 7], [9, 11]
 
 @pytest.fixture(scope="module")
 def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("scaled-redis")).start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("scaled-redis")) as server:
+        yield server
 
 
 @pytest.fixture
