@@ -37,6 +37,7 @@ from fixtures.redis_server import RedisServer, running_redis
 from fixtures.scaled_out import TEST_LEASE_S, ScaledOut
 from hooklab import metrics, patching
 from hooklab_proto import tensor_from_json
+from hooklab_server.remote.jobs import decode_job
 from hooklab_server.remote.keys import GROUP, RedisKeys
 from hooklab_server.settings import Settings
 
@@ -69,6 +70,20 @@ def holder_of_job(deployment: ScaledOut, model: str, timeout_s: float = 30.0) ->
             return int(consumer.split("-")[-2])
         time.sleep(0.002)
     raise AssertionError("no worker took the job")
+
+
+def wait_for_steps(deployment: ScaledOut, model: str, steps: int) -> None:
+    """Until the model's one pending job has written ``steps`` result entries."""
+    client = redis.Redis.from_url(deployment.settings.redis_url)
+    keys = RedisKeys(deployment.settings.redis_prefix)
+    pending = client.xpending_range(keys.jobs(model), GROUP, "-", "+", 1)
+    entry_id = pending[0]["message_id"]
+    [(_, fields)] = client.xrange(keys.jobs(model), entry_id, entry_id)
+    results = keys.results(decode_job(fields[b"job"]).id)
+    deadline = time.monotonic() + 30
+    while client.xlen(results) < steps:
+        assert time.monotonic() < deadline, "the job made no steps"
+        time.sleep(0.001)
 
 
 def stop_and_kill(deployment: ScaledOut, pid: int) -> None:
@@ -239,7 +254,9 @@ def test_a_worker_killed_mid_stream_gives_a_retryable_error_and_a_plain_generate
 
     thread = threading.Thread(target=generate)
     thread.start()
-    stop_and_kill(pair, holder_of_job(pair, gpt2_checkpoint.name))
+    holder = holder_of_job(pair, gpt2_checkpoint.name)
+    wait_for_steps(pair, gpt2_checkpoint.name, 3)  # steps made, none sent to the client
+    stop_and_kill(pair, holder)
     thread.join(timeout=60)
     assert not thread.is_alive(), "the generation hangs after its worker died"
     response = answer["response"]

@@ -66,17 +66,26 @@ class RemoteExecutor:
         self, work: GenerateWork, token: CancelToken, key: str
     ) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
         job = job_for(work, token.remaining_s())
-        sent = 0
+        # Steps of a plain (not streamed) generation are held until it ends: if its worker
+        # dies, the run that replaces it starts them afresh.
+        streamed, held, sent = work.request.stream, list[GenerateStep](), 0
         # Closed explicitly: a client that leaves mid-stream stops the job now, not at GC.
         async with contextlib.aclosing(self._results(job, token)) as results:
             async for kind, data in results:
-                if kind == "step":
+                if kind == "step" and streamed:
                     sent += 1
                     yield GenerateStep.model_validate_json(data)
+                elif kind == "step":
+                    held.append(GenerateStep.model_validate_json(data))
                 elif kind == "done":
+                    for step in held:
+                        yield step
                     yield GenerateResponse.model_validate_json(data)
                     return
-                elif kind == "reset" and sent:
+                elif kind == "reset":
+                    held.clear()
+                    if not sent:
+                        continue
                     raise RequestError(
                         ErrorCode.UNAVAILABLE,
                         f"the worker running this generation stopped after {sent} steps; "
