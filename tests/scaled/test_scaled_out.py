@@ -7,6 +7,8 @@ References are TransformerLens 3.9 on the same weights.
   on the other worker, or a stream that had already sent steps ends with a retryable error.
 * redis-server restarted with AOF: stored tensors and caches survive; during the outage requests
   fail fast with 503, and they recover by themselves.
+* redis-server restarted empty (no AOF): the workers make their stream, group and registration
+  again, and requests recover by themselves.
 * Two API processes behind one Redis share stored objects and quotas.
 """
 
@@ -325,6 +327,38 @@ def test_stored_objects_survive_a_redis_restart_and_the_outage_is_503(
     finally:
         deployment.stop()
         redis_server.stop()
+
+
+def test_workers_and_api_recover_from_a_redis_that_restarts_empty(
+    tmp_path_factory: pytest.TempPathFactory, gpt2_checkpoint: Path, folder: Path
+) -> None:
+    """Without AOF a restarted Redis has lost the job stream, its consumer group and the model
+    registrations: the workers make them again by themselves (what was stored is gone: 404)."""
+    with running_redis(tmp_path_factory.mktemp("empty-redis")) as redis_server:
+        deployment = ScaledOut(redis_server.url, [gpt2_checkpoint], folder, workers=1)
+        try:
+            deployment.start()
+            tokens = sample_tokens(tl_model(gpt2_checkpoint), batch=1, pos=5)
+            model = hooklab.connect(deployment.url)
+            tensor_id = model.store_tensor(torch.ones(3))
+            model.close()
+            redis_server.stop()
+            redis_server.start()  # empty: no AOF
+            deadline = time.monotonic() + 60
+            body = {"input": tokens.tolist()}
+            while httpx.post(f"{deployment.url}/v1/forward", json=body).status_code != 200:
+                assert time.monotonic() < deadline, "no recovery after an empty restart"
+                time.sleep(0.2)
+            model = hooklab.connect(deployment.url)
+            try:
+                expected = tl_model(gpt2_checkpoint)(tokens)
+                torch.testing.assert_close(model(tokens), expected, atol=ATOL, rtol=0)
+                gone = httpx.get(f"{deployment.url}/v1/tensors/{tensor_id}")
+                assert gone.status_code == 404
+            finally:
+                model.close()
+        finally:
+            deployment.stop()
 
 
 # ---- two API processes -----------------------------------------------------------------------
