@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from accounts.harness import add_key
 from e2e.e2e_servers import sample_tokens, tl_model
 
 import hooklab
-from fixtures.redis_server import RedisServer, running_redis
+from fixtures.redis_server import RedisServer, free_port, running_redis
 from fixtures.scaled_out import TEST_LEASE_S, ScaledOut
 from hooklab import metrics, patching
 from hooklab_proto import tensor_from_json
@@ -364,12 +363,6 @@ def test_workers_and_api_recover_from_a_redis_that_restarts_empty(
 # ---- two API processes -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_two_api_processes_share_stored_objects_and_quotas(
     module_redis: RedisServer, gpt2_checkpoint: Path, folder: Path
 ) -> None:
@@ -382,7 +375,7 @@ def test_two_api_processes_share_stored_objects_and_quotas(
     second: subprocess.Popen[bytes] | None = None
     try:
         deployment.start()
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "HOOKLAB_REDIS_URL": module_redis.url,

@@ -76,10 +76,6 @@ class EncodedTensors:
 
     pieces: list[bytes]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(piece) for piece in self.pieces)
-
     def decoded(self) -> TensorsResult:
         meta: dict[str, object] = {}
         tensors: dict[str, torch.Tensor] = {}

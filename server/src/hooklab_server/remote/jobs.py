@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from pydantic import BaseModel
@@ -44,8 +44,6 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "generate": GenerateRequest,
 }
 WEIGHT = "weight"
-
-ResultKind = Literal["size", "frames", "end", "step", "done", "error", "reset"]
 
 
 class Caller(msgspec.Struct, frozen=True):
