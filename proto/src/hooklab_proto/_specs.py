@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ._base import Body
+from ._graph import CallbackSpec, GraphSpec
 from ._limits import bounded_length
 from ._tensor_values import TensorValue
 
@@ -107,15 +108,18 @@ class ProjectOutSpec(_Spec):
     direction: TensorValue
 
 
-HookSpec = Annotated[
-    AblateSpec | PatchSpec | SteerSpec | ScaleSpec | ClampSpec | SetSpec | ProjectOutSpec,
-    Field(discriminator="op"),
-]
+DeclarativeSpec = (
+    AblateSpec | PatchSpec | SteerSpec | ScaleSpec | ClampSpec | SetSpec | ProjectOutSpec
+)
+
+# Beside the declarative ops: Python hook functions, traced into graphs or called back.
+HookSpec = Annotated[DeclarativeSpec | GraphSpec | CallbackSpec, Field(discriminator="op")]
 
 SPEC_OPS: tuple[str, ...] = tuple(
     spec.model_fields["op"].default
     for spec in (AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec)
 )
+FUNCTION_OPS: tuple[str, ...] = ("graph", "callback")
 
 # Operations that replace values; two of them on the same hook point conflict.
 REPLACING_OPS = frozenset({"ablate", "patch", "set"})

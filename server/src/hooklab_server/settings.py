@@ -120,6 +120,38 @@ class Settings:
         "activation memory one patching forward may use for its patched copies",
         "request limits",
     )
+    max_graph_nodes: int = _setting(
+        256, "most operations in one traced hook function's graph", "request limits"
+    )
+    max_graph_consts: int = _setting(
+        64, "most constants (captured tensors) in one traced graph", "request limits"
+    )
+    max_graph_const_bytes: int = _setting(
+        16 * _MiB,
+        "most bytes of constants the traced graphs of one request carry",
+        "request limits",
+    )
+    max_graph_bytes: int = _setting(
+        256 * _MiB,
+        "most bytes the intermediate tensors of one traced graph may hold at one firing",
+        "request limits",
+    )
+    max_graph_flops: int = _setting(
+        10**10,
+        "most floating-point operations of one traced graph at one firing",
+        "request limits",
+    )
+    callback_timeout_s: float = _setting(
+        300.0,
+        "longest a forward waits for one client callback (a Python hook run on the "
+        "client) before it is aborted",
+        "request limits",
+    )
+    max_parked_callbacks: int = _setting(
+        4,
+        "forwards that may wait on client callbacks at once (each holds a thread)",
+        "request limits",
+    )
 
     # --- the scheduler
     max_queued_per_key: int = _setting(

@@ -19,9 +19,11 @@ from hooklab_proto import (
     REPLACING_OPS,
     AblateSpec,
     BatchSource,
+    CallbackSpec,
     CacheSource,
     ClampSpec,
     ErrorCode,
+    GraphSpec,
     HookSpec,
     PatchSpec,
     ProjectOutSpec,
@@ -35,6 +37,7 @@ from hooklab_server.engine.shapes import axis_sizes, fires_by_default, hook_shap
 
 from .context import OpsContext
 from .errors import RequestError, too_large
+from .functions import FunctionBudget, compile_function
 
 HookFn = Callable[..., torch.Tensor]
 
@@ -407,10 +410,17 @@ def compile_specs(
     model = ctx.model
     if generation:
         for spec in specs:
-            _check_for_generation(spec, ctx)
+            if not isinstance(spec, GraphSpec | CallbackSpec):
+                _check_for_generation(spec, ctx)
     hooks: list[tuple[str, HookFn]] = []
     replaced: dict[str, list[tuple[int, _Target]]] = {}
+    functions = FunctionBudget()
     for number, spec, name in expand_specs(specs, model, ctx.settings.max_hook_applications):
+        if isinstance(spec, GraphSpec | CallbackSpec):
+            where = f"hooks[{number}]"
+            hook = compile_function(ctx, spec, where, batch, pos, generation, functions, name)
+            hooks.append((name, hook))
+            continue
         target = _target(spec, name, model, batch, pos)
         if spec.op in REPLACING_OPS:
             for other, earlier in replaced.get(name, []):
