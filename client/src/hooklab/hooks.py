@@ -13,10 +13,13 @@ Tensors may be torch tensors or ids of tensors stored with ``model.store_tensor`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from .function_hooks import Forced
 
 Indices = int | list[int] | None
 TensorLike = torch.Tensor | str  # a tensor, or the id of a stored tensor
@@ -152,3 +155,18 @@ def project_out(
         "project_out", dict(batch=batch, pos=pos, head=head, neuron=neuron),
         direction=_tensor(direction),
     )  # fmt: skip
+
+
+# --- Python hook functions: how they run ---------------------------------------------------
+
+
+def traced(fn: Callable[..., Any]) -> Forced:
+    """Run ``fn`` on the server as a traced graph, or raise saying why it cannot be traced
+    (instead of falling back to a callback)."""
+    return Forced(fn, "traced")
+
+
+def callback(fn: Callable[..., Any]) -> Forced:
+    """Run ``fn`` on this machine at every firing (the server pauses the forward and sends the
+    activation), without trying to trace it first."""
+    return Forced(fn, "callback")

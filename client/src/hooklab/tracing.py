@@ -40,6 +40,13 @@ _STATE_METHODS = frozenset(
     {"append", "extend", "insert", "update", "setdefault", "add", "pop", "remove", "clear"}
 )
 MAX_INDEX_LIST = 4096
+# Multi-output ops give the user what torch gives: a named tuple (``x.max(-1).values``).
+_RETURN_TYPES: dict[str, Any] = {
+    "max_dim": torch.return_types.max,
+    "min_dim": torch.return_types.min,
+    "topk": torch.return_types.topk,
+    "sort": torch.return_types.sort,
+}
 
 
 class Untraceable(Exception):
@@ -244,6 +251,8 @@ class _Recorder(TorchFunctionMode):
             result = named["self"]  # in place: the same (traced) tensor
         elif isinstance(result, list):
             result = tuple(result)
+        elif op_name in _RETURN_TYPES:
+            result = _RETURN_TYPES[op_name](result)
         self.r.add_node(op_name, wire, result)
         return result
 
@@ -257,7 +266,8 @@ class _Recorder(TorchFunctionMode):
         wire: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         for param in op.params:
-            if param.name not in named or named[param.name] is None:
+            absent = param.name not in named or named[param.name] is None
+            if absent and not (param.kind is Kind.INDEX and param.name in named):  # x[None]
                 if param.default is REQUIRED:
                     raise Untraceable("op-not-allowed", f"{op.name} needs {param.name!r}")
                 meta[param.name] = None if param.default is OPTIONAL else param.default
@@ -374,11 +384,10 @@ def trace(
         raise
     except NotImplementedError as exc:  # meta has no kernel: a value-dependent op
         raise Untraceable("data-dependent-shape", f"{exc}".splitlines()[0]) from None
-    except RuntimeError as exc:
-        message = str(exc).splitlines()[0]
-        if "meta" in message or "data-dependent" in message or "item()" in message:
-            raise Untraceable("scalar-read", message) from None
-        raise
+    except Exception as exc:  # it needs real values somewhere; it runs as a callback, where
+        # a genuine error in it is raised again as itself
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise Untraceable("failed-on-stand-in", f"tracing raised {message}") from None
     if printed.getvalue():
         raise Untraceable("prints", "it prints, and printing runs on your machine")
     output = _output(recording, returned, stand_in)

@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     REQUEST_TIMEOUT = "request_timeout"  # the body did not arrive in time
     DEADLINE = "deadline_exceeded"  # the work passed the request's timeout_s
     UNAVAILABLE = "unavailable"  # a part the server needs (Redis, a model's workers) is down
+    CALLBACK_FAILED = "callback_failed"  # a client callback raised, timed out or disconnected
     INTERNAL = "internal"
 
 

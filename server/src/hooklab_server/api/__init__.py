@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hooklab_proto import ErrorCode
 
 from ..auth import KeyRing
+from ..callbacks import CallbackSessions, LocalCallbacks
 from ..engine import HookedTransformer
 from ..execution import Executor
 from ..metrics import Metrics
@@ -23,7 +24,7 @@ from ..quotas import MemoryQuotas, Quotas
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from . import accounts, generate, patching, routes, service, stored
+from . import accounts, callbacks, generate, patching, routes, service, stored
 from .edge import EdgeMiddleware, request_id_of
 from .errors import error_response
 from .openapi import openapi_schema
@@ -42,6 +43,7 @@ def create_app(
     models: ModelSet | None = None,
     quotas: Quotas | None = None,
     metrics: Metrics | None = None,
+    callback_sessions: CallbackSessions | None = None,
 ) -> FastAPI:
     """An embedded server over ``model`` (the scheduler runs it in this process), or, given
     ``models`` (with the store and quotas they share), the API tier over them."""
@@ -56,7 +58,11 @@ def create_app(
     )
     if models is None:
         assert model is not None, "an embedded server needs its model"
-        operations = Operations(OpsContext(model, store, settings, metrics, keys.open_account()))
+        local = LocalCallbacks()
+        callback_sessions = local
+        operations = Operations(
+            OpsContext(model, store, settings, metrics, keys.open_account(), local)
+        )
         executor = executor or SchedulerExecutor(operations, metrics, settings)
         models = EmbeddedModels(operations, executor, tokenizer_files(model))
 
@@ -72,8 +78,11 @@ def create_app(
         summary="TransformerLens-style run_with_cache / run_with_hooks over HTTP",
         lifespan=lifespan,
     )
-    app.state.hooklab = Service(models, store, settings, metrics, keys, quotas or MemoryQuotas())
-    routers = [module.router for module in (service, routes, stored, accounts, generate, patching)]
+    app.state.hooklab = Service(
+        models, store, settings, metrics, keys, quotas or MemoryQuotas(), callback_sessions
+    )
+    modules = (service, routes, stored, accounts, generate, patching, callbacks)
+    routers = [module.router for module in modules]
     for router in routers:
         app.include_router(router)
 

@@ -125,6 +125,15 @@ class EdgeMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # The callback socket: the same host and key checks, before it is accepted.
+            gate = self._gate(scope)
+            if isinstance(gate, RequestError):
+                await send({"type": "websocket.close", "code": 1008, "reason": gate.message[:120]})
+                return
+            scope.setdefault("state", {})["account"] = gate
+            await self.app(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -32,6 +32,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.DEADLINE: 504,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.CALLBACK_FAILED: 424,
     ErrorCode.INTERNAL: 500,
 }
 # Statuses after which the connection should not be reused (the body may be half read).

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import HTTPConnection
 
 from ..auth import KeyRing
+from ..callbacks import CallbackSessions
 from ..metrics import Metrics
 from ..models import ModelEntry, ModelSet
 from ..quotas import Quotas
@@ -22,6 +23,7 @@ class Service:
     metrics: Metrics
     keys: KeyRing
     quotas: Quotas
+    callback_sessions: CallbackSessions | None = None  # None: this server takes no callbacks
 
 
 def service(request: HTTPConnection) -> Service:

@@ -15,6 +15,16 @@ from .errors import RequestError
 CancelReason = Literal["disconnect", "deadline"]
 
 
+class _RunningToken(threading.local):
+    """The token of the work this thread runs, for waits deep inside a forward (a paused
+    callback) that must end when the work is cancelled."""
+
+    value: CancelToken | None = None
+
+
+running_token = _RunningToken()
+
+
 class Cancelled(Exception):
     """The work stopped early; ``reason`` says why."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from ..settings import Settings
 from ..store import Store
 from .errors import RequestError
 
+if TYPE_CHECKING:  # callbacks imports ops: a type-only import breaks the cycle
+    from ..callbacks import CallbackRelay
+
 
 def decoded_tensor(value: JsonTensor | MsgpackTensor, what: str) -> torch.Tensor:
     """An inline tensor's value; 400 naming ``what`` when its bytes and shape disagree."""
@@ -41,6 +45,7 @@ class OpsContext:
     settings: Settings
     metrics: Metrics
     caller: Account  # whose request this is: owns what it stores, sees only its own objects
+    callbacks: CallbackRelay | None = None  # where client callbacks go (None: not served)
 
     def as_caller(self, caller: Account) -> OpsContext:
         return dataclasses.replace(self, caller=caller)

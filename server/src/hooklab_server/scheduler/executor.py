@@ -14,6 +14,7 @@ generation, as its join to the decode pool, whose steps interleave with the othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from .forward_batches import ForwardBatcher
 from .ledger import Ledger
 from .policy import FairQueue, Job
 from .runs import Delivery, Outcome, Run, failure_outcome, run_of, unit_costs
+from .slow_lane import SlowLane, needs_client
 
 IDLE_WAIT_S = 0.05  # how often an idle executor looks for cancelled queued work
 
@@ -76,6 +78,7 @@ class SchedulerExecutor:
         self.decoder = Decoder(operations.ctx, self.ledger, metrics, settings)
         self.batcher = ForwardBatcher(operations.ctx, self.ledger, metrics, settings, self._wake)
         self.forward_slice_s = settings.forward_slice_ms / 1000
+        self.slow_lane = SlowLane(operations, settings.max_parked_callbacks)
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="hooklab-executor", daemon=True)
         self._thread.start()
@@ -89,6 +92,15 @@ class SchedulerExecutor:
     async def run(
         self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
     ) -> TensorsResult:
+        if needs_client(work):
+            self._check_budget(work)
+            async with contextlib.aclosing(self.slow_lane.run(work, token)) as outcomes:
+                async for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    assert isinstance(outcome, TensorsResult)
+                    return outcome
+            raise RuntimeError("the slow lane ended without an outcome")
         done: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
 
         def deliver(item: Delivery) -> None:
@@ -111,6 +123,15 @@ class SchedulerExecutor:
     async def generate(
         self, work: GenerateWork, token: CancelToken, key: str
     ) -> AsyncGenerator[GenerateStep | GenerateResponse, None]:
+        if needs_client(work):
+            self._check_budget(work)
+            async with contextlib.aclosing(self.slow_lane.run(work, token)) as deliveries:
+                async for item in deliveries:
+                    if isinstance(item, BaseException):
+                        raise item
+                    assert not isinstance(item, TensorsResult)
+                    yield item
+            return
         items: asyncio.Queue[Delivery] = asyncio.Queue()
         job = self._submit(work, token, key, items.put_nowait)
         try:
@@ -134,9 +155,7 @@ class SchedulerExecutor:
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10.0)
 
-    def _submit(
-        self, work: Work, token: CancelToken, key: str, deliver: Callable[[Delivery], None]
-    ) -> Job:
+    def _check_budget(self, work: Work) -> None:
         if work.cost.peak_bytes > self.budget:
             raise RequestError(
                 ErrorCode.TOO_LARGE,
@@ -144,6 +163,11 @@ class SchedulerExecutor:
                 f"device's budget is {self.budget} bytes (server setting memory_budget_bytes)",
                 "send a smaller batch, fewer positions or fewer captured hook points",
             )
+
+    def _submit(
+        self, work: Work, token: CancelToken, key: str, deliver: Callable[[Delivery], None]
+    ) -> Job:
+        self._check_budget(work)
         run = Run(
             work, self.operations.steps(work, token), token, asyncio.get_running_loop(),
             deliver, unit_costs(work, self.n_layers),
