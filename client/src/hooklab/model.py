@@ -15,18 +15,19 @@ import torch
 
 from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL
 
+from . import tokenizer as tokenization
 from ._transport import Transport
 from .activation_cache import ActivationCache
-from .errors import ConnectionFailedError
+from .config import HookedTransformerConfig
+from .errors import ConnectionFailedError, NotFoundError
 from .factored_matrix import FactoredMatrix
 from .hooks import HookSpec
+from .modules import HookPoint, LazyStateDict, Module, Weights, build_tree
+from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
 NameOrFilter = str | Callable[[str], bool]
 FwdHook = tuple[NameOrFilter, HookSpec]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}  # fmt: skip
 
 
 class Output(SimpleNamespace):
@@ -34,12 +35,6 @@ class Output(SimpleNamespace):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.logits, self.loss))
-
-
-def _config(fields: dict[str, Any]) -> SimpleNamespace:
-    values = dict(fields)
-    values["dtype"] = _DTYPES.get(values.get("dtype", "float32"), torch.float32)
-    return SimpleNamespace(**values)
 
 
 def _check_spec(hook: object) -> HookSpec:
@@ -63,11 +58,17 @@ class HookedTransformer:
         # Pinned: a server serving several models keeps answering with this one.
         transport.model = info["model_name"]
         self.info = info
-        self.cfg = _config(info["cfg"])
+        self.cfg = HookedTransformerConfig.from_server(info["cfg"])
         self.hook_names: list[str] = [point["name"] for point in info["hook_points"]]
         self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
-        self._weights: dict[str, torch.Tensor] = {}
+        self._weights = Weights(self._fetch_weight)
         self._hooks: list[FwdHook] = []
+        self._tokenizer: Tokenizer | None = None  # built from the server's files on first use
+        # TransformerLens's module tree: model.blocks[0].attn.hook_z, model.embed.W_E, ...
+        self._root, self.hook_dict = build_tree(self, self.hook_names, self.cfg, self._weights)
+        self.mod_dict: dict[str, Module | HookPoint] = dict(self._root.named_modules())
+        for name, child in self._root.named_children():
+            setattr(self, name, child)
 
     @classmethod
     def from_server(
@@ -296,86 +297,126 @@ class HookedTransformer:
                     self._hooks.remove(item)
 
     # --- tokenizer ------------------------------------------------------------------------
+    # Local: the server's tokenizer files are fetched once, then no helper makes a request.
 
-    def _tokenize(
-        self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None
-    ) -> dict[str, Any]:
-        tokenized: dict[str, Any] = self._transport.post_json(
-            "/v1/tokenize",
-            {"input": input, "prepend_bos": prepend_bos, "padding_side": padding_side},
-        )
-        return tokenized
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """A Hugging Face tokenizer built from the server's tokenizer files (None when the model
+        has none, as in TransformerLens)."""
+        if self._tokenizer is None and self.info.get("tokenizer") is not None:
+            files = self._transport.get_json("/v1/tokenizer")["files"]
+            self._tokenizer = tokenization.load_tokenizer(files, self.cfg.tokenizer_name)
+        return self._tokenizer
+
+    def _require_tokenizer(self) -> Tokenizer:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise tokenization.TokenizationError(
+                "this model has no tokenizer; pass token ids instead of strings"
+            )
+        return tokenizer
 
     def to_tokens(
         self,
         input: str | list[str],
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
+        padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
     ) -> torch.Tensor:
-        return torch.tensor(self._tokenize(input, prepend_bos, padding_side)["tokens"])
+        """Token ids [batch, pos] (TransformerLens's ``to_tokens``), computed locally."""
+        tokens = tokenization.to_tokens(
+            self._require_tokenizer(), self.cfg, input, prepend_bos, padding_side, truncate
+        )
+        return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def to_str_tokens(
         self,
-        input: str | torch.Tensor | list[Any],
+        input: str | TokensLike | list[Any],
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> list[Any]:
-        if isinstance(input, list):
-            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
-        if isinstance(input, str):
-            tokenized = self._tokenize(input, prepend_bos, padding_side)
-            str_tokens: list[str] = tokenized["str_tokens"][0]
-            return str_tokens
-        tokens = torch.as_tensor(input).reshape(-1).tolist()
-        return [self.to_string([token]) for token in tokens]
+        padding_side: PaddingSide | None = None,
+    ) -> list[str] | list[list[str]]:
+        return tokenization.to_str_tokens(
+            self._require_tokenizer(), self.cfg, input, prepend_bos, padding_side
+        )
 
-    def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
-        tokens = torch.as_tensor(tokens)
-        text: str | list[str] = self._transport.post_json(
-            "/v1/detokenize", {"tokens": tokens.tolist()}
-        )["text"]
-        return text
+    def to_string(self, tokens: TokensLike) -> str | list[str]:
+        return tokenization.to_string(self._require_tokenizer(), tokens)
 
     def to_single_token(self, string: str) -> int:
-        tokens = self.to_tokens(string, prepend_bos=False)[0]
-        if tokens.numel() != 1:
-            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not a single token")
-        return int(tokens[0])
+        return tokenization.to_single_token(self._require_tokenizer(), self.cfg, string)
+
+    def to_single_str_token(self, int_token: int) -> str:
+        return str(self.to_str_tokens(torch.tensor([int_token]))[0])
 
     def get_token_position(
         self,
-        single_token: str | int,
+        single_token: str | int | torch.Tensor,
         input: str | torch.Tensor,
         mode: Literal["first", "last"] = "first",
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
+        padding_side: PaddingSide | None = None,
     ) -> int:
-        tokens = (
-            self.to_tokens(input, prepend_bos, padding_side)[0]
-            if isinstance(input, str)
-            else torch.as_tensor(input).reshape(-1)
-        )
-        token = (
-            self.to_single_token(single_token) if isinstance(single_token, str) else single_token
-        )
-        found = (tokens == token).nonzero()
-        if not len(found):
-            raise ValueError(f"token {single_token!r} is not in the input")
-        return int(found[0 if mode == "first" else -1])
+        return tokenization.get_token_position(
+            self._require_tokenizer(), self.cfg, single_token, input, mode, prepend_bos,
+            padding_side,
+        )  # fmt: skip
+
+    def loss_fn(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy of ``logits`` [batch, pos, vocab] on ``tokens``, computed
+        here as TransformerLens's ``lm_cross_entropy_loss``: the mean, or [batch, pos - 1]
+        with ``per_token``; masked positions (and those before them) do not count."""
+        tokens = tokens.to(logits.device)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        predicted = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None])[..., 0]
+        if attention_mask is None:
+            count = predicted.numel()
+        else:
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    "attention_mask must have the same shape as tokens, "
+                    f"got {tuple(attention_mask.shape)} and {tuple(tokens.shape)}"
+                )
+            pairs = torch.logical_and(attention_mask[:, :-1], attention_mask[:, 1:])
+            predicted = predicted.masked_fill(~pairs.to(predicted.device), 0.0)
+            count = int(pairs.sum().item())
+        return -predicted if per_token else -predicted.sum() / count
 
     # --- weights --------------------------------------------------------------------------
 
-    def parameter(self, name: str) -> torch.Tensor:
-        """A weight by TransformerLens name, fetched once (KeyError if the model has none)."""
-        if name not in self._weights:
-            from .errors import NotFoundError
+    def _fetch_weight(self, name: str) -> torch.Tensor:
+        try:
+            _, tensors = self._transport.frames("GET", f"/v1/weights/{name}", progress=False)
+        except NotFoundError:
+            raise KeyError(f"the model has no parameter {name!r}") from None
+        return tensors[name]
 
-            try:
-                _, tensors = self._transport.frames("GET", f"/v1/weights/{name}", progress=False)
-            except NotFoundError:
-                raise KeyError(f"the model has no parameter {name!r}") from None
-            self._weights[name] = tensors[name]
-        return self._weights[name]
+    def parameter(self, name: str) -> torch.Tensor:
+        """A weight by TransformerLens name (``W_Q``, ``blocks.0.attn.W_O``, ``unembed.W_U``),
+        fetched once and shared by all its names (KeyError if the model has none)."""
+        return self._weights.get(name)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """TransformerLens's parameter names and weights, each fetched as it is reached."""
+        return self._root.named_parameters(prefix, recurse)
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        return self._root.parameters(recurse)
+
+    def state_dict(self) -> LazyStateDict:
+        """The weights by TransformerLens name (no buffers); each is fetched when read."""
+        return self._root.state_dict()
+
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.hook_dict.values())
 
     def _optional(self, name: str) -> torch.Tensor | None:
         try:
