@@ -27,13 +27,13 @@ from .e2e_servers import Served, sample_tokens
 
 
 @pytest.fixture
-def embedded_server(server: Served, deployment: str) -> Iterator[Served]:
+def callback_server(server: Served) -> Iterator[Served]:
     yield server
     server.model.callback_timeout_s = 300.0
 
 
-def test_reading_patterns_into_python_state(embedded_server: Served) -> None:
-    served = embedded_server
+def test_reading_patterns_into_python_state(callback_server: Served) -> None:
+    served = callback_server
     tokens = sample_tokens(served.tl, seed=11)
     stores: list[dict[int, torch.Tensor]] = [{}, {}]
 
@@ -55,8 +55,8 @@ def test_reading_patterns_into_python_state(embedded_server: Served) -> None:
         assert_close(stores[1][layer], stores[0][layer], f"pattern of layer {layer}")
 
 
-def test_value_branching_and_printing(embedded_server: Served) -> None:
-    served = embedded_server
+def test_value_branching_and_printing(callback_server: Served) -> None:
+    served = callback_server
     tokens = sample_tokens(served.tl, seed=12)
 
     def halve_if_large(resid: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -77,8 +77,8 @@ def test_value_branching_and_printing(embedded_server: Served) -> None:
     assert outputs[1][1] == outputs[0][1]
 
 
-def test_in_place_edit_and_forced_callback_in_generate(embedded_server: Served) -> None:
-    served = embedded_server
+def test_in_place_edit_and_forced_callback_in_generate(callback_server: Served) -> None:
+    served = callback_server
     tokens = sample_tokens(served.tl, batch=1, pos=4, seed=13)
     calls = [0, 0]
 
@@ -99,8 +99,8 @@ def test_in_place_edit_and_forced_callback_in_generate(embedded_server: Served) 
     assert calls[1] == calls[0]
 
 
-def test_the_functions_own_exception_is_raised(embedded_server: Served) -> None:
-    tokens = sample_tokens(embedded_server.tl, seed=14)
+def test_the_functions_own_exception_is_raised(callback_server: Served) -> None:
+    tokens = sample_tokens(callback_server.tl, seed=14)
 
     class Boom(Exception):
         pass
@@ -110,15 +110,15 @@ def test_the_functions_own_exception_is_raised(embedded_server: Served) -> None:
             raise Boom("from the hook")
 
     with pytest.raises(Boom, match="from the hook"), pytest.warns(HooklabHookNotice):
-        embedded_server.model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", fails)])
+        callback_server.model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", fails)])
     # the server is fine afterwards
-    assert_close(embedded_server.model(tokens), embedded_server.tl(tokens), "logits after")
+    assert_close(callback_server.model(tokens), callback_server.tl(tokens), "logits after")
 
 
 def test_a_callback_timeout_stops_the_forward_and_others_are_not_held(
-    embedded_server: Served,
+    callback_server: Served,
 ) -> None:
-    served = embedded_server
+    served = callback_server
     tokens = sample_tokens(served.tl, seed=15)
     served.model.callback_timeout_s = 1.5
     released = threading.Event()

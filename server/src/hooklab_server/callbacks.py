@@ -107,6 +107,8 @@ class CallbackSessions(Protocol):
 
     async def open(self, owner: str) -> Any: ...
 
+    def messages(self, session: Any) -> AsyncIterator[bytes]: ...
+
     async def reply(self, session: Any, message: dict[str, Any]) -> None: ...
 
     async def close(self, session: Any) -> None: ...
@@ -155,6 +157,9 @@ class LocalCallbacks:
         with self._lock:
             self.sessions[session.id] = session
         return session
+
+    def messages(self, session: Session) -> AsyncIterator[bytes]:
+        return session.messages()
 
     async def reply(self, session: Session, message: dict[str, Any]) -> None:
         session.reply(message)

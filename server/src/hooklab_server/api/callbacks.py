@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -30,7 +31,7 @@ async def callbacks(websocket: WebSocket) -> None:
     session = await sessions.open(account.name)
     try:
         await websocket.send_bytes(encode_message("hello", session=session.id))
-        sender = asyncio.create_task(_send(websocket, session))
+        sender = asyncio.create_task(_send(websocket, sessions.messages(session)))
         try:
             while True:
                 data = await websocket.receive_bytes()
@@ -50,6 +51,6 @@ async def callbacks(websocket: WebSocket) -> None:
         await sessions.close(session)
 
 
-async def _send(websocket: WebSocket, session: object) -> None:
-    async for message in session.messages():  # type: ignore[attr-defined]
+async def _send(websocket: WebSocket, messages: AsyncIterator[bytes]) -> None:
+    async for message in messages:
         await websocket.send_bytes(message)

@@ -26,6 +26,7 @@ def scaled_out_app(settings: Settings, keys: KeyRing) -> FastAPI:
     from ..metrics import Metrics
     from ..redis_quotas import RedisQuotas
     from ..redis_store import RedisStore
+    from .callbacks import RedisCallbackRelay, RedisCallbackSessions
     from .keys import CLIENT_OPTIONS, RedisKeys
     from .registry import RemoteModels, live_worker_metrics
 
@@ -38,10 +39,14 @@ def scaled_out_app(settings: Settings, keys: KeyRing) -> FastAPI:
     quotas = RedisQuotas(client, prefix, lease_s=settings.max_timeout_s + QUOTA_LEASE_MARGIN_S)
     keys_of = RedisKeys(prefix)
     metrics = Metrics(from_workers=lambda: live_worker_metrics(client, keys_of))
+    async_client = aioredis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
     models = RemoteModels(
-        aioredis.Redis.from_url(settings.redis_url, **CLIENT_OPTIONS), keys_of, store, settings,
-        metrics, keys.open_account(),
+        async_client, keys_of, store, settings, metrics, keys.open_account(),
+        RedisCallbackRelay(client, keys_of),
     )  # fmt: skip
+    # Callback sessions block on their call lists: a client of their own, no socket timeout.
+    callbacks_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
     return create_app(
-        None, settings, store, keys=keys, models=models, quotas=quotas, metrics=metrics
-    )
+        None, settings, store, keys=keys, models=models, quotas=quotas, metrics=metrics,
+        callback_sessions=RedisCallbackSessions(callbacks_client, keys_of),
+    )  # fmt: skip

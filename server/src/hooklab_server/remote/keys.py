@@ -37,6 +37,15 @@ class RedisKeys:
     def tries(self, job_id: str) -> str:
         return f"{self.prefix}:tries:{job_id}"
 
+    def callback_owner(self, session: str) -> str:
+        return f"{self.prefix}:cb:{session}:owner"
+
+    def callback_calls(self, session: str) -> str:
+        return f"{self.prefix}:cb:{session}:calls"
+
+    def callback_reply(self, call_id: str) -> str:
+        return f"{self.prefix}:cb-reply:{call_id}"
+
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"

@@ -15,6 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ..auth import Account
+from ..callbacks import CallbackRelay
 from ..engine.shell import model_shell
 from ..metrics import Family, Metrics
 from ..models import ModelEntry, not_served
@@ -128,8 +129,10 @@ class RemoteModels:
         settings: Settings,
         metrics: Metrics,
         open_account: Account,
+        callbacks: CallbackRelay | None = None,
     ) -> None:
         self.redis, self.keys = client, keys
+        self._callbacks = callbacks
         self._store, self._settings, self._metrics = store, settings, metrics
         self._open_account = open_account
         self._known: dict[str, _Known] = {}
@@ -167,7 +170,10 @@ class RemoteModels:
         if known is not None and known.registration == registration:
             return
         shell = model_shell(registration.cfg, registration.tokenizer_files)
-        ctx = OpsContext(shell, self._store, self._settings, self._metrics, self._open_account)
+        ctx = OpsContext(
+            shell, self._store, self._settings, self._metrics, self._open_account,
+            self._callbacks,
+        )  # fmt: skip
         executor = RemoteExecutor(self.redis, self.keys, registration.name)
         self._known[registration.name] = _Known(registration, Operations(ctx), executor)
 

@@ -49,6 +49,7 @@ from ..redis_store import RedisStore
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..tensor_frames import encode_frames, stream_pieces
+from .callbacks import RedisCallbackRelay
 from .jobs import REQUESTS, WEIGHT, Job, decode_job, encode_error
 from .keys import CLIENT_OPTIONS, GROUP, RedisKeys
 from .registry import Registration, beat, leave, register, worker_report
@@ -77,7 +78,8 @@ class Worker:
             settings.max_stored_objects, settings.redis_prefix,
         )  # fmt: skip
         self.metrics = metrics = Metrics()
-        ctx = OpsContext(model, store, settings, metrics, Account("worker"))
+        callbacks = RedisCallbackRelay(self.sync, self.keys)
+        ctx = OpsContext(model, store, settings, metrics, Account("worker"), callbacks)
         self.operations = Operations(ctx)
         self.executor = SchedulerExecutor(self.operations, metrics, settings)
         model_name = str(model.cfg.model_name)
