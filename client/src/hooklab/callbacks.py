@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import torch
@@ -41,7 +41,7 @@ class CallbackSession:
         self.connection: ClientConnection = connect(
             f"{url}/v1/callbacks", additional_headers=headers, max_size=None, compression=None
         ).__enter__()
-        hello = _decoder.decode(self.connection.recv())
+        hello = _decoder.decode(cast(bytes, self.connection.recv()))
         self.id: str = hello["session"]
         self.functions: dict[str, tuple[Callable[..., Any], str]] = {}
         self.contexts = contexts if contexts is not None else {}

@@ -105,7 +105,8 @@ class FunctionHooks:
         self, name: str, fn: Callable[..., Any], plan: ShapePlan, mode: HookMode
     ) -> dict[str, Any]:
         if isinstance(fn, Forced):
-            fn, mode = fn.fn, fn.mode
+            mode = fn.mode
+            fn = fn.fn
         if mode != "callback":
             try:
                 return {"hook": name, "op": "graph", "graphs": self._graphs(name, fn, plan)}

@@ -18,15 +18,18 @@ from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL
 from . import tokenizer as tokenization
 from ._transport import Transport
 from .activation_cache import ActivationCache
+from .callbacks import CallbackSession
 from .config import HookedTransformerConfig
-from .errors import ConnectionFailedError, NotFoundError
+from .errors import ConnectionFailedError, NotFoundError, ServerError
 from .factored_matrix import FactoredMatrix
+from .function_hooks import FunctionHooks, HookMode, ShapePlan, default_mode
 from .hooks import HookSpec
 from .modules import HookPoint, LazyStateDict, Module, Weights, build_tree
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
 NameOrFilter = str | Callable[[str], bool]
-FwdHook = tuple[NameOrFilter, HookSpec]
+HookFunction = Callable[..., Any]  # TransformerLens's fn(activation, hook)
+FwdHook = tuple[NameOrFilter, HookSpec | HookFunction]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
@@ -37,16 +40,13 @@ class Output(SimpleNamespace):
         return iter((self.logits, self.loss))
 
 
-def _check_spec(hook: object) -> HookSpec:
-    if isinstance(hook, HookSpec):
+def _check_hook(hook: object) -> HookSpec | HookFunction:
+    if isinstance(hook, HookSpec) or callable(hook):
         return hook
-    if callable(hook):
-        raise TypeError(
-            "hooklab runs hooks on the server, so a Python function cannot be sent as a hook; "
-            "use a spec from hooklab.hooks instead, e.g. hooks.ablate(), hooks.patch(cache_id), "
-            "hooks.steer(vector, coeff), hooks.scale(f), hooks.set(value), hooks.project_out(d)"
-        )
-    raise TypeError(f"a hook must be a hooklab.hooks spec, not {type(hook).__name__}")
+    raise TypeError(
+        f"a hook must be a function fn(activation, hook) or a hooklab.hooks spec, not "
+        f"{type(hook).__name__}"
+    )
 
 
 class HookedTransformer:
@@ -63,6 +63,17 @@ class HookedTransformer:
         self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
         self._weights = Weights(self._fetch_weight)
         self._hooks: list[FwdHook] = []
+        self.hook_mode: HookMode = default_mode()  # "auto" | "traced" | "callback"
+        # How long the server waits for one callback's reply before it stops the forward.
+        self.callback_timeout_s = 300.0
+        self._callbacks: CallbackSession | None = None
+        self._functions = FunctionHooks(
+            info["cfg"],
+            {point["name"]: point["shape"] for point in info["hook_points"]},
+            self.cfg.dtype,
+            self._callback_session,
+            {},
+        )
         self._tokenizer: Tokenizer | None = None  # built from the server's files on first use
         # TransformerLens's module tree: model.blocks[0].attn.hook_z, model.embed.W_E, ...
         self._root, self.hook_dict = build_tree(self, self.hook_names, self.cfg, self._weights)
@@ -85,23 +96,66 @@ class HookedTransformer:
         return cls(Transport(url, api_key, timeout, model))
 
     def close(self) -> None:
+        if self._callbacks is not None:
+            self._callbacks.close()
         self._transport.close()
 
     # --- requests -------------------------------------------------------------------------
 
-    def _specs(self, fwd_hooks: Sequence[FwdHook]) -> list[dict[str, Any]]:
-        specs = []
+    def _specs(
+        self, fwd_hooks: Sequence[FwdHook], plan: Callable[[], ShapePlan]
+    ) -> list[dict[str, Any]]:
+        """The wire hook entries: specs as they are, functions traced (``plan`` gives the
+        activation shapes, worked out only when a function needs them)."""
+        specs: list[dict[str, Any]] = []
+        shapes: ShapePlan | None = None
         for selector, hook in [*self._hooks, *fwd_hooks]:
-            spec = _check_spec(hook)
+            hook = _check_hook(hook)
             if isinstance(selector, str):
-                specs.append(spec.at(selector))
+                names = [selector]
             else:  # like TransformerLens: a predicate sees the hook points that fire
-                specs.extend(
-                    spec.at(name)
-                    for name in self.hook_names
-                    if self._fires[name] and selector(name)
-                )
+                names = [name for name in self.hook_names if self._fires[name] and selector(name)]
+            for name in names:
+                if isinstance(hook, HookSpec):
+                    specs.append(hook.at(name))
+                    continue
+                if name not in self._fires:
+                    raise KeyError(f"unknown hook point {name!r}")
+                shapes = shapes or plan()
+                specs.append(self._functions.entry(name, hook, shapes, self.hook_mode))
         return specs
+
+    def _shape_plan(self, input: Any, generation: bool = False, **options: Any) -> ShapePlan:
+        """The batch and positions an input makes (tokenised here, as the server will)."""
+        if options.get("start_at_layer") is not None or isinstance(input, torch.Tensor):
+            shape = torch.as_tensor(input).shape
+            batch, pos = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+        else:
+            tokens = self.to_tokens(input, options.get("prepend_bos"), options.get("padding_side"))
+            batch, pos = tokens.shape
+        return ShapePlan(int(batch), int(pos), generation, options.get("use_past_kv_cache", True))
+
+    def _callback_session(self) -> CallbackSession:
+        if self._callbacks is None:
+            self._callbacks = CallbackSession(self._transport, self._functions.contexts)
+        self._callbacks.timeout_s = self.callback_timeout_s
+        return self._callbacks
+
+    @contextmanager
+    def _running(self, hooks: list[dict[str, Any]]) -> Iterator[None]:
+        """Around a request with hook entries: its callbacks are dropped afterwards, and a hook
+        function that raised on this machine is re-raised as itself."""
+        try:
+            yield
+        except ServerError as exc:
+            failure = self._callbacks.failure if self._callbacks is not None else None
+            if exc.code == "callback_failed" and failure is not None:
+                self._callbacks.failure = None  # type: ignore[union-attr]
+                raise failure from exc
+            raise
+        finally:
+            if self._callbacks is not None:
+                self._callbacks.forget(hooks)
 
     def _body(self, input: Any, **kwargs: Any) -> dict[str, Any]:
         # None means "server default", except for return_type where None is a real choice.
@@ -135,10 +189,12 @@ class HookedTransformer:
     ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         if len(args) != 1:
             raise TypeError(f"expected one positional argument (the input), got {len(args)}")
-        body = self._body(args[0], hooks=self._specs(fwd_hooks), **kwargs)
+        hooks = self._specs(fwd_hooks, lambda: self._shape_plan(args[0], **kwargs))
+        body = self._body(args[0], hooks=hooks, **kwargs)
         if path != "/v1/forward":
             body["names"] = names
-        meta, tensors = self._transport.frames("POST", path, body)
+        with self._running(hooks):
+            meta, tensors = self._transport.frames("POST", path, body)
         outputs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("output.")}
         return _output(outputs, kwargs), tensors, meta
 
@@ -205,7 +261,9 @@ class HookedTransformer:
         if isinstance(input, torch.Tensor):
             input = input if input.dim() == 2 else input.unsqueeze(0)
         body["input"] = input
-        body["hooks"] = self._specs(fwd_hooks)
+        body["hooks"] = self._specs(
+            fwd_hooks, lambda: self._shape_plan(input, generation=True, **options)
+        )
         return body
 
     def generate(
@@ -236,18 +294,19 @@ class HookedTransformer:
             use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
             padding_side=padding_side, return_type=return_type, seed=seed, stream=verbose,
         )  # fmt: skip
-        if verbose:
-            result = None
-            for event, payload in self._transport.events("/v1/generate", body):
-                if event == "token" and len(payload["text"]) == 1:
-                    print(payload["text"][0], end="", flush=True)
-                elif event == "done":
-                    result = payload
-            print()
-            if result is None:
-                raise ConnectionFailedError("the generation stream ended without a result")
-        else:
-            result = self._transport.post_json("/v1/generate", body)
+        with self._running(body["hooks"]):
+            if verbose:
+                result = None
+                for event, payload in self._transport.events("/v1/generate", body):
+                    if event == "token" and len(payload["text"]) == 1:
+                        print(payload["text"][0], end="", flush=True)
+                    elif event == "done":
+                        result = payload
+                print()
+                if result is None:
+                    raise ConnectionFailedError("the generation stream ended without a result")
+            else:
+                result = self._transport.post_json("/v1/generate", body)
         output = result["output"]
         if return_type == "embeds":
             return torch.tensor(output, dtype=self.cfg.dtype)
@@ -268,16 +327,19 @@ class HookedTransformer:
         body = self._generate_body(
             input, fwd_hooks, max_new_tokens=max_new_tokens, stream=True, **options
         )
-        for event, payload in self._transport.events("/v1/generate", body):
-            if event == "token":
-                yield {**payload, "tokens": torch.tensor(payload["tokens"])}
+        with self._running(body["hooks"]):
+            for event, payload in self._transport.events("/v1/generate", body):
+                if event == "token":
+                    yield {**payload, "tokens": torch.tensor(payload["tokens"])}
 
     # --- hooks held client-side -----------------------------------------------------------
 
-    def add_hook(self, name: NameOrFilter, hook: HookSpec, dir: str = "fwd") -> None:
+    def add_hook(
+        self, name: NameOrFilter, hook: HookSpec | HookFunction, dir: str = "fwd", **_: Any
+    ) -> None:
         if dir != "fwd":
             raise NotImplementedError("hooklab runs forward hooks only")
-        self._hooks.append((name, _check_spec(hook)))
+        self._hooks.append((name, _check_hook(hook)))
 
     def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
         self._hooks.clear()
@@ -287,7 +349,7 @@ class HookedTransformer:
         self, fwd_hooks: Sequence[FwdHook] = (), reset_hooks_end: bool = True
     ) -> Iterator[HookedTransformer]:
         """Apply ``fwd_hooks`` to every call inside the block (TransformerLens's ``hooks``)."""
-        added = [(name, _check_spec(hook)) for name, hook in fwd_hooks]
+        added = [(name, _check_hook(hook)) for name, hook in fwd_hooks]
         self._hooks.extend(added)
         try:
             yield self

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from hooklab_proto import OPS, OPSET, Kind, Op, dtype_code
 from hooklab_proto._opset import DEVICE_OPS, OPTIONAL, REQUIRED
 
-from .tracing_aliases import ALIASES, PROPERTY_READS, VALUE_READS, BindError
+from .tracing_aliases import ALIASES, PROPERTY_READS, VALUE_READS, BindError, getter
 
 # Methods that change Python state; a function calling them is never traced, so the change
 # does not happen once while tracing and again at every firing.
@@ -40,6 +40,7 @@ _STATE_METHODS = frozenset(
     {"append", "extend", "insert", "update", "setdefault", "add", "pop", "remove", "clear"}
 )
 MAX_INDEX_LIST = 4096
+DEVICE_READ = getter("device")
 # Multi-output ops give the user what torch gives: a named tuple (``x.max(-1).values``).
 _RETURN_TYPES: dict[str, Any] = {
     "max_dim": torch.return_types.max,
@@ -202,7 +203,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         traced = _any_traced(self.r, args, kwargs)
         if func in PROPERTY_READS:
-            if traced and func is torch.Tensor.device.__get__:
+            if traced and func is DEVICE_READ:
                 return torch.device("cpu")  # factories then make constants the server moves
             if traced and func in ALIASES:  # .T, .mT: views recorded as nodes
                 return self._record(func, args, kwargs)

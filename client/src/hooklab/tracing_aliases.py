@@ -145,6 +145,20 @@ def _pad(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, dict[str, An
     return "pad", named
 
 
+def _functional(op: str) -> Callable[[Sequence[Any], dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """F.relu(x, inplace=True) edits x: the in-place op, where the opset has one."""
+
+    def bind(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        inplace = bool(kwargs.get("inplace", False)) or (len(args) > 1 and bool(args[1]))
+        if not inplace:
+            return Binding(op, positional=("self",)).bind(args[:1], kwargs)
+        if f"{op}_" not in OPS:
+            raise BindError(f"in-place {op} is not in the opset; use inplace=False")
+        return f"{op}_", {"self": args[0] if args else kwargs["input"]}
+
+    return bind
+
+
 def _transpose_last(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "transpose", {"self": args[0], "dim0": -2, "dim1": -1}
 
@@ -154,6 +168,12 @@ def _transpose_2d(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, dic
 
 
 T = torch.Tensor
+
+
+def getter(name: str) -> Any:
+    """The function a tensor property read arrives as (``torch.Tensor.shape.__get__``)."""
+    return getattr(T, name).__get__
+
 
 ALIASES: dict[Any, Binding] = {
     # indexing
@@ -180,8 +200,8 @@ ALIASES: dict[Any, Binding] = {
     **_same("permute", torch.permute),
     **_method_and_function("transpose"),
     **_same("transpose", T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims),
-    **_same("transpose", T.T.__get__, T.t, torch.t, custom=_transpose_2d),
-    **_same("transpose", T.mT.__get__, custom=_transpose_last),
+    **_same("transpose", getter("T"), T.t, torch.t, custom=_transpose_2d),
+    **_same("transpose", getter("mT"), custom=_transpose_last),
     **_method_and_function("movedim"),
     **_same("expand", T.expand, varargs=1),
     **_same("expand_as", T.expand_as),
@@ -191,7 +211,8 @@ ALIASES: dict[Any, Binding] = {
     **_method_and_function("unbind"),
     **_method_and_function("split"),
     **_method_and_function("chunk"),
-    **_method_and_function("flip"),
+    **_same("flip", T.flip, varargs=1),  # x.flip(0), x.flip(0, 1), x.flip((0, 1))
+    **_same("flip", torch.flip),
     **_method_and_function("roll"),
     **_same("repeat", T.repeat, varargs=1),
     **_same("cat", torch.cat, torch.concat, torch.concatenate),
@@ -261,8 +282,9 @@ ALIASES: dict[Any, Binding] = {
         )
         for spelling in (getattr(T, name), getattr(torch, name))
     },
-    **_same("relu", T.relu, torch.relu, F.relu),
-    **_same("silu", F.silu),
+    **_same("relu", T.relu, torch.relu),
+    **_same("relu", F.relu, custom=_functional("relu")),
+    **_same("silu", F.silu, custom=_functional("silu")),
     **_same("sigmoid", F.sigmoid),
     **_same("tanh", F.tanh),
     **_same("softplus", F.softplus, positional=("self",)),
@@ -336,13 +358,13 @@ ALIASES[T.__rmatmul__] = Binding(
 # Reads of metadata, not values: answered from the stand-in.
 PROPERTY_READS = frozenset(
     {
-        T.shape.__get__,
-        T.dtype.__get__,
-        T.device.__get__,
-        T.ndim.__get__,
-        T.is_cuda.__get__,
-        T.requires_grad.__get__,
-        T.is_leaf.__get__,
+        getter("shape"),
+        getter("dtype"),
+        getter("device"),
+        getter("ndim"),
+        getter("is_cuda"),
+        getter("requires_grad"),
+        getter("is_leaf"),
         T.size,
         T.dim,
         T.numel,
@@ -350,16 +372,16 @@ PROPERTY_READS = frozenset(
         T.element_size,
         T.is_floating_point,
         T.is_complex,
-        T.layout.__get__,
-        T.T.__get__,
-        T.mT.__get__,
+        getter("layout"),
+        getter("T"),
+        getter("mT"),
         T.ndimension,
         T.nelement,
-        T.grad_fn.__get__,
+        getter("grad_fn"),
         T.is_contiguous,
         T.stride,
         T.storage_offset,
-        T.is_meta.__get__,
+        getter("is_meta"),
         T.__hash__,
     }
 )

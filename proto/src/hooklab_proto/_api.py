@@ -244,3 +244,13 @@ class Capabilities(BaseModel):
     ops: list[str] = Field(description="the operations (routes)")
     spec_ops: list[str] = Field(description="the hook-spec operations")
     dtypes: list[str] = Field(description="tensor dtype codes accepted and returned")
+    graph_versions: list[int] = Field(
+        default_factory=list, description="traced hook graph versions ('graph_v') accepted"
+    )
+    opset: str = Field("", description="the op vocabulary of traced hook graphs")
+    graph_ops: list[str] = Field(
+        default_factory=list, description="the ops a traced hook graph may use"
+    )
+    callbacks: bool = Field(
+        False, description="hook functions may run on the client (websocket /v1/callbacks)"
+    )

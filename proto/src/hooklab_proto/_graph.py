@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from ._base import Body
 from ._dtypes import DTYPE_CODES
 from ._limits import bounded_length
-from ._opset import GRAPH_VERSION, OPSET
+from ._opset import OPSET
 from ._tensor_values import MAX_AXIS, TensorValue
 
 
@@ -73,7 +73,7 @@ class GraphOrigin(Body):
 
 
 class Graph(Body):
-    graph_v: Literal[1] = GRAPH_VERSION
+    graph_v: Literal[1] = 1  # GRAPH_VERSION
     opset: str = Field(OPSET, max_length=32)
     input: GraphInput
     consts: Annotated[list[GraphConst], bounded_length("max_graph_consts", "graph constants")] = (

@@ -145,7 +145,9 @@ def _with_dim_or_all(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _std_var(function: Callable[..., Any]) -> Callable[..., Any]:
-    def run(self: torch.Tensor, dim: Any = None, correction: float = 1, keepdim: bool = False):
+    def run(
+        self: torch.Tensor, dim: Any = None, correction: float = 1, keepdim: bool = False
+    ) -> torch.Tensor:
         return function(self, dim, correction=correction, keepdim=keepdim)
 
     return run
@@ -170,7 +172,9 @@ def _cast(dtype: torch.dtype) -> Callable[..., Any]:
 def _factory(function: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     """zeros / ones / full: ``device`` is the hook's, added by the executor."""
 
-    def run(size: list[int], dtype: torch.dtype | None = None, device: Any = None, **rest: Any):
+    def run(
+        size: list[int], dtype: torch.dtype | None = None, device: Any = None, **rest: Any
+    ) -> torch.Tensor:
         return function(size, **rest, dtype=dtype or torch.float32, device=device)
 
     return run
@@ -559,7 +563,12 @@ _OPS: list[Op] = [
     ),
     _inplace("zero_", torch.Tensor.zero_),
     _inplace("fill_", torch.Tensor.fill_, Param("value", Kind.TENSOR_OR_NUMBER)),
-    _inplace("copy_", torch.Tensor.copy_, Param("src", Kind.TENSOR)),
+    Op(  # positional: torch's own keyword for ``src`` is ``other``
+        "copy_",
+        (SELF, Param("src", Kind.TENSOR)),
+        _call(torch.Tensor.copy_, "self", "src"),
+        mutates=True,
+    ),
     _inplace("neg_", torch.Tensor.neg_),
     _inplace("relu_", torch.Tensor.relu_),
     # D: activations and norms

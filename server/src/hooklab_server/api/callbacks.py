@@ -27,6 +27,9 @@ MAX_REPLY_BYTES = 1 << 30
 async def callbacks(websocket: WebSocket) -> None:
     sessions = service(websocket).callback_sessions
     account = account_of(websocket.scope)
+    if sessions is None:
+        await websocket.close(code=1008, reason="this server takes no client callbacks")
+        return
     await websocket.accept()
     session = await sessions.open(account.name)
     try:

@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from hooklab_proto import DTYPE_CODES, SPEC_OPS, Capabilities, Limits
+from hooklab_proto import DTYPE_CODES, GRAPH_VERSION, OPS, OPSET, SPEC_OPS, Capabilities, Limits
 
 from .running import HooklabRoute
 from .state import service
@@ -51,6 +51,10 @@ async def capabilities(request: Request) -> Capabilities:
         ops=routes,
         spec_ops=list(SPEC_OPS),
         dtypes=sorted(DTYPE_CODES),
+        graph_versions=[GRAPH_VERSION],
+        opset=OPSET,
+        graph_ops=sorted(OPS),
+        callbacks=hooklab.callback_sessions is not None,
     )
 
 

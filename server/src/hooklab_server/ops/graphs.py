@@ -429,7 +429,7 @@ def _bind_node(binder: _Binder, op: Op, wire: GraphNode, at: str) -> _Node:
     return _Node(op, args, tuple(computed))
 
 
-class _IndexItems(list):  # type: ignore[type-arg]
+class _IndexItems(list[Any]):
     """An index list, resolved to the tuple torch indexes with."""
 
 

@@ -22,6 +22,7 @@ from hooklab_proto import (
     CacheSource,
     CallbackSpec,
     ClampSpec,
+    DeclarativeSpec,
     ErrorCode,
     GraphSpec,
     HookSpec,
@@ -39,7 +40,7 @@ from .context import OpsContext
 from .errors import RequestError, too_large
 from .functions import FunctionBudget, compile_function
 
-HookFn = Callable[..., torch.Tensor]
+HookFn = Callable[..., torch.Tensor | None]
 
 _SELECTOR_AXES = {"batch": ("batch",), "pos": ("pos",), "head": ("head", "kv_head")}
 
@@ -135,7 +136,9 @@ def _first_repeat(values: list[int]) -> int | None:
     return None
 
 
-def _target(spec: HookSpec, name: str, model: HookedTransformer, batch: int, pos: int) -> _Target:
+def _target(
+    spec: DeclarativeSpec, name: str, model: HookedTransformer, batch: int, pos: int
+) -> _Target:
     axes = hook_shape(name, model.cfg)
     sizes = axis_sizes(model.cfg, batch, pos)
     shape = tuple(sizes[axis] for axis in axes)
@@ -340,7 +343,7 @@ _COMPILERS: dict[type, Callable[[_Compiling], _Edit]] = {
 }
 
 
-def _check_for_generation(spec: HookSpec, ctx: OpsContext) -> None:
+def _check_for_generation(spec: DeclarativeSpec, ctx: OpsContext) -> None:
     """During generation each step sees new positions, so only position-free specs apply."""
     if spec.pos is not None:
         raise RequestError(

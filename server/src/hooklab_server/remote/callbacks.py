@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -71,7 +71,7 @@ class RedisCallbackSessions:
             popped = await self.redis.blpop([calls], timeout=1)
             if popped is None:
                 continue
-            message = popped[1]
+            message = cast(bytes, popped[1])
             session.sent.add(str(decode_message(message).get("id")))
             yield message
 
@@ -107,7 +107,7 @@ class RedisCallbackRelay:
 
     def check(self, session: str, owner: str) -> None:
         found = self.redis.get(self.keys.callback_owner(session))
-        if found is None or found.decode() != owner:
+        if found is None or cast(bytes, found).decode() != owner:
             raise RequestError(
                 ErrorCode.NOT_FOUND,
                 f"callback session {session!r} is not open",
@@ -130,7 +130,7 @@ class RedisCallbackRelay:
         while True:
             popped = self.redis.blpop([reply_key], timeout=POLL_S * 2)
             if popped is not None:
-                reply = decode_message(popped[1])
+                reply = decode_message(cast(bytes, popped[1]))
                 if reply["kind"] == "ended":
                     raise CallbackFailed("the callback session ended (the client disconnected)")
                 return reply

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ..ops import CancelToken, Operations, Work
 from ..ops.callbacks import ClientCallback
@@ -29,7 +29,7 @@ class SlowLane:
         self.operations = operations
         self.slots = asyncio.Semaphore(parked)
 
-    async def run(self, work: Work, token: CancelToken) -> AsyncIterator[Delivery]:
+    async def run(self, work: Work, token: CancelToken) -> AsyncGenerator[Delivery, None]:
         """The work's deliveries (a generation's steps, then its outcome) as it runs."""
         async with self.slots:
             loop = asyncio.get_running_loop()
