@@ -4,7 +4,9 @@ local tokenizer helpers (no request once the tokenizer files are in)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,11 +14,13 @@ import pytest
 import torch
 
 import hooklab
+from fixtures.oracle import load_tl_model
 from hooklab import hooks
 from hooklab.modules import HookPoint, Module
+from hooklab_server.engine import load_model
 
 from .e2e_helpers import assert_close
-from .e2e_servers import PROMPTS, Served, sample_tokens
+from .e2e_servers import PROMPTS, Served, sample_tokens, serve
 
 
 @pytest.fixture
@@ -103,6 +107,27 @@ def test_every_weight_alias_as_in_tl(server: Served) -> None:
         _ = model.blocks[1].attn.W_nothing
 
 
+def test_unprocessed_weights_as_in_tl(any_checkpoint: Path) -> None:
+    """Without weight processing the norms keep their weights (LN: w and b, RMS: w)."""
+    flags = dict.fromkeys(
+        ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"), False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = load_tl_model(any_checkpoint, **flags)
+    with serve(load_model(str(any_checkpoint), device="cpu", **flags)) as running:
+        model = hooklab.connect(running.url)
+        try:
+            ours = list(model.named_parameters())
+            assert [name for name, _ in ours] == [name for name, _ in tl.named_parameters()]
+            for name, weight in ours:
+                assert_close(weight, tl.get_parameter(name).detach(), name)
+            assert_close(model.blocks[0].ln1.w, tl.blocks[0].ln1.w.detach(), "ln1.w")
+            assert_close(model.ln_final.w, tl.ln_final.w.detach(), "ln_final.w")
+        finally:
+            model.close()
+
+
 def test_weights_are_fetched_once_and_shared(
     server: Served, fresh: tuple[hooklab.HookedTransformer, list[str]]
 ) -> None:
@@ -121,11 +146,12 @@ def test_weights_are_fetched_once_and_shared(
     before = model.blocks[0].mlp.W_out
     assert model.blocks[0].mlp.W_out is before
     assert requests == ["/v1/weights/blocks.0.mlp.W_out"]
-    # A weight the model lacks is asked for once, then known to be missing.
+    # A weight the model lacks (a folded norm's) is asked for once, then known to be missing.
+    assert server.tl.cfg.normalization_type in ("LNPre", "RMSPre")
     for _ in range(2):
         with pytest.raises(KeyError):
-            model.parameter("blocks.0.ln1.w" if server.tl.cfg.normalization_type else "none")
-    assert len(requests) == 2
+            model.parameter("blocks.0.ln1.w")
+    assert requests == ["/v1/weights/blocks.0.mlp.W_out", "/v1/weights/blocks.0.ln1.w"]
 
 
 def test_state_dict_is_lazy(
