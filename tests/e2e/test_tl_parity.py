@@ -603,20 +603,12 @@ def test_add_hook_and_reset_hooks(server: Served) -> None:
     assert_close(server.model(tokens), server.tl(tokens), "forward after reset_hooks")
 
 
-def test_python_function_as_hook_is_a_type_error(gpt2_server: Served) -> None:
-    def zero(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        return torch.zeros_like(x)
-
+def test_a_hook_that_is_neither_a_function_nor_a_spec_is_a_type_error(gpt2_server: Served) -> None:
     tokens = sample_tokens(gpt2_server.tl)
-    with pytest.raises(TypeError, match=r"hooklab\.hooks"):
-        gpt2_server.model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", zero)])
-    with pytest.raises(TypeError, match=r"hooklab\.hooks"):
-        gpt2_server.model.add_hook("blocks.0.hook_resid_post", zero)
-    with (
-        pytest.raises(TypeError, match=r"hooklab\.hooks"),
-        gpt2_server.model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", zero)]),
-    ):
-        pass
+    with pytest.raises(TypeError, match=r"fn\(activation, hook\) or a hooklab\.hooks spec"):
+        gpt2_server.model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", 3.0)])
+    with pytest.raises(TypeError, match=r"hooklab\.hooks spec"):
+        gpt2_server.model.add_hook("blocks.0.hook_resid_post", "zero")
 
 
 def test_config_and_hook_names_match_tl(server: Served) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL
+from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL, OUTPUT_VALUE
 
 from . import tokenizer as tokenization
 from ._transport import Transport
@@ -24,6 +24,7 @@ from .errors import ConnectionFailedError, NotFoundError, ServerError
 from .factored_matrix import FactoredMatrix
 from .function_hooks import FunctionHooks, HookMode, ShapePlan, default_mode
 from .hooks import HookSpec
+from .lazy import LazyLogits
 from .modules import HookPoint, LazyStateDict, Module, Weights, build_tree
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
@@ -66,6 +67,8 @@ class HookedTransformer:
         self.hook_mode: HookMode = default_mode()  # "auto" | "traced" | "callback"
         # How long the server waits for one callback's reply before it stops the forward.
         self.callback_timeout_s = 300.0
+        # run_with_hooks returns logits computed on first read, sending back only what is read.
+        self.lazy_logits = True
         self._callbacks: CallbackSession | None = None
         self._functions = FunctionHooks(
             info["cfg"],
@@ -249,8 +252,45 @@ class HookedTransformer:
     def run_with_hooks(
         self, *model_args: Any, fwd_hooks: Sequence[FwdHook] = (), **forward_kwargs: Any
     ) -> Any:
-        out, _, _ = self._call("/v1/run_with_hooks", model_args, fwd_hooks, [], **forward_kwargs)
-        return out
+        """TransformerLens's ``run_with_hooks``. With every hook traced, the logits come back
+        lazily (``lazy_logits``): the forward runs when they are first read, and only what is
+        read (e.g. a metric's value) is sent back."""
+        deferrable = (
+            self.lazy_logits
+            and len(model_args) == 1
+            and forward_kwargs.get("return_type", "logits") == "logits"
+            and forward_kwargs.get("stop_at_layer") is None
+            and forward_kwargs.get("start_at_layer") is None
+        )
+        if not deferrable:
+            out, _, _ = self._call(
+                "/v1/run_with_hooks", model_args, fwd_hooks, [], **forward_kwargs
+            )
+            return out
+        plan: list[ShapePlan] = []
+
+        def shape_plan() -> ShapePlan:
+            plan.append(self._shape_plan(model_args[0], **forward_kwargs))
+            return plan[0]
+
+        hooks = self._specs(fwd_hooks, shape_plan)
+        if any(entry.get("op") == "callback" for entry in hooks):
+            body = self._body(model_args[0], hooks=hooks, **forward_kwargs)
+            body["names"] = []
+            with self._running(hooks):
+                _, tensors = self._transport.frames("POST", "/v1/run_with_hooks", body)
+            return tensors[OUTPUT_LOGITS]
+        body = self._body(model_args[0], hooks=hooks, **forward_kwargs)
+        body["names"] = []
+        shapes = plan[0] if plan else shape_plan()
+
+        def fetch(graph: dict[str, Any] | None) -> torch.Tensor:
+            sent = body if graph is None else {**body, "logits_graph": graph}
+            _, tensors = self._transport.frames("POST", "/v1/run_with_hooks", sent, progress=False)
+            return tensors[OUTPUT_VALUE if graph is not None else OUTPUT_LOGITS]
+
+        shape = (shapes.batch, shapes.pos, self.cfg.d_vocab_out)
+        return LazyLogits.of(fetch, shape, self.cfg.dtype)
 
     # --- generation -----------------------------------------------------------------------
 

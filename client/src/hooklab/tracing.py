@@ -13,14 +13,17 @@ reason, and the caller falls back to running the function on the client (a callb
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dis
 import functools
+import inspect
 import io
 import linecache
 import math
 import numbers
 import sys
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,25 +96,188 @@ def _unwrap(fn: Any) -> Any:
 
 def prescreen(fn: Callable[..., Any]) -> None:
     """Refuse, before running it, a function that changes Python state: rebinding a global
-    or an outer variable, or calling a mutating method (append, update, …)."""
-    code = getattr(_unwrap(fn), "__code__", None)
-    if code is None:
-        return
-    codes = [code, *(const for const in code.co_consts if hasattr(const, "co_code"))]
-    for each in codes:
-        for instruction in dis.get_instructions(each):
-            if instruction.opname in ("STORE_GLOBAL", "STORE_DEREF", "DELETE_GLOBAL"):
-                raise Untraceable(
-                    "python-state", f"it assigns to the outer variable {instruction.argval!r}"
-                )
-            if (
-                instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")
-                and instruction.argval in _STATE_METHODS
+    or an outer variable, calling a mutating method (append, update, …) on an outer object, or
+    storing into one (``counts[name] = …``, ``probe.last = …``, ``hook.ctx[k] = …``). Names are
+    resolved where that is possible before running: globals, closure cells, arguments bound by
+    ``partial`` or defaults; ``torch.add(x, 1)`` and ``x.add(1)`` call tensors and modules, and
+    the hook function's own locals are its own."""
+    scope = _Scope.of(fn)
+    if scope is not None:
+        scope.screen(scope.code, nested=False)
+
+
+_LOCAL = object()  # a name local to the hook function (its own list, dict, tensor)
+_UNKNOWN = object()  # a name that cannot be resolved before running
+_ACTIVATION = object()  # the activation argument
+_LOADS = frozenset(
+    {
+        "LOAD_FAST",
+        "LOAD_FAST_CHECK",
+        "LOAD_FAST_AND_CLEAR",
+        "LOAD_DEREF",
+        "LOAD_CLOSURE",
+        "LOAD_CLASSDEREF",
+        "LOAD_NAME",
+    }
+)
+_PY312 = sys.version_info >= (3, 12)
+# (popped, pushed) of the instructions that move values the screen follows; any other resets
+# what it knows of the stack.
+_EFFECTS: dict[str, Callable[[int], tuple[int, int]]] = {
+    **dict.fromkeys(("NOP", "RESUME", "CACHE", "PRECALL", "KW_NAMES", "EXTENDED_ARG"),
+                    lambda arg: (0, 0)),
+    **dict.fromkeys(("BINARY_SUBSCR", "BINARY_OP", "COMPARE_OP", "IS_OP", "CONTAINS_OP"),
+                    lambda arg: (2, 1)),
+    **dict.fromkeys(("UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "GET_ITER"),
+                    lambda arg: (1, 1)),
+    **dict.fromkeys(("BUILD_SLICE", "BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_STRING"),
+                    lambda arg: (arg, 1)),
+    **dict.fromkeys(("STORE_FAST", "STORE_NAME", "POP_TOP", "RETURN_VALUE"), lambda arg: (1, 0)),
+    "BUILD_MAP": lambda arg: (2 * arg, 1),
+    "BINARY_SLICE": lambda arg: (3, 1),
+    "CALL": lambda arg: (arg + 2, 1),
+    "FORMAT_VALUE": lambda arg: (2 if arg & 4 else 1, 1),
+    "PUSH_NULL": lambda arg: (0, 1),
+    "LOAD_CONST": lambda arg: (0, 1),
+}  # fmt: skip
+
+
+@dataclass
+class _Scope:
+    """What the names of a hook function's code refer to, as far as known before it runs."""
+
+    code: Any
+    globals: dict[str, Any]
+    cells: dict[str, Any]  # free variable -> its value (a closure cell's contents)
+    params: dict[str, Any]  # parameter -> value, for those bound (partial, defaults, hook)
+
+    @classmethod
+    def of(cls, fn: Any) -> _Scope | None:
+        inner = _unwrap(fn)
+        code = getattr(inner, "__code__", None)
+        if code is None:
+            return None
+        cells: dict[str, Any] = {}
+        closure = getattr(inner, "__closure__", None) or ()
+        for name, cell in zip(code.co_freevars, closure, strict=False):
+            try:
+                cells[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                cells[name] = _UNKNOWN
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        positional = list(names[: code.co_argcount])
+        defaults = inner.__defaults__ or ()
+        with_defaults = positional[len(positional) - len(defaults) :]
+        params: dict[str, Any] = dict(zip(with_defaults, defaults, strict=True))
+        params.update(getattr(inner, "__kwdefaults__", None) or {})
+        partials = []
+        layer = fn
+        while isinstance(layer, functools.partial):
+            partials.append(layer)
+            layer = layer.func
+        bound: list[Any] = [layer.__self__] if hasattr(layer, "__self__") else []
+        keywords: dict[str, Any] = {}
+        for each in reversed(partials):  # the innermost partial's arguments come first
+            bound.extend(each.args)
+            keywords.update(each.keywords)
+        params.update(zip(positional, bound, strict=False))
+        params.update(keywords)
+        free = [name for name in positional[len(bound) :] if name not in keywords]
+        if free:
+            params[free[0]] = _ACTIVATION  # the first argument left: the activation
+        params.setdefault("hook", StandInHook(""))
+        return cls(code, inner.__globals__, cells, params)
+
+    def resolve(self, label: tuple[str, ...] | None, nested: bool) -> Any:
+        if label is None:
+            return _LOCAL  # an expression's value: a temporary
+        kind, name, *attrs = label
+        if kind == "global":
+            value = self.globals.get(name, getattr(builtins, name, _UNKNOWN))
+        elif kind == "deref" and name in self.cells:
+            value = self.cells[name]
+        elif name in self.params and (kind == "deref" or not nested):
+            value = self.params[name]
+        else:
+            value = _LOCAL  # the function's own (or a nested function's own) variable
+        for attr in attrs:
+            if value in (_LOCAL, _UNKNOWN, _ACTIVATION):
+                break
+            try:
+                value = inspect.getattr_static(value, attr)
+            except AttributeError:
+                value = _UNKNOWN
+        return value
+
+    def outside(self, label: tuple[str, ...] | None, nested: bool) -> bool:
+        """Whether changing the object ``label`` names changes state outside the function."""
+        value = self.resolve(label, nested)
+        if value is _LOCAL or value is _ACTIVATION:
+            return False
+        if isinstance(value, torch.Tensor | types.ModuleType):
+            return False  # tensors' writes are traced; torch.add is a function
+        return not (isinstance(value, type) and issubclass(value, torch.Tensor))
+
+    def screen(self, code: Any, nested: bool) -> None:
+        stack: list[tuple[str, ...] | None] = []
+
+        def pop() -> tuple[str, ...] | None:
+            return stack.pop() if stack else None
+
+        def state(label: tuple[str, ...] | None, what: str) -> None:
+            if self.outside(label, nested):
+                target = ".".join(label[1:]) if label else "an object"
+                raise Untraceable("python-state", f"it {what} {target}, which is Python state")
+
+        for ins in dis.get_instructions(code):
+            op, arg = ins.opname, ins.arg or 0
+            if ins.is_jump_target:
+                stack = []
+            if op in ("STORE_GLOBAL", "DELETE_GLOBAL") or (
+                op in ("STORE_DEREF", "DELETE_DEREF") and ins.argval in self.cells
             ):
                 raise Untraceable(
-                    "python-state",
-                    f"it calls .{instruction.argval}(), which changes Python state",
+                    "python-state", f"it assigns to the outer variable {ins.argval!r}"
                 )
+            if hasattr(ins.argval, "co_code"):  # a nested function, lambda or comprehension
+                self.screen(ins.argval, nested=True)
+            if op == "LOAD_GLOBAL":
+                stack += [None, ("global", ins.argval)] if arg & 1 else [("global", ins.argval)]
+            elif op in _LOADS:
+                kind = "deref" if "DEREF" in op or "CLOSURE" in op else "fast"
+                stack.append((kind, ins.argval))
+            elif op == "LOAD_FAST_LOAD_FAST":
+                stack += [("fast", name) for name in ins.argval]
+            elif op in ("LOAD_ATTR", "LOAD_METHOD"):
+                owner = pop()
+                if ins.argval in _STATE_METHODS:
+                    state(owner, f"calls .{ins.argval}() on")
+                method = op == "LOAD_METHOD" or (_PY312 and arg & 1)
+                stack += [None, None] if method else [(*owner, ins.argval) if owner else None]
+            elif op in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+                pop()
+                state(pop(), "stores into" if op == "STORE_SUBSCR" else "deletes from")
+                if op == "STORE_SUBSCR":
+                    pop()
+            elif op in ("STORE_ATTR", "DELETE_ATTR"):
+                state(pop(), f"sets .{ins.argval} of")
+                if op == "STORE_ATTR":
+                    pop()
+            elif op == "COPY":
+                stack.append(stack[-arg] if len(stack) >= arg else None)
+            elif op == "SWAP" and len(stack) >= arg:
+                stack[-1], stack[-arg] = stack[-arg], stack[-1]
+            elif op in _EFFECTS:
+                popped, pushed = _EFFECTS[op](arg)
+                for _ in range(popped):
+                    pop()
+                stack += [None] * pushed
+            else:  # not followed: what is on the stack is no longer known
+                try:
+                    effect = dis.stack_effect(ins.opcode, ins.arg, jump=False)
+                except ValueError:
+                    effect = -len(stack)
+                stack = [None] * max(0, len(stack) + effect)
 
 
 # --- values: what the recorder knows about each tensor it has seen ---------------------------
@@ -126,6 +292,17 @@ class _Recording:
         self.refs: dict[int, Any] = {id(stand_in): {"in": 0}}  # traced tensor id -> wire ref
         self.const_ids: dict[int, int] = {}  # real tensor id -> constant number
         self.keep: list[Any] = [stand_in]  # ids stay unique while these live
+        # Each traced tensor's layout when made: ``set_`` reaches no TorchFunctionMode, so a
+        # change of layout behind the recorder's back is found by comparing at the end.
+        self.layouts: dict[int, tuple[Any, ...]] = {id(stand_in): _layout(stand_in)}
+
+    def relaid(self) -> bool:
+        """Whether a traced tensor's shape or storage changed unseen (``x.set_(…)``)."""
+        return any(
+            id(value) in self.layouts and _layout(value) != self.layouts[id(value)]
+            for value in self.keep
+            if isinstance(value, torch.Tensor)
+        )
 
     def is_traced(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and id(value) in self.refs
@@ -156,10 +333,16 @@ class _Recording:
         if isinstance(result, torch.Tensor):
             self.refs[id(result)] = {"n": index}
             self.keep.append(result)
+            self.layouts.setdefault(id(result), _layout(result))
         else:
             for position, item in enumerate(result):
                 self.refs[id(item)] = {"n": index, "o": position}
                 self.keep.append(item)
+                self.layouts.setdefault(id(item), _layout(item))
+
+
+def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(tensor.shape), tensor.dtype, tensor.stride(), tensor.storage_offset())
 
 
 def _meta(value: Any) -> Any:
@@ -391,6 +574,11 @@ def trace(
         raise Untraceable("failed-on-stand-in", f"tracing raised {message}") from None
     if printed.getvalue():
         raise Untraceable("prints", "it prints, and printing runs on your machine")
+    if recording.relaid():
+        raise Untraceable(
+            "op-not-allowed",
+            f"it changes a tensor's shape or storage in place (set_), which {OPSET} does not allow",
+        )
     output = _output(recording, returned, stand_in)
     escaped = _escaped(recording, stand_in, returned)
     if escaped:
@@ -453,4 +641,38 @@ def _origin(fn: Callable[..., Any]) -> dict[str, Any]:
         "fn": str(getattr(inner, "__qualname__", type(inner).__name__))[:128],
         "file": (code.co_filename if code else "")[-256:],
         "line": code.co_firstlineno if code else 0,
+    }
+
+
+# --- recording outside a hook function: lazy logits ------------------------------------------
+
+RecordingError = Untraceable
+
+
+def start_recording(stand_in: torch.Tensor) -> _Recording:
+    """A recording whose input is ``stand_in`` (a meta tensor), for :func:`record_call`."""
+    return _Recording(stand_in)
+
+
+def record_call(
+    recording: _Recording, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """Record one torch call on values of ``recording`` (meta tensors); its meta result.
+    Raises Untraceable for anything the server could not compute (a value read, an op outside
+    the opset): the caller then computes it on real values."""
+    if func is DEVICE_READ:
+        return torch.device("cpu")
+    return _Recorder(recording).__torch_function__(func, (), args, kwargs)
+
+
+def graph_for(recording: _Recording, value: torch.Tensor) -> dict[str, Any]:
+    """The wire graph computing ``value`` (a recorded meta tensor) from the input."""
+    stand_in = recording.keep[0]
+    return {
+        "graph_v": 1,
+        "opset": OPSET,
+        "input": {"shape": list(stand_in.shape), "dtype": dtype_code(stand_in.dtype)},
+        "consts": list(recording.consts),
+        "nodes": list(recording.nodes),
+        "output": recording.refs[id(value)],
     }

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from ._base import Body
+from ._graph import Graph
 from ._limits import bounded_ids, bounded_length
 from ._specs import HookSpec
 from ._tensor_values import InlineTensor, TensorValue
@@ -19,6 +20,7 @@ FRAMES_MEDIA_TYPE = "application/vnd.hooklab.frames+msgpack"
 # Names of the non-activation tensors in a response stream or JSON body.
 OUTPUT_LOGITS = "output.logits"
 OUTPUT_LOSS = "output.loss"
+OUTPUT_VALUE = "output.value"  # a logits_graph's result
 OUTPUT_RESIDUAL = "output.residual"
 
 TokenInput = Annotated[
@@ -97,6 +99,11 @@ class ForwardRequest(Body):
     start_at_layer: int | None = None
     stop_at_layer: int | None = None
     hooks: HookSpecs = Field(default_factory=list)
+    logits_graph: Graph | None = Field(
+        None,
+        description="a traced function of the logits (e.g. the client's metric): its value comes "
+        "back as output.value instead of the logits (return_type 'logits' only)",
+    )
     timeout_s: Timeout = None
 
 

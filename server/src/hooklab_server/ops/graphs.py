@@ -233,6 +233,7 @@ class CompiledGraph:
         self.consts = consts
         self.nodes = nodes
         self.output = output
+        self.cast_output = True  # a hook's result takes the activation's dtype
 
     def matches(self, shape: Sequence[int]) -> bool:
         return len(shape) == len(self.shape) and all(
@@ -253,7 +254,7 @@ class CompiledGraph:
         if self.output is None:
             return None
         out = _resolve(self.output, x, consts, slots)
-        return out.to(x.dtype)
+        return out.to(x.dtype) if self.cast_output else out
 
 
 def _resolve(value: Any, x: torch.Tensor, consts: list[torch.Tensor], slots: list[Any]) -> Any:
@@ -291,9 +292,12 @@ def compile_graph(
     where: str,
     activation: tuple[int, ...],
     dtype: torch.dtype,
+    any_output: bool = False,
 ) -> tuple[CompiledGraph, int]:
     """Validate ``graph`` for an activation of ``activation``'s shape; the compiled graph and
-    the bytes its constants hold. Raises RequestError (422) naming the node at fault."""
+    the bytes its constants hold. Raises RequestError (422) naming the node at fault. A hook
+    returns the activation's shape; with ``any_output`` (a function of the logits) any shape
+    no larger than the input."""
     settings = ctx.settings
     if graph.opset != OPSET:
         raise GraphError(
@@ -374,8 +378,10 @@ def compile_graph(
                 "max_graph_flops",
                 "simplify the hook function",
             )
-    output = _output(binder, graph, slots, x_meta, activation, where)
-    return CompiledGraph(shape, consts, nodes, output), const_bytes
+    output = _output(binder, graph, slots, x_meta, activation, where, any_output)
+    compiled = CompiledGraph(shape, consts, nodes, output)
+    compiled.cast_output = not any_output
+    return compiled, const_bytes
 
 
 def _constants(ctx: OpsContext, graph: Graph, where: str) -> tuple[list[torch.Tensor], int]:
@@ -569,6 +575,7 @@ def _output(
     x_meta: torch.Tensor,
     activation: tuple[int, ...],
     where: str,
+    any_output: bool = False,
 ) -> _Ref | None:
     if graph.output is None:
         return None
@@ -576,7 +583,10 @@ def _output(
     value = _resolve(ref, x_meta, [], slots) if ref.source != "c" else None
     if value is None or not isinstance(value, torch.Tensor):
         raise GraphError(where, "the output must be the activation or a node's tensor")
-    if tuple(value.shape) != activation:
+    if any_output:
+        if value.numel() > x_meta.numel():
+            raise GraphError(where, f"returns {value.numel()} values, more than its input")
+    elif tuple(value.shape) != activation:
         raise GraphError(
             where,
             f"returns shape {list(value.shape)} for an activation of shape {list(activation)}",

@@ -16,6 +16,7 @@ from hooklab_proto import (
     OUTPUT_LOGITS,
     OUTPUT_LOSS,
     OUTPUT_RESIDUAL,
+    OUTPUT_VALUE,
     ErrorCode,
     ForwardRequest,
     RunWithCacheRequest,
@@ -36,6 +37,7 @@ from .cost import (
     working_bytes,
 )
 from .errors import RequestError
+from .graphs import CompiledGraph, compile_graph
 from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
 from .specs import HookFn, compile_specs, resolve_hook_names
 
@@ -62,6 +64,7 @@ class ForwardWork:
     cost: Cost
     caller: Account  # owns the cache, when one is stored
     wants_json: bool  # the response's form (its size limits differ)
+    logits_graph: CompiledGraph | None = None  # returned instead of the logits when given
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -155,6 +158,7 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
                 ErrorCode.VALIDATION, f"remove_batch_dim needs a batch of 1, got {size}"
             )
     hooks = compile_specs(ctx, request.hooks, size, length)
+    logits_graph = _logits_graph(ctx, request, size, length)
 
     # Cost: captures and logits are held until sent; the working set of one block on top.
     returned = activation_elements(model, names, size, length)
@@ -173,8 +177,25 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     peak = captured + building + working_bytes(model, size, length, explicit)
     cost = Cost(size * length, 1, with_slack(peak), sent)
     return ForwardWork(
-        op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json
-    )
+        op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json,
+        logits_graph,
+    )  # fmt: skip
+
+
+def _logits_graph(
+    ctx: OpsContext, request: ForwardRequest, size: int, length: int
+) -> CompiledGraph | None:
+    if request.logits_graph is None:
+        return None
+    if request.return_type != "logits" or request.stop_at_layer is not None:
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            "logits_graph applies to the logits: return_type 'logits', no stop_at_layer",
+        )
+    cfg = ctx.model.cfg
+    shape = (size, length, cfg.d_vocab_out)
+    graph, _ = compile_graph(ctx, request.logits_graph, "logits_graph", shape, cfg.dtype, True)
+    return graph
 
 
 def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> TensorsResult:
@@ -207,7 +228,12 @@ def finish_forward(
     ctx: OpsContext, work: ForwardWork, out: object, cache: dict[str, torch.Tensor]
 ) -> TensorsResult:
     """The response of a forward from what the engine returned and what was captured."""
-    result = TensorsResult(_outputs(out, work.request))
+    outputs = _outputs(out, work.request)
+    if work.logits_graph is not None:
+        logits = outputs.pop(OUTPUT_LOGITS)
+        value = work.logits_graph.run(logits)
+        outputs[OUTPUT_VALUE] = logits if value is None else value
+    result = TensorsResult(outputs)
     caching = work.caching
     if caching is None:
         return result

@@ -1,0 +1,134 @@
+"""Logits that stay on the server until something reads them.
+
+``run_with_hooks`` (every hook traced) returns a :class:`LazyLogits`: a tensor with the logits'
+shape and dtype whose forward has not run yet. Tensor operations on it are recorded (as a
+traced hook's are), so a patching metric such as ``logits[:, -1, a] - logits[:, -1, b]`` grows
+a graph; reading a value — ``.item()``, ``float()``, printing, an op outside the opset, or a
+plain ``torch`` function — sends the forward with that graph and brings back only the value
+read. TransformerLens's ``patching`` loop (``metric(model.run_with_hooks(...)).item()``) then
+moves a number per patch instead of the full logits. Each value is fetched once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .tracing import Untraceable, graph_for, record_call, start_recording
+
+Fetch = Callable[[dict[str, Any] | None], torch.Tensor]
+
+
+class _Pending:
+    """One deferred forward: its recording, and the values already fetched."""
+
+    def __init__(self, fetch: Fetch, shape: Sequence[int], dtype: torch.dtype) -> None:
+        self.fetch = fetch  # sends the forward with a logits graph (None: the logits)
+        self.stand_in = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        self.recording = start_recording(self.stand_in)
+        self.values: dict[int, torch.Tensor] = {}  # id of a meta value -> its fetched value
+
+    def value(self, meta: torch.Tensor) -> torch.Tensor:
+        found = self.values.get(id(meta))
+        if found is None:
+            if meta is self.stand_in:
+                found = self.fetch(None)
+            else:
+                found = self.fetch(graph_for(self.recording, meta))
+            self.values[id(meta)] = found
+        return found
+
+
+class LazyLogits(torch.Tensor):
+    """A tensor whose values are computed on the server when first read."""
+
+    _pending: _Pending
+    _meta: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, pending: _Pending, meta: torch.Tensor) -> LazyLogits:
+        made = torch.Tensor._make_wrapper_subclass(
+            cls, meta.shape, dtype=meta.dtype, device=torch.device("cpu"), requires_grad=False
+        )
+        made._pending = pending
+        made._meta = meta
+        return made
+
+    @classmethod
+    def of(cls, fetch: Fetch, shape: Sequence[int], dtype: torch.dtype) -> LazyLogits:
+        pending = _Pending(fetch, shape, dtype)
+        return cls(pending, pending.stand_in)
+
+    def materialize(self) -> torch.Tensor:
+        return self._pending.value(self._meta)
+
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
+        return repr(self.materialize())
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        lazies = [value for value in _leaves((args, kwargs)) if isinstance(value, LazyLogits)]
+        pending = lazies[0]._pending
+        if all(lazy._pending is pending for lazy in lazies):
+            try:
+                with torch._C.DisableTorchFunctionSubclass():
+                    result = record_call(pending.recording, func, *_to_meta((args, kwargs)))
+            except Untraceable:
+                pass
+            else:
+                return _wrap(pending, result)
+        real_args, real_kwargs = _materialized((args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*real_args, **real_kwargs)
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        # Reached only below the torch API (no recorder saw it): compute on real values.
+        real_args, real_kwargs = _materialized((args, kwargs or {}))
+        return func(*real_args, **real_kwargs)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    found: list[Any] = []
+    tree_map(lambda leaf: found.append(leaf), tree)
+    return found
+
+
+def _to_meta(tree: tuple[Sequence[Any], dict[str, Any]]) -> tuple[Sequence[Any], dict[str, Any]]:
+    return tree_map(lambda leaf: leaf._meta if isinstance(leaf, LazyLogits) else leaf, tree)  # type: ignore[no-any-return]
+
+
+def _materialized(
+    tree: tuple[Sequence[Any], dict[str, Any]],
+) -> tuple[Sequence[Any], dict[str, Any]]:
+    return tree_map(  # type: ignore[no-any-return]
+        lambda leaf: leaf.materialize() if isinstance(leaf, LazyLogits) else leaf, tree
+    )
+
+
+def _wrap(pending: _Pending, result: Any) -> Any:
+    """Recorded results (meta tensors) become lazy tensors; shapes and numbers pass through."""
+    return tree_map(
+        lambda leaf: (
+            LazyLogits(pending, leaf)
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta"
+            else leaf
+        ),
+        result,
+    )
