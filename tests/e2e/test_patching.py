@@ -222,3 +222,29 @@ def test_bad_requests(gpt2: Setup) -> None:
         model._transport.frames(
             "POST", "/v1/patching", {**body, "axes": ["layer"], "clean": [[1, 2]]}
         )
+
+
+def test_a_python_metric_is_traced_and_runs_on_the_server(
+    gpt2: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metric travels as a graph and only its values come back (no logits)."""
+    transport = gpt2.served.model._transport
+    sent: list[tuple[str, Any]] = []
+    received: list[set[str]] = []
+    frames = transport.frames
+
+    def spy(method: str, path: str, body: Any = None, progress: bool = True) -> Any:
+        meta, tensors = frames(method, path, body, progress)
+        if path == "/v1/patching":
+            sent.append((body["metric"]["kind"], body["metric"].get("positions")))
+            received.append(set(tensors))
+        return meta, tensors
+
+    monkeypatch.setattr(transport, "frames", spy)
+    result = patching.get_act_patch_resid_pre(
+        gpt2.served.model, gpt2.corrupted, gpt2.cache, logit_diff
+    )
+    check(result, gpt2.tl("get_act_patch_resid_pre"))
+    assert sent and all(kind == "graph" for kind, _ in sent)
+    assert all(positions == [gpt2.corrupted.shape[1] - 1] for _, positions in sent)
+    assert all(names == {"patching.metric"} for names in received)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from hooklab_proto import PATCH_ACTIVATIONS
 
 from .metrics import Metric
+from .tracing import Untraceable, trace
 
 Metricish = Callable[[torch.Tensor], torch.Tensor] | Metric
 AXES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
@@ -234,6 +235,15 @@ def _callable(
 ) -> torch.Tensor:
     base = model.forward(tokens).float()  # the corrupted run: the probe, and the filler
     positions = _positions_read(metric, base)
+    try:  # traced, the metric runs on the server and only its values come back
+        graph = trace(metric, "metric", base.shape, model.cfg.dtype, metric=True).graph
+    except Untraceable:
+        graph = None
+    if graph is not None:
+        traced = {**body, "metric": {"kind": "graph", "graph": graph, "positions": positions}}
+        size = max(MIN_ROWS_PER_REQUEST, math.ceil(len(rows) / 20))
+        answers = _sweep(model, traced, _chunks(rows, size), progress)
+        return torch.cat([tensors["patching.metric"] for _, tensors in answers])
     per_row = tokens.shape[0] * len(positions) * base.shape[-1] * 4
     limit = min(MAX_LOGITS_BYTES, int(model.info["limits"]["max_response_bytes"]) // 2)
     body = {**body, "metric": {"kind": "logits", "positions": positions}}

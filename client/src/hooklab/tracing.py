@@ -44,6 +44,10 @@ _STATE_METHODS = frozenset(
 )
 MAX_INDEX_LIST = 4096
 DEVICE_READ = getter("device")
+# Factories without traced arguments making at most this many elements become constants (their
+# values then known to the server's checks, e.g. an index); larger ones are made there.
+FOLD_ELEMENTS = 4096
+SMALL_FACTORIES = frozenset({"zeros", "ones", "full", "arange"})
 # Multi-output ops give the user what torch gives: a named tuple (``x.max(-1).values``).
 _RETURN_TYPES: dict[str, Any] = {
     "max_dim": torch.return_types.max,
@@ -396,6 +400,10 @@ class _Recorder(TorchFunctionMode):
         binding = ALIASES.get(func)
         if not traced and (binding is None or not OPS[binding.op].creates):
             return self._fold(func, args, kwargs)
+        if not traced and binding is not None and binding.op in SMALL_FACTORIES:
+            made = self._fold(func, args, kwargs)  # e.g. torch.arange(batch): a constant
+            if isinstance(made, torch.Tensor) and made.numel() <= FOLD_ELEMENTS:
+                return made
         if binding is None:
             name = resolve_name(func) or getattr(func, "__name__", repr(func))
             raise Untraceable(
@@ -554,8 +562,10 @@ def trace(
     shape: Sequence[int],
     dtype: torch.dtype,
     hook: Any = None,
+    metric: bool = False,
 ) -> TracedGraph:
-    """The graph of ``fn(activation, hook)`` for an activation of ``shape`` and ``dtype``."""
+    """The graph of ``fn(activation, hook)`` for an activation of ``shape`` and ``dtype``; with
+    ``metric``, of ``fn(logits)`` returning a tensor of any shape (a patching metric)."""
     prescreen(fn)
     stand_in = torch.empty(tuple(shape), dtype=dtype, device="meta")
     recording = _Recording(stand_in)
@@ -563,7 +573,7 @@ def trace(
     hook = hook if hook is not None else StandInHook(hook_name)
     try:
         with contextlib.redirect_stdout(printed), _Recorder(recording):
-            returned = fn(stand_in, hook=hook)
+            returned = fn(stand_in) if metric else fn(stand_in, hook=hook)
     except Untraceable:
         raise
     except NotImplementedError as exc:  # meta has no kernel: a value-dependent op
@@ -579,7 +589,9 @@ def trace(
             "op-not-allowed",
             f"it changes a tensor's shape or storage in place (set_), which {OPSET} does not allow",
         )
-    output = _output(recording, returned, stand_in)
+    if metric and not isinstance(returned, torch.Tensor):
+        raise Untraceable("returns-non-tensor", f"it returns {type(returned).__name__}")
+    output = _output(recording, returned, returned if metric else stand_in)
     escaped = _escaped(recording, stand_in, returned)
     if escaped:
         raise Untraceable(
@@ -662,7 +674,12 @@ def record_call(
     the opset): the caller then computes it on real values."""
     if func is DEVICE_READ:
         return torch.device("cpu")
-    return _Recorder(recording).__torch_function__(func, (), args, kwargs)
+    try:
+        return _Recorder(recording).__torch_function__(func, (), args, kwargs)
+    except Untraceable:
+        raise
+    except Exception as exc:  # no meta kernel (a value-dependent shape), a bad argument, …
+        raise Untraceable("failed-on-stand-in", f"{type(exc).__name__}: {exc}") from None
 
 
 def graph_for(recording: _Recording, value: torch.Tensor) -> dict[str, Any]:

@@ -15,11 +15,12 @@ from pydantic import Field, model_validator
 
 from ._api import ModelName, Timeout, TokenInput
 from ._base import Body
+from ._graph import Graph
 from ._limits import bounded_length
 from ._tensor_values import TensorValue
 
 PatchAxis = Literal["layer", "pos", "head_index", "head", "src_pos", "dest_pos"]
-MetricKind = Literal["logit_diff", "logit", "prob", "logprob", "loss", "logits"]
+MetricKind = Literal["logit_diff", "logit", "prob", "logprob", "loss", "logits", "graph"]
 
 # Activation short names (TransformerLens ``utils.get_act_name``) and their hook templates.
 PATCH_ACTIVATIONS: dict[str, str] = {
@@ -60,7 +61,10 @@ class PatchMetric(Body):
     ``logit_diff``: ``logits[b, pos_b, answer_b] - logits[b, pos_b, wrong_b]``; ``logit``,
     ``prob``, ``logprob``: of ``answer_b`` at ``pos_b``; all reduced over the batch rows b.
     ``loss``: TransformerLens's mean next-token loss on the corrupted tokens. ``logits``: no
-    metric, the logits at ``positions`` come back so the client can apply its own.
+    metric, the logits at ``positions`` come back so the client can apply its own. ``graph``: the
+    client's metric, traced (``graph``, on logits [batch, pos, d_vocab]; one value), run here on
+    each patched run — only ``positions`` go through the unembedding, the others hold the
+    corrupted run's logits.
     ``normalize`` maps the value to ``(m - corrupted) / (clean - corrupted)`` as the IOI notebooks
     do; baselines come from ``baselines`` or are measured by the server on the clean and corrupted
     runs.
@@ -81,8 +85,11 @@ class PatchMetric(Body):
         description="[clean, corrupted] metric values for normalize",
     )
     positions: Annotated[list[int] | None, bounded_length("max_tokens", "positions")] = Field(
-        None, description="kind=logits: positions returned (null: all)"
+        None,
+        description="kind=logits: positions returned; kind=graph: positions the metric "
+        "reads (null: all)",
     )
+    graph: Graph | None = Field(None, description="kind=graph: the traced metric")
 
     @model_validator(mode="after")
     def _fields(self) -> PatchMetric:
@@ -91,6 +98,8 @@ class PatchMetric(Body):
             raise ValueError(f"metric {self.kind!r} needs 'answer'")
         if self.kind == "logit_diff" and self.wrong is None:
             raise ValueError("metric 'logit_diff' needs 'wrong'")
+        if (self.kind == "graph") != (self.graph is not None):
+            raise ValueError("'graph' goes with kind 'graph', and only with it")
         if self.normalize and self.kind == "logits":
             raise ValueError("'logits' returns raw logits; normalize applies to a metric")
         return self

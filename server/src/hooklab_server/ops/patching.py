@@ -24,6 +24,7 @@ from hooklab_proto import (
     PATCHING_LOGITS,
     PATCHING_METRIC,
     ErrorCode,
+    Graph,
     PatchingRequest,
     PatchMetric,
 )
@@ -36,6 +37,7 @@ from .cancel import CancelToken
 from .context import OpsContext
 from .cost import Cost, check_response, response_size, with_slack
 from .errors import QuotaExceeded, RequestError, too_large
+from .graphs import CompiledGraph, compile_graph
 from .inputs import TokenBatch, token_batch
 from .run import TensorsResult
 
@@ -130,13 +132,15 @@ class _Metric:
     def __init__(self, spec: PatchMetric, tokens: torch.Tensor, d_vocab: int) -> None:
         self.spec = spec
         self.tokens = tokens
+        self.graph: CompiledGraph | None = None
+        self.filler: torch.Tensor | None = None  # kind graph: logits where it reads none
         batch, pos = tokens.shape
         if spec.kind == "loss":
             self.positions = list(range(pos))
             return
-        if spec.kind == "logits":
+        if spec.kind in ("logits", "graph"):
             wanted = spec.positions if spec.positions is not None else list(range(pos))
-            self.positions = [_position(p, pos) for p in wanted]
+            self.positions = sorted({_position(p, pos) for p in wanted})
             return
         read = [_position(p, pos) for p in _per_row(spec.pos, batch, "pos")]
         self.positions = sorted(set(read))
@@ -150,6 +154,8 @@ class _Metric:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[copies, batch, positions, d_vocab] -> [copies]."""
         spec, logits = self.spec, logits.float()
+        if self.graph is not None:
+            return torch.stack([self._traced(copy) for copy in logits])
         if spec.kind == "loss":
             tokens = self.tokens.to(logits.device)
             return torch.stack([lm_cross_entropy_loss(copy, tokens) for copy in logits])
@@ -162,6 +168,28 @@ class _Metric:
         if spec.kind == "logit_diff":
             value = value - at[:, self.rows, self.wrong]
         return value.mean(-1) if spec.reduce == "mean" else value.sum(-1)
+
+    def _traced(self, logits: torch.Tensor) -> torch.Tensor:
+        """The client's metric on one patched run's logits."""
+        assert self.graph is not None and self.filler is not None
+        full = self.filler.clone()
+        full[:, self.positions] = logits.to(full.dtype)
+        value = self.graph.run(full)
+        assert value is not None
+        return value.reshape(()).float()
+
+    def compile(self, ctx: OpsContext, graph: Graph, batch: int, pos: int) -> None:
+        cfg = ctx.model.cfg
+        shape = (batch, pos, cfg.d_vocab_out)
+        self.graph, _ = compile_graph(ctx, graph, "metric.graph", shape, cfg.dtype, True)
+        out = self.graph.run(torch.zeros(shape, dtype=cfg.dtype, device="meta"))
+        if out is None or out.numel() != 1:
+            raise RequestError(
+                ErrorCode.BAD_SHAPE,
+                "metric.graph must give one value per patched run, like TransformerLens's "
+                f"patching_metric (it gives {0 if out is None else out.numel()})",
+                "reduce it, e.g. with .mean()",
+            )
 
 
 def _position(value: int, pos: int) -> int:
@@ -214,6 +242,8 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     batch, pos = corrupted.batch, corrupted.pos
     plan = _plan(model, request, pos, settings.max_patching_rows)
     metric = _Metric(request.metric, corrupted.tokens, cfg.d_vocab_out)
+    if request.metric.graph is not None:
+        metric.compile(ctx, request.metric.graph, *corrupted.tokens.shape)
     layers = sorted({row[0] for row in plan.rows})
     clean_tokens, clean_activations, clean_start = None, {}, None
     if request.clean is not None:
@@ -360,6 +390,7 @@ def patching_steps(
         tokens, names_filter=starts, attention_mask=mask, interrupt=between_layers
     )
     ctx.metrics.add("work_units", op=work.op)
+    metric.filler = corrupted_logits
     yield
     forwards = 1 + (work.clean_tokens is not None)
     values: list[torch.Tensor | None] = [None] * len(plan.rows)
