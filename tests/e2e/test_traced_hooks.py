@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from hooklab.errors import ServerError
 from hooklab.function_hooks import HooklabHookNotice
 
 from .e2e_helpers import assert_close
@@ -146,3 +147,31 @@ def test_generate_with_a_steering_function(server: Served) -> None:
             tokens, max_new_tokens=6, do_sample=False, verbose=False, fwd_hooks=hooks
         )
         assert torch.equal(actual, expected), name
+
+
+def test_indices_computed_in_the_function(server: Served) -> None:
+    tokens = sample_tokens(server.tl, seed=9)
+
+    def zero_largest_feature(x: torch.Tensor, hook: Any) -> None:
+        top = x.abs().argmax(-1)
+        rows = torch.arange(x.shape[0])[:, None]
+        positions = torch.arange(x.shape[1])[None, :]
+        x[rows, positions, top] = 0.0
+
+    _both(server, tokens, [("blocks.0.hook_mlp_out", zero_largest_feature)])
+
+
+def test_a_computed_index_out_of_range_fails_only_its_request(server: Served) -> None:
+    tokens = sample_tokens(server.tl, seed=10)
+
+    def past_the_end(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        beyond = x.abs().argmax(-1)[0, :1] + x.shape[-1]
+        return x * x[:, :, beyond]
+
+    logits = server.model.run_with_hooks(
+        tokens, fwd_hooks=[("blocks.0.hook_mlp_out", past_the_end)]
+    )
+    with pytest.raises(ServerError, match="outside") as raised:
+        logits.tolist()  # the forward runs when the logits are first read
+    assert raised.value.status == 422
+    assert_close(server.model(tokens), server.tl(tokens), "logits afterwards")

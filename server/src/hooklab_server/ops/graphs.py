@@ -52,9 +52,23 @@ MAX_LIST = 16  # items of a size, dims or index list (ints lists: MAX_INDEX_INTS
 MAX_INDEX_INTS = 4096
 MAX_INT = 2**31 - 1
 # Ops whose result may share the storage of their ``self`` argument.
+_CASTS = ("float", "double", "half", "bfloat16", "long", "int", "bool")  # self when no change
 _ALIASING = frozenset(
-    name for name, op in OPS.items() if op.cost == "view" or name in ("to", "contiguous")
+    name for name, op in OPS.items() if op.cost == "view" or name in ("to", "contiguous", *_CASTS)
 ) | {"setitem"}
+# Arguments that name axes of the op's tensor (DIMS also types split sizes and roll shifts).
+_AXIS_PARAMS = frozenset(
+    {"dim", "dims", "dim0", "dim1", "dim2", "start_dim", "end_dim", "source", "destination"}
+)
+# In-place ops that torch refuses on a tensor whose elements share memory (an expansion);
+# fill_, zero_, masked_fill_ and setitem accept some such writes.
+_OVERLAP_REFUSED = frozenset(name for name, op in OPS.items() if op.mutates) - {
+    "setitem",
+    "fill_",
+    "zero_",
+    "masked_fill_",
+}
+_RUN_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, ArithmeticError)
 _INDEX_ARGS = {"gather": "index", "index_select": "index", "take_along_dim": "indices"}
 
 
@@ -234,6 +248,10 @@ class CompiledGraph:
         self.nodes = nodes
         self.output = output
         self.cast_output = True  # a hook's result takes the activation's dtype
+        self.where = "graph"  # the graph's place in the request, for errors while it runs
+        # The output shares a constant's storage: copied, so a later hook editing the activation
+        # in place cannot edit the constant (a stored tensor, a cache entry).
+        self.copy_output = False
 
     def matches(self, shape: Sequence[int]) -> bool:
         return len(shape) == len(self.shape) and all(
@@ -243,18 +261,40 @@ class CompiledGraph:
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         consts = [const.to(x.device) for const in self.consts]
         slots: list[Any] = []
-        for node in self.nodes:
-            args = {name: _resolve(value, x, consts, slots) for name, value in node.args.items()}
-            for name in node.checked_indices:
-                _check_computed_index(node.op.name, args, name)
-            if node.op.name in DEVICE_OPS:
-                args["device"] = x.device
-            result = node.op.run(**args)
-            slots.append(tuple(result) if isinstance(result, list | tuple) else result)
+        for number, node in enumerate(self.nodes):
+            try:
+                slots.append(self._run_node(node, x, consts, slots))
+            except RequestError as exc:  # a computed index out of range
+                at = f"{self.where}.nodes[{number}] ({node.op.name})"
+                raise RequestError(exc.code, f"{at}: {exc.message}", exc.hint) from None
+            except _RUN_ERRORS as exc:
+                if isinstance(exc, torch.OutOfMemoryError) or "CUDA error" in str(exc):
+                    raise
+                # What validation could not foresee from shapes and dtypes alone (an integer
+                # division by zero, a kernel this device lacks for the dtype): this request's
+                # error, not the server's.
+                raise GraphError(
+                    f"{self.where}.nodes[{number}] ({node.op.name})",
+                    f"failed as it ran: {str(exc).splitlines()[0][:300]}",
+                ) from None
         if self.output is None:
             return None
         out = _resolve(self.output, x, consts, slots)
+        if self.copy_output:
+            out = out.clone()
         return out.to(x.dtype) if self.cast_output else out
+
+    @staticmethod
+    def _run_node(
+        node: _Node, x: torch.Tensor, consts: list[torch.Tensor], slots: list[Any]
+    ) -> Any:
+        args = {name: _resolve(value, x, consts, slots) for name, value in node.args.items()}
+        for name in node.checked_indices:
+            _check_computed_index(node, args, name)
+        if node.op.name in DEVICE_OPS:
+            args["device"] = x.device
+        result = node.op.run(**args)
+        return tuple(result) if isinstance(result, list | tuple) else result
 
 
 def _resolve(value: Any, x: torch.Tensor, consts: list[torch.Tensor], slots: list[Any]) -> Any:
@@ -272,11 +312,12 @@ def _resolve(value: Any, x: torch.Tensor, consts: list[torch.Tensor], slots: lis
     return value
 
 
-def _check_computed_index(op: str, args: dict[str, Any], name: str) -> None:
+def _check_computed_index(node: _Node, args: dict[str, Any], name: str) -> None:
     """A computed index tensor is checked before use (on a GPU, out of range is fatal)."""
-    index = args[name]
+    op, index = node.op.name, args[name]
     if op in ("getitem", "setitem"):
-        return  # checked per item in _index_items
+        _check_running_index(node.args["index"], args, op)
+        return
     target = args["self"]
     dim = args.get("dim")
     size = target.shape[dim] if dim is not None else target.numel()
@@ -339,6 +380,7 @@ def compile_graph(
         meta_args = {
             name: _resolve(value, x_meta, meta_consts, slots) for name, value in node.args.items()
         }
+        _check_axes(op, meta_args, at)
         _presize(op, meta_args, at, settings.max_graph_bytes)
         _check_constant_indices(op, node, meta_args, consts, at)
         root = _root_of(op, node, roots)
@@ -346,11 +388,20 @@ def compile_graph(
             raise GraphError(
                 at, "edits a constant in place (a captured or stored tensor)", "clone it first"
             )
+        if (
+            op.name in _OVERLAP_REFUSED
+            and torch._debug_has_internal_overlap(meta_args["self"]) == 1
+        ):
+            raise GraphError(
+                at,
+                "writes in place into a tensor whose elements share memory (an expansion)",
+                "clone it first",
+            )
         if op.name in DEVICE_OPS:
             meta_args["device"] = "meta"
         try:
             result = op.run(**meta_args)
-        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        except _RUN_ERRORS as exc:
             raise GraphError(at, str(exc).splitlines()[0][:300]) from None
         outputs = tuple(result) if isinstance(result, list | tuple) else (result,)
         if len(outputs) > MAX_INDEX_INTS:
@@ -364,7 +415,7 @@ def compile_graph(
         nodes.append(node)
         if total_bytes > settings.max_graph_bytes:
             raise too_large(
-                "bytes of intermediate tensors in a traced graph",
+                f"bytes of intermediate tensors in the traced graph {where} (at {at})",
                 total_bytes,
                 settings.max_graph_bytes,
                 "max_graph_bytes",
@@ -372,7 +423,7 @@ def compile_graph(
             )
         if flops > settings.max_graph_flops:
             raise too_large(
-                "operations in a traced graph",
+                f"operations in the traced graph {where} (at {at})",
                 flops,
                 settings.max_graph_flops,
                 "max_graph_flops",
@@ -381,6 +432,10 @@ def compile_graph(
     output = _output(binder, graph, slots, x_meta, activation, where, any_output)
     compiled = CompiledGraph(shape, consts, nodes, output)
     compiled.cast_output = not any_output
+    compiled.where = where
+    if output is not None and output.source != "in":
+        output_root = {f"c{output.index}"} if output.source == "c" else roots[output.index]
+        compiled.copy_output = any(source.startswith("c") for source in output_root)
     return compiled, const_bytes
 
 
@@ -396,7 +451,7 @@ def _constants(ctx: OpsContext, graph: Graph, where: str) -> tuple[list[torch.Te
         total += tensor.numel() * tensor.element_size()
         if total > ctx.settings.max_graph_const_bytes:
             raise too_large(
-                "bytes of graph constants",
+                f"bytes of constants in the traced graph {where}",
                 total,
                 ctx.settings.max_graph_const_bytes,
                 "max_graph_const_bytes",
@@ -449,7 +504,16 @@ def _presize(op: Op, args: dict[str, Any], at: str, limit: int) -> None:
             start, end = 0, start
         if not all(math.isfinite(v) for v in (start, end, step)) or step == 0:
             raise GraphError(at, "arange needs finite bounds and a non-zero step")
-        count = max(0, math.ceil((end - start) / step))
+        steps = (end - start) / step
+        if not math.isfinite(steps) or steps * 8 > limit:
+            raise too_large(
+                f"elements made by arange at {at}",
+                int(min(abs(steps), 2**63)) if math.isfinite(steps) else 2**63,
+                limit // 8,
+                "max_graph_bytes",
+                "make smaller tensors in the hook function",
+            )
+        count = max(0, math.ceil(steps))
     elif op.name == "repeat":
         count = math.prod(args["repeats"]) * args["self"].numel()
     elif op.name == "pad":
@@ -460,7 +524,7 @@ def _presize(op: Op, args: dict[str, Any], at: str, limit: int) -> None:
         count = math.prod(abs(size) for size in args.get("size") or [1])
     if count * 8 > limit or any(size > MAX_INT for size in args.get("size") or []):
         raise too_large(
-            f"elements made by {op.name} in a traced graph",
+            f"elements made by {op.name} at {at}",
             count,
             limit // 8,
             "max_graph_bytes",
@@ -479,24 +543,22 @@ def _check_constant_indices(
             dim = meta_args.get("dim")
             size = target.shape[dim] if dim is not None else target.numel()
             _in_range(consts[ref.index], 0, size, at)
-    if op.name in ("getitem", "setitem"):
-        _check_index_items(node.args["index"], meta_args["index"], meta_args["self"], consts, at)
+    if op.name in ("getitem", "setitem") and _check_index_items(
+        node.args["index"], meta_args["index"], meta_args["self"], consts, at
+    ):
+        node.checked_indices = ("index",)
 
 
-def _check_index_items(
-    items: list[Any],
-    resolved: tuple[Any, ...],
-    target: torch.Tensor,
-    consts: list[torch.Tensor],
-    at: str,
-) -> None:
-    """Each integer index item against the size of the axis it indexes; a computed integer
-    tensor index is refused (a computed bool mask is fine: its shape is checked)."""
+def _indexed_axes(
+    items: list[Any], resolved: tuple[Any, ...], target: torch.Tensor
+) -> list[tuple[Any, Any, int]]:
+    """(item, its value, the size of the axis it indexes) for each integer index item."""
     consuming = sum(
         (value.dim() if isinstance(value, torch.Tensor) and value.dtype == torch.bool else 1)
         for value in resolved
         if value is not None and value is not Ellipsis
     )
+    found: list[tuple[Any, Any, int]] = []
     axis = 0
     for item, value in zip(items, resolved, strict=True):
         if item is None:
@@ -508,19 +570,39 @@ def _check_index_items(
             axis += value.dim()
             continue
         if axis >= target.dim():
-            return  # too many indices: the meta replay says so
-        size = target.shape[axis]
+            break  # too many indices: the meta replay says so
+        found.append((item, value, target.shape[axis]))
+        axis += 1
+    return found
+
+
+def _check_index_items(
+    items: list[Any],
+    resolved: tuple[Any, ...],
+    target: torch.Tensor,
+    consts: list[torch.Tensor],
+    at: str,
+) -> bool:
+    """Each integer index item against the size of the axis it indexes; whether an index is
+    computed in the graph (then checked as it runs)."""
+    computed = False
+    for item, value, size in _indexed_axes(items, resolved, target):
         if isinstance(item, _Ref) and item.source == "c":
             _in_range(consts[item.index], -size, size, at)
         elif isinstance(item, _Ref):
-            raise GraphError(
-                at,
-                "indexing with a computed integer tensor is not supported",
-                "use gather or index_select, or a boolean mask",
-            )
+            if value.dtype.is_floating_point or value.is_complex():
+                raise GraphError(at, f"an index tensor must hold integers, not {value.dtype}")
+            computed = True
         elif isinstance(item, list):
             _in_range(torch.tensor(item), -size, size, at)
-        axis += 1
+    return computed
+
+
+def _check_running_index(items: list[Any], args: dict[str, Any], at: str) -> None:
+    """Indices computed in the graph, against the axes they index (before the op runs)."""
+    for item, value, size in _indexed_axes(items, args["index"], args["self"]):
+        if isinstance(item, _Ref) and item.source != "c":
+            _in_range(value, -size, size, at)
 
 
 def _in_range(index: torch.Tensor, low: int, high: int, at: str) -> None:
@@ -539,6 +621,8 @@ def _in_range(index: torch.Tensor, low: int, high: int, at: str) -> None:
 def _root_of(op: Op, node: _Node, roots: list[set[str]]) -> set[str]:
     """The storages ``op``'s result may share: its ``self``'s when it can be a view."""
     source = node.args.get("self")
+    if op.name == "einsum":  # "ij->ji" is a view of its operand
+        return set().union(*(_root_of_ref(ref, roots) for ref in node.args["operands"]))
     if not isinstance(source, _Ref):
         return {f"n{len(roots)}"}
     own = (
@@ -547,6 +631,63 @@ def _root_of(op: Op, node: _Node, roots: list[set[str]]) -> set[str]:
         else ({f"c{source.index}"} if source.source == "c" else roots[source.index])
     )
     return set(own) if op.name in _ALIASING or op.mutates else {f"n{len(roots)}"}
+
+
+def _root_of_ref(ref: _Ref, roots: list[set[str]]) -> set[str]:
+    if ref.source == "in":
+        return {"in"}
+    return {f"c{ref.index}"} if ref.source == "c" else roots[ref.index]
+
+
+def _check_axes(op: Op, args: dict[str, Any], at: str) -> None:
+    """Axis arguments within the rank of the tensor they name (some meta kernels do not
+    check, and the real kernel then raises as the forward runs)."""
+    target = args.get("self", args.get("x1"))
+    if not isinstance(target, torch.Tensor):
+        tensors = args.get("tensors")
+        target = tensors[0] if tensors else None
+    if not isinstance(target, torch.Tensor):
+        return
+    rank = max(1, target.dim() + (1 if op.name == "stack" else 0))
+    for param in op.params:
+        value = args.get(param.name)
+        if param.name not in _AXIS_PARAMS or param.kind not in (Kind.DIM, Kind.DIMS):
+            continue
+        for dim in value if isinstance(value, list) else [] if value is None else [value]:
+            if not -rank <= dim < rank:
+                raise GraphError(
+                    f"{at}.{param.name}", f"axis {dim} is out of range for {target.dim()} axes"
+                )
+    if op.name == "index_select" and args["index"].dim() > 1:
+        raise GraphError(f"{at}.index", "index_select takes a 0-d or 1-d index")
+    if op.name in ("getitem", "setitem"):
+        _check_masks(args["index"], target, at)
+
+
+def _check_masks(resolved: tuple[Any, ...], target: torch.Tensor, at: str) -> None:
+    """A boolean mask index has the shape of the axes it covers."""
+    consuming = sum(
+        (value.dim() if isinstance(value, torch.Tensor) and value.dtype == torch.bool else 1)
+        for value in resolved
+        if value is not None and value is not Ellipsis
+    )
+    axis = 0
+    for value in resolved:
+        if value is None:
+            continue
+        if value is Ellipsis:
+            axis += max(0, target.dim() - consuming)
+            continue
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            covered = tuple(target.shape[axis : axis + value.dim()])
+            if tuple(value.shape) != covered:
+                raise GraphError(
+                    f"{at}.index",
+                    f"a mask of shape {list(value.shape)} for axes of sizes {list(covered)}",
+                )
+            axis += value.dim()
+            continue
+        axis += 1
 
 
 def _flops(op: Op, args: dict[str, Any], outputs: Sequence[torch.Tensor]) -> int:
