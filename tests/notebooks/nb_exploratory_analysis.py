@@ -153,6 +153,35 @@ def layer_and_head_attribution(model: Any) -> dict[str, Any]:
     }
 
 
+def per_head_results_flag(model: Any) -> dict[str, Any]:
+    """``set_use_attn_result``: each head's output as its own hook point, read from the cache
+    and patched by a hook; the flag turned off again afterwards."""
+    ioi = ioi_setup(model)
+    last = model.cfg.n_layers - 1
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(ioi.tokens, names_filter=lambda n: n.endswith("result"))
+        result = cache["result", last]  # [batch, pos, head, d_model]
+
+        def drop_head_zero(out: torch.Tensor, hook: Any) -> torch.Tensor:
+            out[:, :, 0, :] = 0.0
+            return out
+
+        dropped = model.run_with_hooks(
+            ioi.tokens, fwd_hooks=[(utilities.get_act_name("result", last), drop_head_zero)]
+        )
+    finally:
+        model.set_use_attn_result(False)
+    final = result[:, -1]  # [batch, head, d_model]
+    return {
+        "result": result,
+        "result_keys": sorted(cache.keys()),
+        "head_logit_diff": residual_stack_to_logit_diff(final.transpose(0, 1), ioi),
+        "without_head_zero": logits_to_ave_logit_diff(dropped, ioi.answer_tokens),
+        "flag_after": model.cfg.use_attn_result,
+    }
+
+
 def patching_by_partial_hooks(model: Any) -> dict[str, Any]:
     """Activation patching by hand: clean activations patched into the corrupted run with hook
     functions built by ``partial`` over the clean cache: the residual stream, attention and
@@ -347,6 +376,7 @@ def ablation_through_the_module_tree(model: Any) -> dict[str, Any]:
 SECTIONS = (
     logit_diff_and_logit_lens,
     layer_and_head_attribution,
+    per_head_results_flag,
     patching_by_partial_hooks,
     head_scores_from_hooks,
     attention_scores_into_python,

@@ -159,6 +159,20 @@ def print_every_hook(model: Any) -> dict[str, Any]:
     return {}
 
 
+def hook_context(model: Any) -> dict[str, Any]:
+    """A hook that keeps something in ``hook.ctx``, read back from the hook point afterwards."""
+    name = utilities.get_act_name("resid_post", 0)
+
+    def remember_norms(resid: torch.Tensor, hook: Any) -> None:
+        hook.ctx["norms"] = resid.norm(dim=-1).detach()
+
+    model.run_with_hooks(SHORT, return_type=None, fwd_hooks=[(name, remember_norms)])
+    point = model.hook_dict[name]
+    norms = point.ctx["norms"]
+    point.clear_context()
+    return {"norms": norms, "after_clear": sorted(point.ctx)}
+
+
 def head_ablation(model: Any) -> dict[str, Any]:
     """Zero one head's values with a hook function that also prints what it sees."""
     layer, head = 0, 1
@@ -295,6 +309,7 @@ SECTIONS = (
     tokenizer_helpers,
     weights_and_modules,
     print_every_hook,
+    hook_context,
     head_ablation,
     residual_patching_loop,
     induction_heads,
