@@ -149,3 +149,40 @@ def test_a_callback_timeout_stops_the_forward_and_others_are_not_held(
     assert other_s < 1.4
     assert len(errors) == 1 and isinstance(errors[0], ServerError)
     assert errors[0].code == "callback_failed" and "did not answer" in errors[0].message
+
+
+def test_a_disconnect_stops_the_paused_forward(callback_server: Served) -> None:
+    served = callback_server
+    tokens = sample_tokens(served.tl, seed=16)
+    paused = threading.Event()
+
+    def wait_forever(x: torch.Tensor, hook: Any) -> None:
+        paused.set()
+        time.sleep(20)
+
+    errors: list[BaseException] = []
+
+    def paused_call() -> None:
+        try:
+            served.model.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(wait_forever))]
+            )
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    caller = threading.Thread(target=paused_call)
+    started = time.monotonic()
+    caller.start()
+    assert paused.wait(10)
+    served.model._callbacks.close()  # type: ignore[union-attr]  # the notebook's link drops
+    caller.join(15)
+    assert not caller.is_alive() and time.monotonic() - started < 10
+    assert len(errors) == 1 and isinstance(errors[0], ServerError)
+    assert errors[0].code == "callback_failed" and "disconnected" in errors[0].message
+    # the next callback opens a new session
+    seen: list[int] = []
+    served.model.run_with_hooks(
+        tokens,
+        fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(lambda x, hook: seen.append(1)))],
+    )
+    assert seen == [1]

@@ -30,7 +30,7 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 class CallbackSession:
-    def __init__(self, transport: Transport, contexts: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, transport: Transport, hook_of: Callable[[str], Any] | None = None):
         url = transport.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         headers = {
             key: value
@@ -44,11 +44,12 @@ class CallbackSession:
         hello = _decoder.decode(cast(bytes, self.connection.recv()))
         self.id: str = hello["session"]
         self.functions: dict[str, tuple[Callable[..., Any], str]] = {}
-        self.contexts = contexts if contexts is not None else {}
+        self.hook_of = hook_of or (lambda name: StandInHook(name))
         self.timeout_s = DEFAULT_TIMEOUT_S
         self.failure: BaseException | None = None  # the last function error, re-raised
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._closed = False
         self._reader = threading.Thread(target=self._serve, name="hooklab-callbacks", daemon=True)
         self._reader.start()
 
@@ -66,7 +67,12 @@ class CallbackSession:
                 if entry.get("op") == "callback":
                     self.functions.pop(entry["callback"], None)
 
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._reader.is_alive()
+
     def close(self) -> None:
+        self._closed = True
         self.connection.close()
 
     # --- the reader thread -------------------------------------------------------------------
@@ -80,6 +86,8 @@ class CallbackSession:
                         self.connection.send(self._answer(message))
         except (ConnectionClosed, OSError):
             pass
+        finally:
+            self._closed = True
 
     def _answer(self, message: dict[str, Any]) -> bytes:
         call_id = message["id"]
@@ -92,7 +100,7 @@ class CallbackSession:
         activation = received.clone()  # writable, as TransformerLens's hook gets it
         version = activation._version
         try:
-            returned = fn(activation, hook=StandInHook(name, self.contexts.setdefault(name, {})))
+            returned = fn(activation, hook=self.hook_of(name))
         except BaseException as exc:  # the caller re-raises it; the server stops the forward
             self.failure = exc
             return _reply(call_id, "error", error=f"{type(exc).__name__}: {exc}")

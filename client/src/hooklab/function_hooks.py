@@ -10,6 +10,7 @@ or ``"callback"``; ``hooks.traced(fn)`` and ``hooks.callback(fn)`` choose per fu
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .tracing import StandInHook, TracedGraph, Untraceable, trace
+from .tracing import TracedGraph, Untraceable, trace
 
 HookMode = Literal["auto", "traced", "callback"]
 HOOK_MODES: tuple[str, ...] = ("auto", "traced", "callback")
@@ -92,13 +93,15 @@ class FunctionHooks:
         shapes: dict[str, Sequence[str | int]],
         dtype: torch.dtype,
         callbacks: Callable[[], CallbackRegistry],
-        contexts: dict[str, dict[str, Any]],
+        hook_of: Callable[[str], Any],
     ) -> None:
         self.cfg = cfg
         self.shapes = shapes
         self.dtype = dtype
         self.callbacks = callbacks  # opened on first need
-        self.contexts = contexts  # hook.ctx per hook point, kept across calls as in TL
+        # What a function gets as ``hook``: the model's HookPoint (name, layer(), ctx kept
+        # across calls), as TransformerLens passes its module.
+        self.hook_of = hook_of
         self.noticed: set[tuple[str, str]] = set()
 
     def entry(
@@ -115,11 +118,11 @@ class FunctionHooks:
                     raise TypeError(
                         f"hooklab cannot trace {_name(fn)} at {name}: {exc.message} [{exc.reason}]"
                     ) from None
-                self._notice(fn, name, exc)
+                self._notice(fn, name, exc, plan)
         return {"hook": name, "op": "callback", **self.callbacks().register(fn, name)}
 
-    def _hook(self, name: str) -> StandInHook:
-        return StandInHook(name, self.contexts.setdefault(name, {}))
+    def _hook(self, name: str) -> Any:
+        return self.hook_of(name)
 
     def _trace(self, name: str, fn: Callable[..., Any], shape: tuple[int, ...]) -> TracedGraph:
         return trace(fn, name, shape, self.dtype, hook=self._hook(name))
@@ -147,14 +150,17 @@ class FunctionHooks:
         step_one.graph["input"]["shape"] = generic
         return [*graphs, step_one.graph]
 
-    def _notice(self, fn: Callable[..., Any], name: str, exc: Untraceable) -> None:
+    def _notice(self, fn: Callable[..., Any], name: str, exc: Untraceable, plan: ShapePlan) -> None:
         key = (_name(fn), exc.reason)
         if key in self.noticed:
             return
         self.noticed.add(key)
+        shape = concrete_shape(self.shapes[name], axis_sizes(self.cfg, plan.batch, plan.pos))
+        size = math.prod(shape) * self.dtype.itemsize
         warnings.warn(
-            f"hooklab: {_name(fn)} at {name} runs on your machine (a callback: the server "
-            f"sends the activation at every firing and waits for the reply): {exc.message} "
+            f"hooklab: {_name(fn)} at {name} runs on your machine (a callback: a round trip "
+            f"per firing, the activation of {size:,} bytes down and, if changed, back up): "
+            f"{exc.message} "
             f"[{exc.reason}]. Keep it on the server by using only tensor operations "
             "(e.g. torch.where instead of if), or mark it hooks.callback(fn) to silence this.",
             HooklabHookNotice,

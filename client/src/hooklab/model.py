@@ -75,7 +75,7 @@ class HookedTransformer:
             {point["name"]: point["shape"] for point in info["hook_points"]},
             self.cfg.dtype,
             self._callback_session,
-            {},
+            lambda name: self.hook_dict[name],
         )
         self._tokenizer: Tokenizer | None = None  # built from the server's files on first use
         # TransformerLens's module tree: model.blocks[0].attn.hook_z, model.embed.W_E, ...
@@ -139,8 +139,8 @@ class HookedTransformer:
         return ShapePlan(int(batch), int(pos), generation, options.get("use_past_kv_cache", True))
 
     def _callback_session(self) -> CallbackSession:
-        if self._callbacks is None:
-            self._callbacks = CallbackSession(self._transport, self._functions.contexts)
+        if self._callbacks is None or not self._callbacks.alive:  # opened again after a drop
+            self._callbacks = CallbackSession(self._transport, self._functions.hook_of)
         self._callbacks.timeout_s = self.callback_timeout_s
         return self._callbacks
 
