@@ -120,9 +120,10 @@ def _ints(value: Any, where: str, limit: int = MAX_LIST) -> list[int]:
 class _Binder:
     """Turns one node's wire arguments into run-time arguments, checking their kinds."""
 
-    def __init__(self, n_consts: int, node_outputs: list[int]) -> None:
+    def __init__(self, n_consts: int, node_outputs: list[int | None]) -> None:
         self.n_consts = n_consts
-        self.node_outputs = node_outputs  # per earlier node: 1, or its number of outputs
+        # per earlier node: None (one tensor), or the number of tensors in its tuple
+        self.node_outputs = node_outputs
 
     def ref(self, value: Any, where: str) -> _Ref:
         if isinstance(value, dict):
@@ -140,10 +141,13 @@ class _Binder:
                     )
                 output = value.get("o")
                 count = self.node_outputs[node]
-                if output is not None and (not isinstance(output, int) or not 0 <= output < count):
-                    raise GraphError(where, f"node {node} has no output {output}")
-                if output is None and count != 1:
+                if count is None:  # one tensor: "o" would index into it
+                    if output is not None:
+                        raise GraphError(where, f"node {node} has one output: leave out 'o'")
+                elif output is None:
                     raise GraphError(where, f"node {node} has {count} outputs: name one with 'o'")
+                elif not isinstance(output, int) or not 0 <= output < count:
+                    raise GraphError(where, f"node {node} has no output {output}")
                 return _Ref("n", node, output)
         raise GraphError(
             where, f"expected a value reference ({{'in'|'c'|'n': …}}), got {value!r}"[:200]
@@ -410,7 +414,7 @@ def compile_graph(
             total_bytes += item.numel() * item.element_size() if op.cost != "view" else 0
         flops += _flops(op, meta_args, outputs)
         slots.append(outputs if isinstance(result, list | tuple) else result)
-        binder.node_outputs.append(len(outputs) if isinstance(result, list | tuple) else 1)
+        binder.node_outputs.append(len(outputs) if isinstance(result, list | tuple) else None)
         roots.append(root)
         nodes.append(node)
         if total_bytes > settings.max_graph_bytes:
