@@ -746,11 +746,6 @@ def test_fuzzed_graphs_never_get_a_5xx(served: Served) -> None:
     assert not still_serving(served)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler/forward_batches.py gives a merged forward's exception to every request in "
-    "the batch; the reference (§7) asks to re-run the others without the offender",
-)
 def test_a_graph_failing_as_it_runs_fails_only_its_request(served: Served) -> None:
     """Integer division by zero passes validation (shapes and dtypes are fine) and fails as it
     runs: that request gets a 422 naming the node; normal forwards sent at the same moment

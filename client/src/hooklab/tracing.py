@@ -400,10 +400,9 @@ class _Recorder(TorchFunctionMode):
         binding = ALIASES.get(func)
         if not traced and (binding is None or not OPS[binding.op].creates):
             return self._fold(func, args, kwargs)
-        if not traced and binding is not None and binding.op in SMALL_FACTORIES:
-            made = self._fold(func, args, kwargs)  # e.g. torch.arange(batch): a constant
-            if isinstance(made, torch.Tensor) and made.numel() <= FOLD_ELEMENTS:
-                return made
+        small = binding is not None and binding.op in SMALL_FACTORIES
+        if not traced and small and _made_elements(binding, args, kwargs) <= FOLD_ELEMENTS:
+            return self._fold(func, args, kwargs)  # e.g. torch.arange(batch): a constant
         if binding is None:
             name = resolve_name(func) or getattr(func, "__name__", repr(func))
             raise Untraceable(
@@ -530,6 +529,20 @@ class _Recorder(TorchFunctionMode):
             else:
                 raise Untraceable("op-not-allowed", f"cannot index with {type(item).__name__}")
         return wire, tuple(meta)
+
+
+def _made_elements(binding: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> float:
+    """How many elements a factory call would make, worked out before making any."""
+    try:
+        op, named = binding.bind(args, kwargs)
+        if op == "arange":
+            start, end, step = named.get("start", 0), named.get("end"), named.get("step", 1)
+            if end is None:
+                start, end = 0, start
+            return max(0.0, math.ceil((float(end) - float(start)) / float(step)))
+        return float(math.prod(int(size) for size in _ints(named["size"], "sizes")))
+    except (BindError, KeyError, TypeError, ValueError, ZeroDivisionError, Untraceable):
+        return math.inf  # unclear: made on the server, where its size is checked
 
 
 def _flatten(values: Any) -> list[Any]:

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import torch
 
 from ..metrics import Metrics
-from ..ops import Cancelled, ForwardWork, OpsContext
+from ..ops import Cancelled, ForwardWork, OpsContext, RequestError
 from ..ops.batching import padded_tokens, run_forward_batch
 from ..settings import Settings
 from .ledger import Ledger
 from .policy import Job
-from .runs import Outcome, run_of
+from .runs import Outcome, Run, failure_outcome, run_of
 
 logger = logging.getLogger("hooklab_server")
 
@@ -93,8 +93,11 @@ class ForwardBatcher:
         except Cancelled as stop:
             outcomes = [Cancelled(stop.reason) for _ in runs]  # afresh: frees the stopped frames
         except Exception as exc:
-            logger.exception("a merged forward of %d requests failed", len(runs))
-            outcomes = [exc for _ in runs]
+            # One request's hooks may fail as they run (a traced graph's computed index out of
+            # range): each runs again alone, so only the one at fault fails.
+            if not isinstance(exc, RequestError):
+                logger.exception("a merged forward of %d requests failed", len(runs))
+            outcomes = [_alone(run) for run in runs]
         seconds = time.perf_counter() - now
         rows = sum(int(work.input.shape[0]) for work in works)
         self.metrics.observe("batch_requests", len(runs))
@@ -103,3 +106,15 @@ class ForwardBatcher:
             run.steps.close()
             run.stats.update(co_batched=len(runs), batch_rows=rows)
             self.ledger.finish(job, outcome, seconds)
+
+
+def _alone(run: Run) -> Outcome:
+    """The outcome of a merged request's forward run by itself (its solo unit)."""
+    try:
+        next(run.steps)
+    except StopIteration as finished:
+        outcome: Outcome = finished.value
+        return outcome
+    except Exception as exc:
+        return failure_outcome(exc, run.work.op, traceback=True)
+    return failure_outcome(RuntimeError("a forward took more than one unit"), run.work.op)
