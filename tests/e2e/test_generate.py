@@ -122,15 +122,22 @@ def test_stream_yields_the_same_tokens_as_the_plain_call(gpt2_server: Served) ->
     assert torch.equal(streamed, plain[:, tokens.shape[1] :])
 
 
-def test_verbose_generate_prints_the_tokens_as_they_arrive(
+def test_verbose_generate_shows_progress_like_transformer_lens(
     gpt2_server: Served, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """TransformerLens prints nothing to stdout and shows a progress bar of the steps on
+    stderr; the text is the same as without verbose."""
+    expected = gpt2_server.tl.generate(
+        PROMPTS[0], max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=True
+    )
+    tl_out = capsys.readouterr()
     text = gpt2_server.model.generate(
         PROMPTS[0], max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=True
     )
-    printed = capsys.readouterr().out
-    assert printed.endswith("\n")  # the closing newline after the last token
-    assert PROMPTS[0] + printed[:-1] == text
+    ours = capsys.readouterr()
+    assert text == expected
+    assert ours.out == tl_out.out == ""
+    assert "6/6" in ours.err and "6/6" in tl_out.err
 
 
 def metric(url: str, name: str) -> int:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL, OUTPUT_VALUE
 
@@ -32,6 +33,15 @@ NameOrFilter = str | Callable[[str], bool]
 HookFunction = Callable[..., Any]  # TransformerLens's fn(activation, hook)
 FwdHook = tuple[NameOrFilter, HookSpec | HookFunction]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+# The hook points each of TransformerLens's use_* switches makes fire.
+_SWITCHED_HOOKS: dict[str, tuple[str, ...]] = {
+    "use_attn_result": ("attn.hook_result",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_hook_mlp_in": ("hook_mlp_in",),
+    "use_attn_in": ("hook_attn_in",),
+}
 
 
 class Output(SimpleNamespace):
@@ -62,6 +72,7 @@ class HookedTransformer:
         self.cfg = HookedTransformerConfig.from_server(info["cfg"])
         self.hook_names: list[str] = [point["name"] for point in info["hook_points"]]
         self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
+        self._fires_by_default = dict(self._fires)  # set_use_attn_result & co. change _fires
         self._weights = Weights(self._fetch_weight)
         self._hooks: list[FwdHook] = []
         self.hook_mode: HookMode = default_mode()  # "auto" | "traced" | "callback"
@@ -178,7 +189,9 @@ class HookedTransformer:
 
     def _resolve_names(self, names_filter: NamesFilter) -> list[str] | None:
         if names_filter is None:
-            return None
+            if self._fires == self._fires_by_default:
+                return None  # the server's default: every hook point that fires
+            return [name for name in self.hook_names if self._fires[name]]
         if isinstance(names_filter, str):
             return [names_filter]
         if callable(names_filter):
@@ -326,7 +339,8 @@ class HookedTransformer:
         fwd_hooks: Sequence[FwdHook] = (),
     ) -> str | list[str] | torch.Tensor:
         """TransformerLens's ``generate`` on the server, under ``fwd_hooks`` and any hooks added
-        here (steering a generation). ``verbose`` prints tokens as they arrive."""
+        here (steering a generation). ``verbose`` shows a progress bar as the steps arrive;
+        ``generate_stream`` yields each step."""
         body = self._generate_body(
             input, fwd_hooks, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
             eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p,
@@ -335,14 +349,14 @@ class HookedTransformer:
             padding_side=padding_side, return_type=return_type, seed=seed, stream=verbose,
         )  # fmt: skip
         with self._running(body["hooks"]):
-            if verbose:
+            if verbose:  # as TransformerLens: a progress bar of the steps (on stderr)
                 result = None
-                for event, payload in self._transport.events("/v1/generate", body):
-                    if event == "token" and len(payload["text"]) == 1:
-                        print(payload["text"][0], end="", flush=True)
-                    elif event == "done":
-                        result = payload
-                print()
+                with tqdm(total=max_new_tokens) as bar:
+                    for event, payload in self._transport.events("/v1/generate", body):
+                        if event == "token":
+                            bar.update(1)
+                        elif event == "done":
+                            result = payload
                 if result is None:
                     raise ConnectionFailedError("the generation stream ended without a result")
             else:
@@ -371,6 +385,27 @@ class HookedTransformer:
             for event, payload in self._transport.events("/v1/generate", body):
                 if event == "token":
                     yield {**payload, "tokens": torch.tensor(payload["tokens"])}
+
+    # --- TransformerLens's switches for conditional hook points ----------------------------
+
+    def _switch(self, flag: str, on: bool) -> None:
+        setattr(self.cfg, flag, on)
+        for name in self.hook_names:
+            if name.endswith(_SWITCHED_HOOKS[flag]):
+                self._fires[name] = on or self._fires_by_default[name]
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Also compute (and cache) each head's output, ``attn.hook_result``."""
+        self._switch("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        self._switch("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        self._switch("use_hook_mlp_in", use_hook_mlp_in)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        self._switch("use_attn_in", use_attn_in)
 
     # --- hooks held client-side -----------------------------------------------------------
 

@@ -116,6 +116,9 @@ class HookPoint:
         self.ctx: dict[Any, Any] = {}
         self._added: list[Any] = []  # the entries add_hook put in the model's hook list
 
+    def clear_context(self) -> None:
+        self.ctx = {}
+
     def layer(self) -> int:
         parts = self.name.split(".")
         if len(parts) < 2 or not parts[1].isdigit():

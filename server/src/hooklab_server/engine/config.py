@@ -61,6 +61,8 @@ class HookedConfig:
     def __post_init__(self) -> None:
         if self.d_vocab_out == -1:
             self.d_vocab_out = self.d_vocab
+        # Described as TransformerLens has it: None for architectures without grouped heads.
+        self._kv_heads_given = self.n_key_value_heads is not None
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
         if self.rotary_dim is None and self.positional_embedding_type == "rotary":
@@ -81,6 +83,8 @@ class HookedConfig:
         """JSON-friendly fields (dtype as its name)."""
         out = asdict(self)
         out["dtype"] = str(self.dtype).removeprefix("torch.")
+        if not self._kv_heads_given:
+            out["n_key_value_heads"] = None
         return out
 
     @classmethod
