@@ -22,11 +22,10 @@ from .activation_cache import ActivationCache
 from .callbacks import CallbackSession
 from .config import HookedTransformerConfig
 from .errors import ConnectionFailedError, NotFoundError, ServerError
-from .factored_matrix import FactoredMatrix
 from .function_hooks import FunctionHooks, HookMode, ShapePlan, default_mode
 from .hooks import HookSpec
 from .lazy import LazyLogits
-from .modules import HookPoint, LazyStateDict, Module, Weights, build_tree
+from .modules import Circuits, HookPoint, LazyStateDict, Module, Weights, build_tree
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
 NameOrFilter = str | Callable[[str], bool]
@@ -60,7 +59,7 @@ def _check_hook(hook: object) -> HookSpec | HookFunction:
     )
 
 
-class HookedTransformer:
+class HookedTransformer(Circuits):
     """A model served by ``hooklab-server``; see :meth:`from_server`."""
 
     def __init__(self, transport: Transport) -> None:
@@ -582,14 +581,6 @@ class HookedTransformer:
     @property
     def W_E_pos(self) -> torch.Tensor:
         return self.W_E if self.W_pos is None else torch.cat([self.W_E, self.W_pos], dim=0)
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
         if isinstance(tokens, str):

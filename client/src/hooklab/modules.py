@@ -254,8 +254,14 @@ class ModuleList(Module):
         return (child for child in self._children.values() if isinstance(child, Module))
 
 
-class Attention(Module):
-    """An attention module: TransformerLens's per-layer ``QK`` and ``OV`` circuits too."""
+class Circuits:
+    """TransformerLens's ``QK`` and ``OV`` circuits, of whatever holds ``W_Q``…``W_O`` (one
+    layer's attention, or the model's weights stacked over layers)."""
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
 
     @property
     def QK(self) -> FactoredMatrix:
@@ -264,6 +270,10 @@ class Attention(Module):
     @property
     def OV(self) -> FactoredMatrix:
         return FactoredMatrix(self.W_V, self.W_O)
+
+
+class Attention(Module, Circuits):
+    """An attention module: TransformerLens's per-layer ``QK`` and ``OV`` circuits too."""
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
