@@ -11,9 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -135,3 +137,24 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
             pass
         time.sleep(0.25)
     raise RuntimeError(f"hooklab-server did not become ready within {SERVER_START_TIMEOUT_S:.0f} s")
+
+
+@contextmanager
+def served_beside_tl(threads: int) -> Iterator[tuple[Any, Any]]:
+    """(hooklab client, TransformerLens model) on one gpt2-small-sized checkpoint: the server
+    in its own process on a loopback port, TransformerLens 3.9 here."""
+    import hooklab
+    from fixtures.oracle import load_tl_model
+
+    with gpt2_small_checkpoint() as checkpoint, tempfile.TemporaryDirectory() as logs:
+        log = Path(logs) / "server.log"
+        with running_server(checkpoint, log, threads) as (url, process):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tl = load_tl_model(checkpoint)
+            wait_ready(url, process, log)
+            model = hooklab.connect(url, timeout=600)
+            try:
+                yield model, tl
+            finally:
+                model.close()

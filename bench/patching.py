@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import transformer_lens.patching as tl_patching
-from _serving import SEED, gpt2_small_checkpoint, running_server, wait_ready
+from _serving import SEED, served_beside_tl
 from _table import median_seconds, print_table
 
 import hooklab
 from fixtures.checkpoints import GPT2_SMALL
-from fixtures.oracle import load_tl_model
 from hooklab import metrics, patching
 
 THREADS = 2
@@ -69,16 +66,8 @@ def main() -> None:
     clean = torch.randint(3, GPT2_SMALL["vocab_size"], (1, args.pos), generator=generator)
     corrupted = torch.randint(3, GPT2_SMALL["vocab_size"], (1, args.pos), generator=generator)
 
-    with gpt2_small_checkpoint() as checkpoint, tempfile.TemporaryDirectory() as logs:
-        log = Path(logs) / "server.log"
-        with running_server(checkpoint, log, THREADS) as (url, process):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tl = load_tl_model(checkpoint)
-            wait_ready(url, process, log)
-            model = hooklab.connect(url, timeout=600)
-            rows = run(model, tl, clean, corrupted, args)
-            model.close()
+    with served_beside_tl(THREADS) as (model, tl):
+        rows = run(model, tl, clean, corrupted, args)
     print(
         f"\nactivation patching, gpt2-small-sized (12 layers, d_model 768), batch 1 x {args.pos} "
         f"tokens, CPU, {THREADS} threads; hooklab median of {args.runs}, TL of {args.tl_runs}\n"

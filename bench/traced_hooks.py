@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -41,12 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import transformer_lens.patching as tl_patching
-from _serving import SEED, gpt2_small_checkpoint, running_server, wait_ready
+from _serving import SEED, served_beside_tl
 from _table import print_table
 
 import hooklab
 from fixtures.checkpoints import GPT2_SMALL
-from fixtures.oracle import load_tl_model
 from hooklab import patching
 from hooklab.function_hooks import HooklabHookNotice
 
@@ -119,16 +117,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(SEED)
     clean = torch.randint(3, GPT2_SMALL["vocab_size"], (1, args.pos), generator=generator)
     corrupted = torch.randint(3, GPT2_SMALL["vocab_size"], (1, args.pos), generator=generator)
-    with gpt2_small_checkpoint() as checkpoint, tempfile.TemporaryDirectory() as logs:
-        log = Path(logs) / "server.log"
-        with running_server(checkpoint, log, THREADS) as (url, process):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tl = load_tl_model(checkpoint)
-            wait_ready(url, process, log)
-            model = hooklab.connect(url, timeout=600)
-            rows = run(model, tl, clean, corrupted, args)
-            model.close()
+    with served_beside_tl(THREADS) as (model, tl):
+        rows = run(model, tl, clean, corrupted, args)
     print(
         f"\nPython hooks in a patching sweep, gpt2-small-sized (12 layers, d_model 768), batch 1 x "
         f"{args.pos} tokens, CPU, {THREADS} threads, one timed run each; a step is one patched "
