@@ -1,35 +1,12 @@
-"""The e2e servers, shared with this folder: each checkpoint (gpt2, llama, neox) served in each
-deployment (embedded, and scaled out over Redis), the real client, and TransformerLens 3.9 on the
-same weights (``Served.tl``)."""
+"""The session servers (tests/fixtures/served.py, shared with tests/e2e): each checkpoint served
+in each deployment, the real client, and TransformerLens 3.9 on the same weights."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-
-# Re-exported so that pytest finds them here too (fixtures are per-folder).
-from e2e.conftest import (
-    deployment,
-    e2e_redis,
-    gpt2_server,
-    llama_server,
-    neox_server,
-    serve_in,
-    server,
-)
 from e2e.e2e_servers import Served
-
-__all__ = [
-    "deployment",
-    "e2e_redis",
-    "gpt2_served",
-    "gpt2_server",
-    "llama_server",
-    "neox_server",
-    "serve_in",
-    "server",
-]
 
 
 @pytest.fixture
