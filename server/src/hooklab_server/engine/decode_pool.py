@@ -22,9 +22,11 @@ Numerics: a generation's logits equal its solo ``generate`` within float roundin
 fp32), not bit for bit: GEMM kernels depend on the row count, and masked key columns change the
 attention sums (``scheduling.md`` §3). Rows never influence each other: with the same geometry,
 changing one generation's tokens or hooks leaves every other row's bits unchanged, with one
-exception: hooking ``attn.hook_result`` or a norm's ``hook_scale``/``hook_normalized`` moves
-that layer to TransformerLens's unfused formula for every row of the step (values of the other
-rows then move by rounding, ~1e-6). The pool is not thread-safe; one executor thread owns it.
+exception: a hook function that edits ``attn.hook_result`` or a per-head input
+(``hook_attn_in``, ``hook_q/k/v_input``) moves that layer to TransformerLens's per-head
+arithmetic for every row of the step (values of the other rows then move by rounding, ~1e-6).
+What a generation captures or only reads never changes any row's bits, its own included. The
+pool is not thread-safe; one executor thread owns it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .components.attention import AttentionMask, PooledKV, RowSpan
-from .hook_points import NO_HOOKS, HookRun, RowHooks
+from .hook_points import HookRun, RowHooks
 from .model import FwdHooks, HookedTransformer
 
 
@@ -109,20 +111,13 @@ class DecodePool:
         model = self.model
         hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
         cache = model.init_kv_cache()
-        if any(name.startswith(("ln_final.", "unembed.")) for name in hooks.fns):
-            logits = model.forward(
-                tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks
-            )[:, -1]
-        else:
-            # Only the last position's logits are used: unembedding the others would cost a
-            # quarter of a short prefill (d_model x d_vocab per position) for nothing.
-            resid = model.forward(
-                tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks,
-                stop_at_layer=model.cfg.n_layers,
-            )  # fmt: skip
-            with torch.inference_mode():
-                last = model.ln_final(resid[:, -1:], NO_HOOKS)
-                logits = model.unembed(last, NO_HOOKS)[:, -1]
+        resid = model.forward(
+            tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks,
+            stop_at_layer=model.cfg.n_layers,
+        )  # fmt: skip
+        with torch.inference_mode():
+            x = model.ln_final(resid, hooks)  # every position: its hooks see the solo shapes
+            logits = model.unembed.last_position(x, hooks)
         group = RowGroup(self.active_rows, batch, width, hooks)
         rows = group.rows
         with torch.inference_mode():

@@ -253,10 +253,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         allowed = allowed[None, None]  # [1, 1, query, key]
         if attention_mask is None:
             return AttentionMask(allowed)
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-        empty = ~allowed.any(-1)  # [batch, 1, query]
-        empty_rows = empty.transpose(1, 2)[..., None] if bool(empty.any()) else None
-        return AttentionMask(allowed, empty_rows)
+        return AttentionMask(allowed & attention_mask.bool()[:, None, None, :])
 
     def _run(
         self,

@@ -1,9 +1,14 @@
 """Multi-head / grouped-query causal self-attention with TransformerLens's hook points.
 
 Weights are stored as ``F.linear`` wants them ([out, in]); ``W_Q`` [n_heads, d_model, d_head] and
-friends are views in TransformerLens's layout. Attention runs through
-``scaled_dot_product_attention`` unless this call hooks or captures ``hook_attn_scores`` or
-``hook_pattern`` in this layer; only then are the scores and pattern materialised.
+friends are views in TransformerLens's layout.
+
+Attention always runs TransformerLens's arithmetic: scores ``q @ k^T / attn_scale``, masked to
+``-inf``, softmax, NaN rows to zero, ``pattern @ v``. There is no fused path that a hook or a
+capture would switch off, so what a call captures or reads never changes its numbers: a plain
+forward, a ``run_with_cache`` of any names and a run with read-only hook functions give the same
+bits. Grouped-query heads share their key/value head through a reshape of the queries, not a copy
+of the keys and values.
 
 Past keys and values come either from a :class:`LayerKV` (one generation, concatenated each step)
 or from a :class:`PooledKV` (a row of a preallocated pool per generation row, written in place;
@@ -12,7 +17,8 @@ see ``engine/decode_pool.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -30,12 +36,23 @@ class AttentionMask:
     """Which keys each query may attend to, shared by every layer of one forward.
 
     ``allowed`` is a bool mask [batch | 1, 1, query, key]; ``None`` means plain causal attention
-    with as many queries as keys. ``empty_rows`` marks queries with no key at all
-    [batch, query, 1, 1] (left-padding positions): their output is zero, as in TransformerLens.
+    with as many queries as keys (or one query that sees every key). A query with no key at all
+    (a left-padding position) gets a NaN softmax row, zeroed as in TransformerLens.
     """
 
     allowed: torch.Tensor | None
-    empty_rows: torch.Tensor | None = None
+    _blocked: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def blocked(self, query: int, key: int, device: torch.device) -> torch.Tensor | None:
+        """True where a query may not see a key, [batch | 1, 1, query, key]; None: nothing is
+        blocked. Made once per forward, on its first layer."""
+        if self._blocked is None:
+            if self.allowed is not None:
+                self._blocked = ~self.allowed
+            elif query > 1:
+                causal = torch.ones(query, key, dtype=torch.bool, device=device)
+                self._blocked = causal.triu(key - query + 1)[None, None]
+        return self._blocked
 
 
 @dataclass
@@ -81,7 +98,7 @@ class Attention(nn.Module):
         )  # fmt: skip
         assert kv_heads is not None
         self.n_heads, self.n_kv_heads, self.d_head = heads, kv_heads, d_head
-        self.scale = 1.0 / cfg.attn_scale
+        self.attn_scale = cfg.attn_scale
         dtype = cfg.dtype
         self.w_q = nn.Parameter(torch.empty(heads * d_head, d_model, dtype=dtype))
         self.w_k = nn.Parameter(torch.empty(kv_heads * d_head, d_model, dtype=dtype))
@@ -174,11 +191,7 @@ class Attention(nn.Module):
             # TransformerLens caches keys before rotary: a hook's in-place edit stays out of it.
             k = hooks(names["rot_k"], k.clone() if names["rot_k"] in hooks.fns else k)
             # k: [batch, key_pos, n_kv_heads, d_head]
-        if hooks.wants(names["attn_scores"]) or hooks.wants(names["pattern"]):
-            z = self._explicit(q, k, v, hooks, mask)
-        else:
-            z = self._sdpa(q, k, v, mask)
-        return z, present
+        return self._attend(q, k, v, hooks, mask), present
 
     def _pooled(
         self,
@@ -190,9 +203,9 @@ class Attention(nn.Module):
         pool: PooledKV,
     ) -> torch.Tensor:
         """Attention of one new token per row against the pool, after writing that token's key
-        and value. A generation whose hooks read or change the rotated keys, scores or pattern
-        gets its own attention on its own rows and key columns, exactly its solo shapes; the
-        rest share one SDPA call over every row."""
+        and value: one computation over every row and ``width`` key columns. Each generation's
+        hooks on the rotated keys, scores and pattern see its own box (its rows, its own key
+        columns), the shapes of its solo step; what they read or capture changes nothing."""
         names = self.names
         pool.keys[pool.rows, pool.columns] = k[:, 0]
         pool.values[pool.rows, pool.columns] = v[:, 0]
@@ -200,76 +213,92 @@ class Attention(nn.Module):
         keys, values = pool.keys[:n, : pool.width], pool.values[:n, : pool.width]
         if self.rotary is not None:
             q = hooks(names["rot_q"], q)  # [batch, 1, n_heads, d_head]
-        z = self._sdpa(q, keys, values, mask)
+            keys = self._pooled_keys(keys, pool)
+        return self._attend(q, keys, values, _span_boxes(pool.spans), mask)  # [batch, 1, ...]
+
+    def _pooled_keys(self, keys: torch.Tensor, pool: PooledKV) -> torch.Tensor:
+        """The keys with each generation's ``hook_rot_k`` run on its own box. A hook gets a copy
+        (its change applies to this step only, as in solo); the pool's keys are copied once,
+        and only when some hook did change its box."""
+        name, copied = self.names["rot_k"], False
         for span in pool.spans:
-            run = span.hooks
-            hooks_keys = self.rotary is not None and run.wants(names["rot_k"])
-            explicit = run.wants(names["attn_scores"]) or run.wants(names["pattern"])
-            if not (hooks_keys or explicit):
+            if not span.hooks.wants(name):
                 continue
-            rows, width = span.rows, span.keys
-            k_own, v_own = keys[rows, :width], values[rows, :width]
-            if hooks_keys:  # a copy: a hook's change applies to this step only, as in solo
-                k_own = run(names["rot_k"], k_own.clone())  # [batch, key_pos, kv_heads, d_head]
-            assert mask.allowed is not None  # a pooled step always has an explicit mask
-            own_mask = AttentionMask(mask.allowed[rows, :, :, :width])
-            if explicit:
-                z[rows] = self._explicit(q[rows], k_own, v_own, run, own_mask)
-            else:
-                z[rows] = self._sdpa(q[rows], k_own, v_own, own_mask)
-        return z  # [batch, 1, n_heads, d_head]
+            box = keys[span.rows, : span.keys]  # [batch, key_pos, kv_heads, d_head]
+            hooked = span.hooks(name, box.clone() if name in span.hooks.fns else box)
+            if hooked is not box and not torch.equal(hooked, box):
+                if not copied:
+                    keys, copied = keys.clone(), True
+                keys[span.rows, : span.keys] = hooked
+        return keys
 
-    def _sdpa(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
-    ) -> torch.Tensor:
-        grouped = self.n_kv_heads != self.n_heads
-        if grouped and q.is_cuda and q.dtype == torch.float32:
-            # CUDA's fused fp32 kernel needs equal head counts; expanding beats the math fallback.
-            group = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-            grouped = False
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask.allowed,
-            is_causal=mask.allowed is None and q.shape[1] > 1,
-            scale=self.scale,
-            enable_gqa=grouped,
-        ).transpose(1, 2)
-        if mask.empty_rows is not None:
-            z = z.masked_fill(mask.empty_rows, 0.0)  # SDPA gives NaN where no key is allowed
-        return z
-
-    def _explicit(
+    def _attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        hooks: HookRun,
+        hooks: Callable[[str, torch.Tensor], torch.Tensor],
         mask: AttentionMask,
     ) -> torch.Tensor:
-        group = self.n_heads // self.n_kv_heads
-        if group > 1:
-            k = k.repeat_interleave(group, dim=2)
-            v = v.repeat_interleave(group, dim=2)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
-        allowed = mask.allowed
-        if allowed is None:
-            query, key = scores.shape[-2:]
-            allowed = torch.ones(query, key, dtype=torch.bool, device=q.device).tril(key - query)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        """TransformerLens's attention, whatever is hooked: q [batch, pos, n_heads, d_head],
+        k/v [batch, key_pos, n_kv_heads, d_head] -> z [batch, pos, n_heads, d_head].
+
+        Grouped-query heads: head ``h`` reads key/value head ``h // group`` (TransformerLens's
+        ``repeat_interleave``). Instead of repeating the keys and values — a copy of the whole
+        KV cache per layer and decode step — each key/value head multiplies the queries of its
+        ``group`` heads stacked as one matrix."""
+        batch, query, heads, d_head = q.shape
+        kv_heads, key = self.n_kv_heads, k.shape[1]
+        group = heads // kv_heads
+        # [batch, kv_heads, group * query, d_head]: a group's queries, head-major as the heads.
+        q_grouped = q.transpose(1, 2).reshape(batch, kv_heads, group * query, d_head)
+        scores = torch.matmul(q_grouped, k.permute(0, 2, 3, 1))  # [batch, kv_heads, g*q, key]
+        scores = scores.view(batch, heads, query, key)
+        # In place on the fresh product, before any hook sees it: same values, no copies.
+        scores.div_(self.attn_scale)
+        blocked = mask.blocked(query, key, q.device)
+        if blocked is not None:
+            scores.masked_fill_(blocked, float("-inf"))
         scores = hooks(self.names["attn_scores"], scores)  # [batch, n_heads, query, key]
         pattern = torch.softmax(scores, dim=-1)
-        pattern = torch.where(pattern.isnan(), 0.0, pattern)
+        # A row with no allowed key is NaN: zero, as TransformerLens (in place on the fresh
+        # softmax; values elsewhere are in [0, 1], which nan_to_num leaves alone).
+        pattern = pattern.nan_to_num_(nan=0.0)
         pattern = hooks(self.names["pattern"], pattern)  # [batch, n_heads, query, key]
-        return torch.einsum("bhqk,bkhd->bqhd", pattern.to(v.dtype), v)
+        pattern = pattern.to(v.dtype).reshape(batch, kv_heads, group * query, key)
+        z = torch.matmul(pattern, v.transpose(1, 2))  # [batch, kv_heads, group * query, d_head]
+        return z.view(batch, heads, query, d_head).transpose(1, 2)
 
     def _output(self, z: torch.Tensor, hooks: HookRun) -> torch.Tensor:
+        """``z @ W_O + b_O``. ``hook_result`` (each head's ``z @ W_O``) fires when
+        ``use_attn_result`` is on or when it is asked for by exact name. With the flag on the
+        output is the sum of the results, as in TransformerLens; asked for without it, the sum
+        is taken only when a hook function changed a result, so capturing or reading them leaves
+        the output's bits as they are."""
         name = self.names["result"]
-        if self.cfg.use_attn_result or hooks.asks_for(name):
-            result = torch.einsum("bphe,hed->bphd", z, self.W_O)
-            result = hooks(name, result)  # [batch, pos, n_heads, d_model]
-            out = result.sum(dim=2)
-            return out if self.b_o is None else out + self.b_o
-        return F.linear(z.flatten(-2), self.w_o, self.b_o)  # [batch, pos, d_model]
+        flag = self.cfg.use_attn_result
+        if not (flag or hooks.asks_for(name)):
+            return F.linear(z.flatten(-2), self.w_o, self.b_o)  # [batch, pos, d_model]
+        result = torch.einsum("bphe,hed->bphd", z, self.W_O)  # [batch, pos, n_heads, d_model]
+        seen = result.clone() if not flag and name in hooks.fns else result  # edits in place
+        hooked = hooks(name, result)
+        if not flag and (seen is result or torch.equal(hooked, seen)):
+            return F.linear(z.flatten(-2), self.w_o, self.b_o)
+        out = hooked.sum(dim=2)
+        return out if self.b_o is None else out + self.b_o
+
+
+def _span_boxes(spans: list[RowSpan]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """Hooks on a pooled step's scores or pattern [rows, heads, 1, width]: each generation's
+    run sees its own rows and key columns, a view, so an in-place edit lands in place."""
+
+    def fire(name: str, value: torch.Tensor) -> torch.Tensor:
+        for span in spans:
+            if span.hooks.wants(name):
+                box = value[span.rows, :, :, : span.keys]
+                result = span.hooks(name, box)
+                if result is not box:
+                    value[span.rows, :, :, : span.keys] = result
+        return value
+
+    return fire

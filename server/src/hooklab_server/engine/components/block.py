@@ -33,22 +33,32 @@ class TransformerBlock(nn.Module):
         self, resid: torch.Tensor, hooks: HookRun
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The normalised q/k/v inputs. TransformerLens applies ln1 once per input, so hook
-        functions on ln1 run three times; without such functions one call serves all three."""
+        functions on ln1 run three times; without such functions one call serves all three.
+
+        The per-head inputs (``hook_attn_in``, ``hook_q/k/v_input``) fire when their config
+        flag is on or when they are asked for by exact name. Asked for, they switch this block
+        to per-head arithmetic (ln1 and the projections per head copy, as TransformerLens with
+        the flag on) only when a hook function changed a copy: capturing or reading them leaves
+        the block's numbers as they are."""
         cfg, names = self.cfg, self.names
         heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads
         assert kv_heads is not None  # HookedConfig sets it (n_heads when the checkpoint has none)
         if cfg.use_attn_in or hooks.asks_for(names["attn_in"]):
-            per_head = hooks(names["attn_in"], resid.unsqueeze(2).expand(-1, -1, heads, -1).clone())
-            return self.ln1(per_head, hooks), self.ln1(per_head, hooks), self.ln1(per_head, hooks)
-        split = cfg.use_split_qkv_input or any(
-            hooks.asks_for(names[key]) for key in ("q_input", "k_input", "v_input")
-        )
-        if split:
+            name = names["attn_in"]
+            per_head = hooks(name, resid.unsqueeze(2).expand(-1, -1, heads, -1).clone())
+            if cfg.use_attn_in or _edited(per_head, resid, name, hooks):
+                ln1 = self.ln1
+                return ln1(per_head, hooks), ln1(per_head, hooks), ln1(per_head, hooks)
+        split = ("q_input", heads), ("k_input", kv_heads), ("v_input", kv_heads)
+        if cfg.use_split_qkv_input or any(hooks.asks_for(names[key]) for key, _ in split):
             inputs = [
                 hooks(names[key], resid.unsqueeze(2).expand(-1, -1, count, -1).clone())
-                for key, count in (("q_input", heads), ("k_input", kv_heads), ("v_input", kv_heads))
+                for key, count in split
             ]  # each [batch, pos, heads, d_model]
-            return tuple(self.ln1(x, hooks) for x in inputs)
+            edits = zip(inputs, (names[key] for key, _ in split), strict=True)
+            if cfg.use_split_qkv_input or any(_edited(x, resid, n, hooks) for x, n in edits):
+                q_in, k_in, v_in = (self.ln1(x, hooks) for x in inputs)
+                return q_in, k_in, v_in
         if self.ln1.scale_name in hooks.fns or self.ln1.normalized_name in hooks.fns:
             return self.ln1(resid, hooks), self.ln1(resid, hooks), self.ln1(resid, hooks)
         x = self.ln1(resid, hooks)
@@ -77,3 +87,8 @@ class TransformerBlock(nn.Module):
         # Parallel blocks: resid is still resid_pre, so both outputs are added here.
         resid_post = resid + attn_out + mlp_out if self.cfg.parallel_attn_mlp else resid + mlp_out
         return hooks(names["resid_post"], resid_post), present  # [batch, pos, d_model]
+
+
+def _edited(per_head: torch.Tensor, resid: torch.Tensor, name: str, hooks: HookRun) -> bool:
+    """Whether a hook function changed a per-head copy of ``resid`` (a capture cannot)."""
+    return name in hooks.fns and not torch.equal(per_head, resid.unsqueeze(2).expand_as(per_head))

@@ -49,3 +49,19 @@ class Unembed(nn.Module):
     def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
         x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
         return hooks("unembed.hook_out", F.linear(x, self.w_u, self.b_u))  # [batch, pos, d_vocab]
+
+    def last_position(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
+        """The last position's logits [batch, d_vocab] of ``x`` [batch, pos, d_model], with the
+        hook points of a full unembedding, in the same bits whether or not they are hooked.
+
+        Only the last row is multiplied (the others would cost a quarter of a short prefill).
+        A ``hook_out`` hook still sees every position's logits, with the last row taken from
+        that one-row product (a product of another row count may round differently), so a hook
+        that only reads changes nothing."""
+        x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
+        last = F.linear(x[:, -1:], self.w_u, self.b_u)  # [batch, 1, d_vocab]
+        if hooks.wants("unembed.hook_out"):
+            logits = F.linear(x, self.w_u, self.b_u)
+            logits[:, -1:] = last
+            last = hooks("unembed.hook_out", logits)[:, -1:]  # hooks see [batch, pos, d_vocab]
+        return last[:, -1]

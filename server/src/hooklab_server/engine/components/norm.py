@@ -2,14 +2,17 @@
 
 ``hook_scale`` is the divisor ``[batch, pos, 1]`` and ``hook_normalized`` the value before the
 weight and bias ``[batch, pos, length]`` (TransformerLens 3.x semantics). Statistics are computed
-in float32 for half-precision models, as TransformerLens does. When neither hook is wanted the
-fused ``F.layer_norm`` / ``F.rms_norm`` kernels do the same arithmetic faster.
+in float32 for half-precision models, as TransformerLens does.
+
+Always TransformerLens's formula, never the fused ``F.layer_norm`` / ``F.rms_norm`` kernels: those
+round differently (another variance, a reciprocal square root), so a norm that switched to them
+when its hooks are not wanted would make a run's numbers depend on what it captures. Measured on
+a gpt2-small-sized model the fused kernels saved nothing worth that (bench/capture_invariance.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..catalogue import module_hooks
@@ -32,12 +35,7 @@ class Norm(nn.Module):
         names = module_hooks(prefix)
         self.scale_name, self.normalized_name = names["scale"], names["normalized"]
 
-    def hooked(self, hooks: HookRun) -> bool:
-        return hooks.wants(self.scale_name) or hooks.wants(self.normalized_name)
-
     def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
-        if not self.hooked(hooks):
-            return self._fused(x)
         dtype = x.dtype
         if dtype not in _WIDE:
             x = x.float()
@@ -50,17 +48,3 @@ class Norm(nn.Module):
         if self.b is not None:
             x = x + self.b
         return x
-
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        wide = x if dtype in _WIDE else x.float()
-        shape = (self.length,)
-        if self.centre:
-            out = F.layer_norm(wide, shape, eps=self.eps).to(dtype)
-        else:
-            out = F.rms_norm(wide, shape, eps=self.eps).to(dtype)
-        if self.w is not None:
-            out = out * self.w
-        if self.b is not None:
-            out = out + self.b
-        return out
