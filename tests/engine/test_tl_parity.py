@@ -71,7 +71,7 @@ def test_run_with_cache_matches_tl(any_checkpoint: Path, processing: str) -> Non
 
 
 def test_plain_forward_logits_match_tl(any_checkpoint: Path, processing: str) -> None:
-    """Without hooks (the fused SDPA path) the logits still equal TL's."""
+    """Without hooks the logits still equal TL's."""
     tokens = sample_tokens(any_checkpoint)
     ref = tl_model(any_checkpoint, processing)(tokens)
     assert_close(our_model(any_checkpoint, processing)(tokens), ref, "logits")
@@ -182,7 +182,7 @@ def test_left_padded_batch_with_attention_mask(any_checkpoint: Path, processing:
     assert_caches_close(cache, ref_cache, attention_mask=mask)
     assert_caches_close({"logits": logits}, {"logits": ref_logits}, attention_mask=mask)
 
-    # Without hooks (SDPA path) too.
+    # Without hooks too.
     plain = ours(tokens, attention_mask=mask)
     assert_caches_close({"logits": plain}, {"logits": ref_logits}, attention_mask=mask)
 

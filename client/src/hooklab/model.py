@@ -264,9 +264,10 @@ class HookedTransformer(Circuits):
     def run_with_hooks(
         self, *model_args: Any, fwd_hooks: Sequence[FwdHook] = (), **forward_kwargs: Any
     ) -> Any:
-        """TransformerLens's ``run_with_hooks``. With every hook traced, the logits come back
-        lazily (``lazy_logits``): the forward runs when they are first read, and only what is
-        read (e.g. a metric's value) is sent back."""
+        """TransformerLens's ``run_with_hooks``. With Python hook functions, all traced, the
+        logits come back lazily (``lazy_logits``): the forward runs when they are first read
+        (its errors are raised then), and only what is read (e.g. a metric's value) is sent
+        back. With specs alone, or a callback among the hooks, it runs at once."""
         deferrable = (
             self.lazy_logits
             and len(model_args) == 1
@@ -286,7 +287,8 @@ class HookedTransformer(Circuits):
             return plan[0]
 
         hooks = self._specs(fwd_hooks, shape_plan)
-        if any(entry.get("op") == "callback" for entry in hooks):
+        traced = any(entry.get("op") == "graph" for entry in hooks)
+        if not traced or any(entry.get("op") == "callback" for entry in hooks):
             body = self._body(model_args[0], hooks=hooks, **forward_kwargs)
             body["names"] = []
             with self._running(hooks):

@@ -7,15 +7,14 @@ activation — its rows, its columns — shaped as in its solo forward, so batch
 over the batch, resample, patch from another prompt) use only its rows, and nobody's specs reach
 anyone else's rows. Losses are computed per request, from its own logits.
 
-Rows equal their solo runs within float tolerance, not bit for bit: a masked attention kernel
-stands in for the causal one and matrix kernels depend on the row count (scheduling.md §3).
-Requests only merge when they fire the same conditional hook points and materialise attention
-patterns in the same layers, so no request's arithmetic path changes because of another's.
+Rows equal their solo runs within float tolerance, not always bit for bit: a shorter request's
+rows attend over masked extension columns and matrix kernels depend on the row count
+(scheduling.md §3). Requests only merge when they fire the same conditional hook points, so no
+request's arithmetic path changes because of another's.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -29,8 +28,6 @@ from .cancel import Cancelled, CancelToken
 from .context import OpsContext
 from .run import ForwardWork, TensorsResult, finish_forward
 
-_LAYER = re.compile(r"^blocks\.(\d+)\.attn\.hook_(pattern|attn_scores)$")
-
 
 def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
     """Works with equal keys may share a forward; None: this one runs alone (it starts from a
@@ -40,9 +37,8 @@ def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
         return None
     named = {name for name, _ in work.hooks} | set(work.names)
     conditional = frozenset(n for n in named if not fires_by_default(n, ctx.model.cfg))
-    explicit = frozenset(int(m.group(1)) for n in named if (m := _LAYER.match(n)))
     wants_logits = request.stop_at_layer is None and request.return_type is not None
-    return (request.stop_at_layer, wants_logits, conditional, explicit)
+    return (request.stop_at_layer, wants_logits, conditional)
 
 
 def padded_tokens(works: list[ForwardWork]) -> int:

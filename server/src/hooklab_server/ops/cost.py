@@ -40,14 +40,12 @@ def activation_elements(
     return sum(math.prod(sizes[axis] for axis in hook_shape(name, model.cfg)) for name in names)
 
 
-def working_bytes(model: HookedTransformer, batch: int, pos: int, explicit_attention: bool) -> int:
-    """Transients of one block (the widest matmul outputs), plus attention scores and pattern
-    when they are materialised."""
+def working_bytes(model: HookedTransformer, batch: int, pos: int) -> int:
+    """Transients of one block: the widest matmul outputs, and the attention scores and pattern
+    (every forward materialises them: TransformerLens's arithmetic, whatever is captured)."""
     cfg = model.cfg
     width = max(cfg.d_mlp, 3 * cfg.d_model)
-    elements = 2 * batch * pos * width
-    if explicit_attention:
-        elements += 2 * batch * cfg.n_heads * pos * pos
+    elements = 2 * batch * pos * width + 2 * batch * cfg.n_heads * pos * pos
     return elements * cfg.dtype.itemsize
 
 

@@ -107,7 +107,7 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
     check_response(sent, True, ctx.settings)
     kv = 2 * cfg.n_layers * total * cfg.n_key_value_heads * cfg.d_head * cfg.dtype.itemsize  # type: ignore[operator]
     logits = prompt.batch * prompt.pos * cfg.d_vocab_out * 4
-    peak = kv + logits + building + working_bytes(model, prompt.batch, prompt.pos, False)
+    peak = kv + logits + building + working_bytes(model, prompt.batch, prompt.pos)
     cost = Cost(total, new, with_slack(peak), sent)
     return GenerateWork(prompt, sampling, stopping, hooks, request, cost, ctx.caller)
 

@@ -170,11 +170,8 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
         returned += size * length * cfg.d_vocab_out
     sent, building = response_size(returned, cfg.dtype.itemsize, wants_json)
     check_response(sent, wants_json, ctx.settings)
-    explicit = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name, _ in hooks) or any(
-        name.endswith(("hook_pattern", "hook_attn_scores")) for name in names
-    )
     captured = activation_elements(model, names, size, length) * cfg.dtype.itemsize
-    peak = captured + building + working_bytes(model, size, length, explicit)
+    peak = captured + building + working_bytes(model, size, length)
     cost = Cost(size * length, 1, with_slack(peak), sent)
     return ForwardWork(
         op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json,
