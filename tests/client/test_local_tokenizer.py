@@ -18,10 +18,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import hooklab
-from fixtures.checkpoints import EOS_TOKEN, build_checkpoint, build_tokenizer
+from fixtures.checkpoints import EOS_TOKEN, UNK_TOKEN, build_checkpoint, build_tokenizer
 from fixtures.oracle import load_tl_model
 from hooklab._transport import Transport
 from hooklab_server.engine import load_model
@@ -35,6 +36,8 @@ VARIANTS = {
     "tokenizer-adds-bos": ("llama", "adds_bos"),  # removed again for prepend_bos=False
     "bos-is-pad": ("gpt2", "bos_is_pad"),  # GPT-2's layout: one token is bos, eos and pad
     "pads-left": ("gpt2", "pads_left"),  # the tokenizer's own padding side is left
+    "no-bos-token": ("gpt2", "no_bos"),  # TL keeps it as it is and uses the EOS as BOS
+    "bos-with-colon": ("neox", "colon_bos"),  # TL cannot re-build it to add the BOS: kept
 }
 BACKENDS = ("transformers", "tokenizers")
 TEXTS = ["def f(x): return x + 1", "The license", "", "  spaces  and\ttabs\n", "é ü 中文 🙂"]
@@ -82,6 +85,14 @@ def _tokenizer_dir(kind: str, plain: Path, factory: pytest.TempPathFactory) -> P
         AutoTokenizer.from_pretrained(plain, bos_token=EOS_TOKEN).save_pretrained(out)
     elif kind == "pads_left":
         AutoTokenizer.from_pretrained(plain, padding_side="left").save_pretrained(out)
+    else:
+        special = {"eos_token": EOS_TOKEN, "unk_token": UNK_TOKEN, "pad_token": EOS_TOKEN}
+        if kind == "colon_bos":
+            special["bos_token"] = "<seed:bos>"  # tokenizers' templates cannot spell it
+        backend = Tokenizer.from_file(str(plain / "tokenizer.json"))
+        PreTrainedTokenizerFast(
+            tokenizer_object=backend, model_max_length=1024, **special
+        ).save_pretrained(out)
     return out
 
 
@@ -156,13 +167,10 @@ def test_to_tokens(model: hooklab.HookedTransformer, tl: Any) -> None:
 
 @pytest.mark.parametrize("prepend_bos", [True, False])
 def test_to_tokens_truncates_to_n_ctx(
-    model: hooklab.HookedTransformer, tl: Any, prepend_bos: bool, request: pytest.FixtureRequest
+    model: hooklab.HookedTransformer, tl: Any, prepend_bos: bool
 ) -> None:
-    if not prepend_bos and tl.cfg.tokenizer_prepends_bos != model.cfg.tokenizer_prepends_bos:
-        # TransformerLens re-loads the tokenizer with add_bos_token=True (get_tokenizer_with_bos)
-        # and the server does not, so TL truncates to n_ctx with a BOS and then drops it (one
-        # token short); the server's own tokenisation agrees with the client's.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="server tokenizer, not TL's"))
+    """TL truncates with the BOS its tokenizer adds and then drops it for prepend_bos=False
+    (n_ctx - 1 tokens); the client's tokenizer is the server's, which is TL's."""
     long = " ".join(["return x + 1"] * 100)
     for text in (long, [long, "short"]):
         ours = model.to_tokens(text, prepend_bos=prepend_bos)
@@ -277,6 +285,25 @@ def test_tokenizer_object(model: hooklab.HookedTransformer, tl: Any) -> None:
     batch = dict(padding=True, return_tensors="pt", add_special_tokens=False, padding_side="left")
     for key in ("input_ids", "attention_mask"):
         same(ours(TEXTS[:3], **batch)[key], ref(TEXTS[:3], **batch)[key], key)
+
+
+def test_tokenizer_adds_bos_as_tl(model: hooklab.HookedTransformer, tl: Any) -> None:
+    """TL runs its tokenizer re-built with add_bos_token=True: it adds the BOS on every call
+    (unless it has none to add), and cfg.tokenizer_prepends_bos says so."""
+    ours, ref = model.tokenizer, tl.tokenizer
+    assert ours is not None
+    model.to_tokens("x")  # fetches the tokenizer and reads tokenizer_prepends_bos, as TL did
+    assert model.cfg.tokenizer_prepends_bos is tl.cfg.tokenizer_prepends_bos
+    assert ours.add_bos_token == ref.add_bos_token
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text), repr(text)
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], repr(text)
+        cut = {"truncation": True, "max_length": 4}
+        assert ours(text, **cut)["input_ids"] == ref(text, **cut)["input_ids"], repr(text)
+    for side in ("left", "right"):
+        batch = dict(padding=True, return_tensors="pt", padding_side=side)
+        for key in ("input_ids", "attention_mask"):
+            same(ours(TEXTS, **batch)[key], ref(TEXTS, **batch)[key], f"{side} {key}")
 
 
 def test_helpers_make_no_request(

@@ -5,6 +5,10 @@ TransformerLens 3.9's helpers (``to_tokens``, ``to_str_tokens``, ``to_string``,
 With ``transformers`` installed the tokenizer is its ``PreTrainedTokenizerFast``; without it,
 ``LocalTokenizer`` gives the part of that API these helpers and notebooks use, over the
 ``tokenizers`` library that both are built on.
+
+The files are those of the tokenizer TransformerLens 3.9 runs, which the server built again with
+``add_bos_token=True`` as TL does: it adds the BOS itself (``tokenizer("x")`` starts with it) and
+``to_tokens(prepend_bos=False)`` takes it off again after truncating to n_ctx.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 from tokenizers import Tokenizer as Backend
+from tokenizers.processors import TemplateProcessing
 
 if TYPE_CHECKING:
     from .config import HookedTransformerConfig
@@ -37,9 +42,12 @@ class Tokenizer(Protocol):
 
     padding_side: str
     bos_token: Any
+    add_bos_token: bool
 
     @property
     def bos_token_id(self) -> Any: ...
+    @property
+    def backend_tokenizer(self) -> Backend: ...
     @property
     def pad_token_id(self) -> Any: ...
 
@@ -71,7 +79,7 @@ def load_tokenizer(
     tokenizer = _transformers_tokenizer(files) if use_transformers else _local_tokenizer(files)
     if name is not None:
         tokenizer.name_or_path = name  # type: ignore[attr-defined]
-    return _with_fallbacks(tokenizer)
+    return _with_fallbacks(_flagged_as_adding_bos(tokenizer))
 
 
 def _transformers_tokenizer(files: dict[str, str]) -> Tokenizer:
@@ -91,6 +99,33 @@ def _local_tokenizer(files: dict[str, str]) -> Tokenizer:
         if file_name in files:
             config.update(json.loads(files[file_name]))
     return LocalTokenizer(Backend.from_str(files["tokenizer.json"]), config)
+
+
+def _flagged_as_adding_bos(tokenizer: Tokenizer) -> Tokenizer:
+    """``add_bos_token`` reads True, as on TransformerLens's tokenizer, when this one adds its BOS.
+
+    The server sends TL's tokenizer, re-built with ``add_bos_token=True``; its tokenizer.json
+    carries the template that adds the BOS, but not the flag (transformers 5 leaves the flag out
+    of what it saves, and ignores it beside a tokenizer.json when loading). Setting the flag
+    rewrites the template from the special tokens, so the server's own template is put back:
+    the ids stay exactly the server's.
+    """
+    bos_id = tokenizer.bos_token_id
+    # getattr: transformers 4's PreTrainedTokenizerFast has no such flag (the client takes any).
+    if bos_id is None or getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    if tokenizer.encode("")[:1] != [bos_id]:
+        return tokenizer  # one TL kept as it was: it adds no BOS, and its flag stays False
+    template = tokenizer.backend_tokenizer.post_processor
+    try:
+        tokenizer.add_bos_token = True
+    except ValueError:
+        # A BOS a template string cannot spell (one with a ':'): TL's re-build failed the same
+        # way, and it kept the tokenizer with the flag False.
+        tokenizer.add_bos_token = False
+    finally:
+        tokenizer.backend_tokenizer.post_processor = template
+    return tokenizer
 
 
 def _with_fallbacks(tokenizer: Tokenizer) -> Tokenizer:
@@ -152,6 +187,34 @@ class LocalTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
         self.unk_token = _token_text(config.get("unk_token"))
+        # Hugging Face's flag, False as transformers 5 reads it beside a tokenizer.json (whose
+        # template decides what is added); setting it rewrites the template, as there.
+        self._add_bos_token = False
+
+    @property
+    def backend_tokenizer(self) -> Backend:
+        return self.backend
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool) -> None:
+        """As in Hugging Face's tokenizers: the post-processor becomes "BOS text" (or "text")."""
+        bos, bos_id = self.bos_token, self.bos_token_id
+        # Without a BOS token there is nothing to add: the flag stays False (so does HF's).
+        adds = bool(value) and bos is not None and bos_id is not None
+        if adds:
+            template = TemplateProcessing(
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, bos_id)],
+            )
+        else:
+            template = TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+        self.backend.post_processor = template
+        self._add_bos_token = adds  # only once the template is built (it may refuse the BOS)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

@@ -15,7 +15,7 @@ from .config import HookedConfig
 from .default_model import resolve_model_source
 from .model import HookedTransformer
 from .processing import StateDict, process_weights
-from .tokenization import tokenizer_prepends_bos
+from .tokenization import tokenizer_prepends_bos, tokenizer_with_bos
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -116,7 +116,12 @@ def from_hf(
     architecture = (getattr(hf_config, "architectures", None) or [type(hf_model).__name__])[0]
     fam = family(architecture)
     device = resolve_device(device)
+    prepends_bos = None
     if tokenizer is not None:
+        # TransformerLens's set_tokenizer, in its order: the tokenizer that adds the BOS, whether
+        # it does (read before the fallbacks fill in a missing BOS), then the fallbacks.
+        tokenizer = tokenizer_with_bos(tokenizer, architecture)
+        prepends_bos = tokenizer_prepends_bos(tokenizer)
         tokenizer = prepare_tokenizer(tokenizer)
     cfg = HookedConfig(
         **fam.config_fields(hf_config),
@@ -124,7 +129,7 @@ def from_hf(
         model_name=model_name,
         original_architecture=architecture,
         tokenizer_name=model_name,
-        tokenizer_prepends_bos=tokenizer_prepends_bos(tokenizer) if tokenizer is not None else None,
+        tokenizer_prepends_bos=prepends_bos,
         device=str(device),
         dtype=dtype,
     )

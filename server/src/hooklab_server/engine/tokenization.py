@@ -3,17 +3,70 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+import copy
+from typing import Any, Literal, cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import HookedConfig
 
 PaddingSide = Literal["left", "right"]
 
+# Architectures whose tokenizer TransformerLens 3.9 keeps as loaded, without add_bos_token=True.
+_OWN_BOS_HANDLING = frozenset({"OlmoForCausalLM", "OlmoeForCausalLM", "Olmo2ForCausalLM"})
+
+
+def tokenizer_with_bos(
+    tokenizer: PreTrainedTokenizerBase, architecture: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer TransformerLens 3.9 runs: this one built again with ``add_bos_token=True``.
+
+    TL does so because some tokenizers (Llama's) split a text differently when they add the BOS
+    themselves than when it is written in front of the text, and ``add_bos_token`` is fixed when
+    a tokenizer is built. The consequences are visible: ``tokenizer("x")`` starts with the BOS,
+    ``tokenizer_prepends_bos`` is True, and ``to_tokens(prepend_bos=False)`` truncates to n_ctx
+    with the BOS in place before taking it off (n_ctx - 1 tokens). A tokenizer without a BOS
+    token, or one already built to add it, is returned as it is.
+    """
+    if architecture in _OWN_BOS_HANDLING or tokenizer.bos_token is None:
+        return tokenizer
+    init_kwargs = copy.deepcopy(tokenizer.init_kwargs)
+    source = init_kwargs.pop("name_or_path", None)
+    asked = init_kwargs.pop("add_bos_token", None)
+    if asked is None:
+        asked = getattr(tokenizer, "add_bos_token", False)
+    if asked:
+        return tokenizer
+    try:
+        rebuilt = _built_again_with_bos(tokenizer, source, init_kwargs)
+    except ValueError:
+        # A BOS that tokenizers' TemplateProcessing cannot spell (one with a ':'): TL keeps the
+        # tokenizer it was given.
+        return tokenizer
+    # Loading again resets the padding side to the saved one; TL keeps the caller's.
+    rebuilt.padding_side = tokenizer.padding_side
+    return rebuilt
+
+
+def _built_again_with_bos(
+    tokenizer: PreTrainedTokenizerBase, source: str | None, init_kwargs: dict[str, Any]
+) -> PreTrainedTokenizerBase:
+    if source:
+        try:
+            # What TL does: load it again from where it came from, with the same arguments.
+            return AutoTokenizer.from_pretrained(source, add_bos_token=True, **init_kwargs)
+        except OSError:
+            pass  # gone since, or a .gguf file that from_pretrained needs named
+    # Nowhere to load it from (built in memory): a copy asked for the BOS rebuilds its template
+    # the way loading with add_bos_token=True does.
+    rebuilt = copy.deepcopy(tokenizer)
+    rebuilt.add_bos_token = True
+    return rebuilt
+
 
 def tokenizer_prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """TL's ``cfg.tokenizer_prepends_bos``: whether encoding adds a token to an empty text."""
     return len(tokenizer.encode("")) > 0
 
 
