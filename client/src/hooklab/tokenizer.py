@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -365,15 +366,20 @@ class LocalTokenizer:
 # --- TransformerLens's helpers ------------------------------------------------------------
 
 
+# The override below changes the shared tokenizer: threads using one model take turns.
+_PADDING_LOCK = threading.RLock()
+
+
 @contextmanager
 def _padding_side(tokenizer: Tokenizer, side: str | None) -> Iterator[str]:
     """Pad on ``side`` for the duration (TransformerLens overrides the tokenizer's the same way)."""
-    saved = tokenizer.padding_side
-    tokenizer.padding_side = side or saved
-    try:
-        yield tokenizer.padding_side
-    finally:
-        tokenizer.padding_side = saved
+    with _PADDING_LOCK:
+        saved = tokenizer.padding_side
+        tokenizer.padding_side = side or saved
+        try:
+            yield tokenizer.padding_side
+        finally:
+            tokenizer.padding_side = saved
 
 
 def _prepends_bos(tokenizer: Tokenizer, cfg: HookedTransformerConfig) -> bool:
