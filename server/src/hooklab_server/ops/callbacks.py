@@ -37,7 +37,3 @@ class ClientCallback:
         message = call_message(call_id, self.callback, self.name, x)
         reply = self.relay.call(self.session, message, call_id, self.timeout_s)
         return replied_tensor(reply, x, self.name)
-
-
-def callback_hook(ctx: OpsContext, spec: CallbackSpec, name: str) -> ClientCallback:
-    return ClientCallback(ctx, spec, name)

@@ -26,7 +26,6 @@ class FunctionBudget:
     """What the graphs of one request add up to."""
 
     const_bytes: int = 0
-    callbacks: int = 0
 
 
 def expected_shapes(
@@ -53,12 +52,12 @@ def compile_function(
     name: str | None = None,
 ) -> HookFn:
     name = name or spec.hook
-    shapes = expected_shapes(ctx, name, batch, pos, generation)
     if isinstance(spec, CallbackSpec):
-        from .callbacks import callback_hook
+        # Imported here: the callback relay imports ops (cancellation, errors) itself.
+        from .callbacks import ClientCallback
 
-        budget.callbacks += 1
-        return callback_hook(ctx, spec, name)
+        return ClientCallback(ctx, spec, name)
+    shapes = expected_shapes(ctx, name, batch, pos, generation)
     dtype = ctx.model.cfg.dtype
     graphs: list[CompiledGraph] = []
     for number, graph in enumerate(spec.graphs):
