@@ -76,9 +76,11 @@ def hand_loop(model: Any, corrupted: torch.Tensor, clean: Any, layers: int) -> t
 
 
 class Traffic:
-    """Counts the client's HTTP requests and the bytes they send and receive."""
+    """Counts the client's HTTP requests and the bytes sent and received (HTTP bodies, and the
+    callback websocket's messages)."""
 
     def __init__(self, model: hooklab.HookedTransformer) -> None:
+        self.model = model
         self.requests = 0
         self.sent = 0
         self.received = 0
@@ -94,8 +96,15 @@ class Traffic:
         self.received += int(response.headers.get("content-length", 0))
 
     def reset(self) -> tuple[int, int, int]:
-        counts = (self.requests, self.sent, self.received)
+        """(requests, bytes sent, bytes received) since the last reset, callback messages over
+        the websocket included."""
+        session = self.model._callbacks
+        sent = self.sent + (session.bytes_sent if session else 0)
+        received = self.received + (session.bytes_received if session else 0)
+        counts = (self.requests, sent, received)
         self.requests = self.sent = self.received = 0
+        if session:
+            session.bytes_sent = session.bytes_received = 0
         return counts
 
 

@@ -50,6 +50,8 @@ class CallbackSession:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self.bytes_received = 0  # callback messages, for a notebook's (or a benchmark's) tally
+        self.bytes_sent = 0
         self._reader = threading.Thread(target=self._serve, name="hooklab-callbacks", daemon=True)
         self._reader.start()
 
@@ -81,9 +83,12 @@ class CallbackSession:
         try:
             for data in self.connection:
                 if isinstance(data, bytes):
+                    self.bytes_received += len(data)
                     message = _decoder.decode(data)
                     if message.get("kind") == "call":
-                        self.connection.send(self._answer(message))
+                        answer = self._answer(message)
+                        self.bytes_sent += len(answer)
+                        self.connection.send(answer)
         except (ConnectionClosed, OSError):
             pass
         finally:
