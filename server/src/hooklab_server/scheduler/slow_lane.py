@@ -12,6 +12,8 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator
 
+from hooklab_proto import GenerateStep
+
 from ..ops import CancelToken, Operations, Work
 from ..ops.callbacks import ClientCallback
 from ..ops.cancel import running_token
@@ -39,11 +41,13 @@ class SlowLane:
                 daemon=True,
             )  # fmt: skip
             thread.start()
+            ended = False
             try:
                 while (item := await items.get()) is not _DONE:
+                    ended = not isinstance(item, GenerateStep)  # the outcome comes last
                     yield item  # type: ignore[misc]
             finally:
-                if thread.is_alive():  # the caller left: stop at the next hook or layer
+                if not ended:  # the caller left first: stop at the next hook or layer
                     token.cancel("disconnect")
 
     def _drive(
