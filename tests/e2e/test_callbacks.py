@@ -126,19 +126,8 @@ def test_a_callback_timeout_stops_the_forward_and_others_are_not_held(
     def slow(x: torch.Tensor, hook: Any) -> None:
         released.wait(10)
 
-    errors: list[BaseException] = []
-
-    def paused_call() -> None:
-        try:
-            served.model.run_with_hooks(
-                tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(slow))]
-            )
-        except BaseException as exc:  # collected for the assertion below
-            errors.append(exc)
-
-    caller = threading.Thread(target=paused_call)
     started = time.monotonic()
-    caller.start()
+    caller, errors = _call_in_background(served, tokens, slow)
     time.sleep(0.3)  # the forward is now paused on the callback
     # Meanwhile another request runs at once (the paused forward is in the slow lane).
     other = served.model(tokens)
@@ -160,19 +149,8 @@ def test_a_disconnect_stops_the_paused_forward(callback_server: Served) -> None:
         paused.set()
         time.sleep(20)
 
-    errors: list[BaseException] = []
-
-    def paused_call() -> None:
-        try:
-            served.model.run_with_hooks(
-                tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(wait_forever))]
-            )
-        except BaseException as exc:  # collected for the assertion below
-            errors.append(exc)
-
-    caller = threading.Thread(target=paused_call)
     started = time.monotonic()
-    caller.start()
+    caller, errors = _call_in_background(served, tokens, wait_forever)
     assert paused.wait(10)
     served.model._callbacks.close()  # type: ignore[union-attr]  # the notebook's link drops
     caller.join(15)
@@ -186,3 +164,23 @@ def test_a_disconnect_stops_the_paused_forward(callback_server: Served) -> None:
         fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(lambda x, hook: seen.append(1)))],
     )
     assert seen == [1]
+
+
+def _call_in_background(
+    served: Served, tokens: torch.Tensor, fn: Any
+) -> tuple[threading.Thread, list[BaseException]]:
+    """run_with_hooks with ``fn`` as a forced callback, in a thread (started); what it raised
+    is collected in the list."""
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            served.model.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hooks.callback(fn))]
+            )
+        except BaseException as exc:  # collected for the test's assertions
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, errors

@@ -447,8 +447,6 @@ def _origin(fn: Callable[..., Any]) -> dict[str, Any]:
 
 # --- recording outside a hook function: lazy logits ------------------------------------------
 
-RecordingError = Untraceable
-
 
 def start_recording(stand_in: torch.Tensor) -> _Recording:
     """A recording whose input is ``stand_in`` (a meta tensor), for :func:`record_call`."""

@@ -71,7 +71,6 @@ from ._patching import (
     PatchMetric,
 )
 from ._specs import (
-    FUNCTION_OPS,
     REPLACING_OPS,
     SPEC_OPS,
     AblateSpec,
@@ -108,7 +107,6 @@ __all__ = [
     "EVENT_TOKEN",
     "FORMAT_VERSION",
     "FRAMES_MEDIA_TYPE",
-    "FUNCTION_OPS",
     "GRAPH_VERSION",
     "JSON_MEDIA_TYPE",
     "MSGPACK_MEDIA_TYPE",

@@ -119,7 +119,6 @@ SPEC_OPS: tuple[str, ...] = tuple(
     spec.model_fields["op"].default
     for spec in (AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec)
 )
-FUNCTION_OPS: tuple[str, ...] = ("graph", "callback")
 
 # Operations that replace values; two of them on the same hook point conflict.
 REPLACING_OPS = frozenset({"ablate", "patch", "set"})

@@ -31,7 +31,6 @@ from .ops.errors import RequestError
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
-MAX_MESSAGE_BYTES = 1 << 30
 POLL_S = 0.1  # how often a paused forward looks whether its request was cancelled
 
 

@@ -20,7 +20,6 @@ from .edge import account_of
 from .state import service
 
 router = APIRouter()
-MAX_REPLY_BYTES = 1 << 30
 
 
 @router.websocket("/v1/callbacks")

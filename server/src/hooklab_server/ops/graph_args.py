@@ -7,11 +7,8 @@ kind its op's parameter takes (``hooklab_proto.OPS``); anything else is a 422 na
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from hooklab_proto import OPS, ErrorCode, Kind, Op, WireFormatError, torch_dtype
 from hooklab_proto._opset import EINSUM_CHARS, EINSUM_MAX_LENGTH
@@ -48,8 +45,6 @@ class GraphError(RequestError):
 
 
 # --- argument forms ---------------------------------------------------------------------------
-
-Slot = Callable[[list[Any], torch.Tensor], Any]  # reads a value from the run's slots
 
 
 @dataclass(frozen=True)

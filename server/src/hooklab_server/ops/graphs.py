@@ -25,8 +25,6 @@ from hooklab_proto import (
     ErrorCode,
     Graph,
     GraphNode,
-    InputRef,
-    NodeRef,
     Op,
     dtype_code,
 )
@@ -338,7 +336,3 @@ def _output(
             f"returns shape {list(value.shape)} for an activation of shape {list(activation)}",
         )
     return ref
-
-
-# ``InputRef``/``NodeRef`` are what ``Graph.output`` holds; named so the import is used.
-_OUTPUT_FORMS = (InputRef, NodeRef)
