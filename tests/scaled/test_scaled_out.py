@@ -94,6 +94,22 @@ def stop_and_kill(deployment: ScaledOut, pid: int) -> None:
     worker.kill()
 
 
+def kill_holder_mid_job(deployment: ScaledOut, model: str) -> None:
+    """Freeze the worker holding the model's pending job and kill it — only once it is frozen
+    while still holding a job: a sweep of short jobs may finish one between the look and the
+    freeze, and then the next job's holder is taken instead."""
+    client = redis.Redis.from_url(deployment.settings.redis_url)
+    jobs = RedisKeys(deployment.settings.redis_prefix).jobs(model)
+    while True:
+        pid = holder_of_job(deployment, model)
+        os.kill(pid, signal.SIGSTOP)
+        held = client.xpending_range(jobs, GROUP, "-", "+", 10)
+        if any(int(entry["consumer"].decode().split("-")[-2]) == pid for entry in held):
+            stop_and_kill(deployment, pid)
+            return
+        os.kill(pid, signal.SIGCONT)
+
+
 def taken_over(deployment: ScaledOut) -> bool:
     return any("taken over" in w.log.read_text() for w in deployment.workers)
 
@@ -201,7 +217,7 @@ def test_a_worker_killed_mid_patching_sweep_its_sweep_completes_on_the_other(
         thread = threading.Thread(target=sweep)
         started = time.monotonic()
         thread.start()
-        stop_and_kill(pair, holder_of_job(pair, gpt2_checkpoint.name))
+        kill_holder_mid_job(pair, gpt2_checkpoint.name)
         thread.join(timeout=60)
         assert not thread.is_alive(), "the sweep hangs after its worker died"
         torch.testing.assert_close(result["value"], expected, atol=ATOL, rtol=0)
