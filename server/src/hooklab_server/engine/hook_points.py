@@ -2,6 +2,14 @@
 
 The model holds no hook state of its own; every forward gets a :class:`HookRun`, so concurrent
 calls on one shared model never see each other's hooks or captures.
+
+A run with ``gradients`` on makes autograd track the activations (never the weights, which stay
+frozen and shared): the first floating activation without a gradient path becomes the root, and
+backward functions (``bwd_fns``) and gradient captures attach to each hook point's output as a
+tensor hook. As in TransformerLens (a full backward hook on the HookPoint module), every backward
+function at a point sees the gradient with respect to that point's output, the last one that
+returns a tensor sets the gradient passed upstream, and ``{name}_grad`` holds the gradient as it
+arrived.
 """
 
 from __future__ import annotations
@@ -52,7 +60,10 @@ def resolve_names(
 class HookRun:
     """Hook functions and captures for one forward (or one generation)."""
 
-    __slots__ = ("cache", "capture", "explicit", "fns", "interrupt", "points")
+    __slots__ = (
+        "bwd_fns", "cache", "capture", "capture_grad", "explicit", "fns", "gradients",
+        "interrupt", "points",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -60,18 +71,32 @@ class HookRun:
         capture: Iterable[str] = (),
         explicit: Iterable[str] = (),
         interrupt: Callable[[], None] | None = None,
+        *,
+        bwd_fns: dict[str, list[HookFn]] | None = None,
+        capture_grad: Iterable[str] = (),
+        gradients: bool = False,
     ) -> None:
         self.fns = fns or {}
+        self.bwd_fns = bwd_fns or {}
+        self.capture_grad = frozenset(capture_grad)
+        # Autograd on activations for this forward (implied by backward functions or captures).
+        self.gradients = gradients or bool(self.bwd_fns) or bool(self.capture_grad)
         # Called before every block; a caller stops the forward by raising from it.
         self.interrupt = interrupt
         self.capture = frozenset(capture)
         # Names asked for by exact name: conditional hook points fire for these.
-        self.explicit = frozenset(explicit) | self.fns.keys()
+        self.explicit = frozenset(explicit) | self.fns.keys() | self.bwd_fns.keys()
         self.cache: dict[str, torch.Tensor] = {}
         self.points: dict[str, HookPoint] = {}
 
     def wants(self, name: str) -> bool:
-        return name in self.fns or name in self.capture
+        return self.gradients or name in self.fns or name in self.capture
+
+    def runs_per_call(self, name: str) -> bool:
+        """Whether something at this point sees each call of a module used several times
+        (ln1 once per attention input, as in TransformerLens): a hook function, forward or
+        backward, or a gradient capture (the last backward call's gradient, as in TL)."""
+        return name in self.fns or name in self.bwd_fns or name in self.capture_grad
 
     def asks_for(self, name: str) -> bool:
         """Whether a conditional hook point should fire: hooked, or captured by exact name."""
@@ -87,7 +112,32 @@ class HookRun:
                     value = result
         if name in self.capture:
             self.cache[name] = value.detach()
+        if self.gradients and value.is_floating_point():
+            if not value.requires_grad:  # a root of the graph: the embeddings, a given residual
+                value = value.detach().requires_grad_()
+            if name in self.bwd_fns or name in self.capture_grad:
+                # Its own autograd node: consecutive points can share one tensor
+                # (resid_post, the next resid_pre), and each must see the gradient as it
+                # leaves the later one, as TransformerLens's separate modules do.
+                value = value.view_as(value)
+                value.register_hook(self._backward(name))
         return value
+
+    def _backward(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        fns = self.bwd_fns.get(name, ())
+
+        def on_gradient(grad: torch.Tensor) -> torch.Tensor | None:
+            if name in self.capture_grad:
+                self.cache[f"{name}_grad"] = grad.detach()
+            point = self.points.get(name) or self.points.setdefault(name, HookPoint(name))
+            passed = None
+            for fn in fns:
+                result = fn(grad, hook=point)
+                if result is not None:
+                    passed = result
+            return passed
+
+        return on_gradient
 
 
 NO_HOOKS = HookRun()
@@ -129,25 +179,36 @@ class RowHooks(HookRun):
         return out
 
 
+def _hook_fns(
+    hook_names: Sequence[str], hooks: Iterable[tuple[NameOrPredicate, HookFn]]
+) -> dict[str, list[HookFn]]:
+    fns: dict[str, list[HookFn]] = {}
+    for selector, fn in hooks:
+        if isinstance(selector, str) and selector not in hook_names:
+            raise KeyError(unknown_hook_message(selector, hook_names))
+        for name in resolve_names(selector, hook_names):
+            fns.setdefault(name, []).append(fn)
+    return fns
+
+
 def build_hook_run(
     hook_names: Sequence[str],
     fwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
     names_filter: NameOrPredicate | Sequence[str] | None = None,
     capture: bool = False,
     interrupt: Callable[[], None] | None = None,
+    bwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
+    incl_bwd: bool = False,
 ) -> HookRun:
-    """Resolve TransformerLens-style ``fwd_hooks`` and ``names_filter`` against ``hook_names``.
+    """Resolve TransformerLens-style ``fwd_hooks``, ``bwd_hooks`` and ``names_filter`` against
+    ``hook_names``; ``incl_bwd`` captures the gradients of the names captured.
 
     An exact name that is not a hook point raises ``KeyError`` with the nearest valid names.
     """
-    fns: dict[str, list[HookFn]] = {}
-    for selector, fn in fwd_hooks:
-        if isinstance(selector, str) and selector not in hook_names:
-            raise KeyError(unknown_hook_message(selector, hook_names))
-        for name in resolve_names(selector, hook_names):
-            fns.setdefault(name, []).append(fn)
+    fns = _hook_fns(hook_names, fwd_hooks)
+    bwd_fns = _hook_fns(hook_names, bwd_hooks)
     if not capture:
-        return HookRun(fns, interrupt=interrupt)
+        return HookRun(fns, interrupt=interrupt, bwd_fns=bwd_fns)
     if isinstance(names_filter, str) and names_filter not in hook_names:
         raise KeyError(unknown_hook_message(names_filter, hook_names))
     explicit = [names_filter] if isinstance(names_filter, str) else []
@@ -160,7 +221,15 @@ def build_hook_run(
         if unknown:
             raise KeyError(unknown_hook_message(unknown[0], hook_names))
         explicit = list(names_filter)
-    return HookRun(fns, resolve_names(names_filter, hook_names), explicit, interrupt)
+    captured = resolve_names(names_filter, hook_names)
+    return HookRun(
+        fns,
+        captured,
+        explicit,
+        interrupt,
+        bwd_fns=bwd_fns,
+        capture_grad=captured if incl_bwd else (),
+    )
 
 
 def unknown_hook_message(name: str, hook_names: Sequence[str]) -> str:

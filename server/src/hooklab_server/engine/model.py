@@ -48,6 +48,17 @@ class KVCache:
         return 0 if first is None else first.keys.shape[1]
 
 
+def backward(objective: torch.Tensor) -> None:
+    """Backpropagate a scalar objective to the activations of its forward."""
+    if objective.numel() != 1:
+        raise ValueError(
+            f"a backward pass needs a scalar objective, got shape {list(objective.shape)} "
+            "(TransformerLens: return_type='loss', or reduce your metric to one value)"
+        )
+    with torch.enable_grad():
+        objective.reshape(()).backward()
+
+
 def lm_cross_entropy_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -110,8 +121,12 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         names_filter: NameOrPredicate | Sequence[str] | None = None,
         capture: bool = False,
         interrupt: Callable[[], None] | None = None,
+        bwd_hooks: FwdHooks = (),
+        incl_bwd: bool = False,
     ) -> HookRun:
-        return build_hook_run(self.hook_names, fwd_hooks, names_filter, capture, interrupt)
+        return build_hook_run(
+            self.hook_names, fwd_hooks, names_filter, capture, interrupt, bwd_hooks, incl_bwd
+        )
 
     # --- forward --------------------------------------------------------------------------
 
@@ -133,9 +148,12 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         interrupt: Callable[[], None] | None = None,
     ) -> Any:
         """TransformerLens's ``forward``; ``fwd_hooks`` apply to this call only. ``interrupt``
-        (not in TransformerLens) is called before every block: raising from it stops the call."""
+        (not in TransformerLens) is called before every block: raising from it stops the call.
+
+        Under inference mode, unless ``hooks`` asks for gradients: then the output carries an
+        autograd graph over the activations (the weights stay frozen), ready for ``backward``."""
         run = hooks if hooks is not None else self.hook_run(fwd_hooks, interrupt=interrupt)
-        with torch.inference_mode():
+        with torch.enable_grad() if run.gradients else torch.inference_mode():
             inputs = self._inputs(
                 input, prepend_bos, padding_side, start_at_layer, tokens, attention_mask,
                 past_kv_cache, run,
@@ -159,13 +177,25 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         device: str | torch.device | None = None,
         return_cache_object: bool = True,
         interrupt: Callable[[], None] | None = None,
+        incl_bwd: bool = False,
+        bwd_hooks: FwdHooks = (),
         **kwargs: Any,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Forward that also returns the activations named by ``names_filter`` (after any hook
         functions at those points ran), in firing order, as a dict (``return_cache_object`` is
-        accepted for TransformerLens compatibility; the client builds the ActivationCache)."""
-        run = self.hook_run(fwd_hooks, names_filter, capture=True, interrupt=interrupt)
+        accepted for TransformerLens compatibility; the client builds the ActivationCache).
+
+        ``incl_bwd``: as TransformerLens, the output (a scalar: ``return_type="loss"``) is
+        backpropagated and ``{name}_grad`` entries hold the gradients; ``bwd_hooks`` (not a
+        TransformerLens argument here, where hooks are per call) run during that backward."""
+        run = self.hook_run(
+            fwd_hooks, names_filter, capture=True, interrupt=interrupt, bwd_hooks=bwd_hooks,
+            incl_bwd=incl_bwd,
+        )  # fmt: skip
         out = self.forward(*args, hooks=run, **kwargs)
+        if run.gradients:
+            backward(out)
+            out = out.detach()
         cache = run.cache
         if remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}

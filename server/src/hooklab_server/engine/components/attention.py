@@ -262,8 +262,12 @@ class Attention(nn.Module):
         scores = hooks(self.names["attn_scores"], scores)  # [batch, n_heads, query, key]
         pattern = torch.softmax(scores, dim=-1)
         # A row with no allowed key is NaN: zero, as TransformerLens (in place on the fresh
-        # softmax; values elsewhere are in [0, 1], which nan_to_num leaves alone).
-        pattern = pattern.nan_to_num_(nan=0.0)
+        # softmax, unless autograd keeps it for the backward; values elsewhere are in [0, 1],
+        # which nan_to_num leaves alone).
+        if pattern.requires_grad:
+            pattern = pattern.nan_to_num(nan=0.0)
+        else:
+            pattern = pattern.nan_to_num_(nan=0.0)
         pattern = hooks(self.names["pattern"], pattern)  # [batch, n_heads, query, key]
         pattern = pattern.to(v.dtype).reshape(batch, kv_heads, group * query, key)
         z = torch.matmul(pattern, v.transpose(1, 2))  # [batch, kv_heads, group * query, d_head]

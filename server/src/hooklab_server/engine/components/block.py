@@ -33,7 +33,8 @@ class TransformerBlock(nn.Module):
         self, resid: torch.Tensor, hooks: HookRun
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The normalised q/k/v inputs. TransformerLens applies ln1 once per input, so hook
-        functions on ln1 run three times; without such functions one call serves all three.
+        functions (and gradient captures) on ln1 run three times; without them one call serves
+        all three.
 
         The per-head inputs (``hook_attn_in``, ``hook_q/k/v_input``) fire when their config
         flag is on or when they are asked for by exact name. Asked for, they switch this block
@@ -59,7 +60,9 @@ class TransformerBlock(nn.Module):
             if cfg.use_split_qkv_input or any(_edited(x, resid, n, hooks) for x, n in edits):
                 q_in, k_in, v_in = (self.ln1(x, hooks) for x in inputs)
                 return q_in, k_in, v_in
-        if self.ln1.scale_name in hooks.fns or self.ln1.normalized_name in hooks.fns:
+        if hooks.runs_per_call(self.ln1.scale_name) or hooks.runs_per_call(
+            self.ln1.normalized_name
+        ):
             return self.ln1(resid, hooks), self.ln1(resid, hooks), self.ln1(resid, hooks)
         x = self.ln1(resid, hooks)
         return x, x, x
