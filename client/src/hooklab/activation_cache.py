@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from hooklab_proto import GRAD_SUFFIX
+
 from ._norm import NORM_TYPES, apply_norm
 from .utils import Slice, SliceInput, as_slice, get_act_name
 
@@ -118,6 +120,21 @@ class ActivationCache:
         """Move every activation to ``device`` (in place); returns self."""
         self.cache_dict = {name: value.to(device) for name, value in self.cache_dict.items()}
         return self
+
+    def gradients(self) -> ActivationCache:
+        """The ``{name}_grad`` entries (``run_with_cache(..., incl_bwd=True)``) as a cache of
+        their own, keyed by the hook names, so every analysis method works on gradients
+        (hooklab's addition; in TransformerLens one builds it by hand from the backward hooks,
+        as its attribution-patching demo does)."""
+        suffix = GRAD_SUFFIX
+        grads = {
+            name.removesuffix(suffix): value
+            for name, value in self.cache_dict.items()
+            if name.endswith(suffix)
+        }
+        if not grads:
+            raise KeyError("this cache holds no gradients: run_with_cache(..., incl_bwd=True)")
+        return ActivationCache(grads, self.model, self.has_batch_dim)
 
     def toggle_autodiff(self, mode: bool = False) -> None:
         """``torch.set_grad_enabled(mode)`` — global state, as in TransformerLens."""

@@ -7,6 +7,10 @@ a graph; reading a value — ``.item()``, ``float()``, printing, an op outside t
 plain ``torch`` function — sends the forward with that graph and brings back only the value
 read. TransformerLens's ``patching`` loop (``metric(model.run_with_hooks(...)).item()``) then
 moves a number per patch instead of the full logits. Each value is fetched once.
+
+``.backward()`` on a recorded scalar sends the forward with that graph as the objective of a
+backward pass, which runs on the server with the call's backward hooks (TransformerLens's
+``metric(model(tokens)).backward()``); the scalar's value comes back with it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from torch.utils._pytree import tree_map
 
 from .tracing import Untraceable, graph_for, record_call, start_recording
 
-Fetch = Callable[[dict[str, Any] | None], torch.Tensor]
+# fetch(graph, backward): the value of ``graph`` (None: the logits); with ``backward``, the value
+# of the scalar ``graph`` after a backward pass from it.
+Fetch = Callable[[dict[str, Any] | None, bool], torch.Tensor]
 
 
 class _Pending:
@@ -35,11 +41,17 @@ class _Pending:
         found = self.values.get(id(meta))
         if found is None:
             if meta is self.stand_in:
-                found = self.fetch(None)
+                found = self.fetch(None, False)
             else:
-                found = self.fetch(graph_for(self.recording, meta))
+                found = self.fetch(graph_for(self.recording, meta), False)
             self.values[id(meta)] = found
         return found
+
+    def backward(self, meta: torch.Tensor) -> None:
+        if meta.numel() != 1:
+            raise RuntimeError("grad can be implicitly created only for scalar outputs")
+        value = self.fetch(graph_for(self.recording, meta), True)
+        self.values[id(meta)] = value.reshape(meta.shape).to(meta.dtype)
 
 
 class LazyLogits(torch.Tensor):
@@ -77,6 +89,8 @@ class LazyLogits(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            return _backward(*args, **kwargs)
         lazies = [value for value in _leaves((args, kwargs)) if isinstance(value, LazyLogits)]
         pending = lazies[0]._pending
         if all(lazy._pending is pending for lazy in lazies):
@@ -102,6 +116,21 @@ class LazyLogits(torch.Tensor):
         # Reached only below the torch API (no recorder saw it): compute on real values.
         real_args, real_kwargs = _materialized((args, kwargs or {}))
         return func(*real_args, **real_kwargs)
+
+
+def _backward(
+    tensor: LazyLogits,
+    gradient: Any = None,
+    retain_graph: Any = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """``Tensor.backward`` of a lazy scalar: the forward and backward run on the server."""
+    if gradient is not None or create_graph or inputs is not None:
+        raise NotImplementedError(
+            "a server-side backward starts from a scalar: call .backward() with no arguments"
+        )
+    tensor._pending.backward(tensor._meta)
 
 
 def _leaves(tree: Any) -> list[Any]:

@@ -10,7 +10,7 @@ tensor, so the same object works with TransformerLens's own patching functions::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -148,10 +148,33 @@ def loss(
     return metric
 
 
+def objective_wire(
+    metric: Metric | Callable[[torch.Tensor], torch.Tensor],
+    logits_shape: Sequence[int],
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """A backward pass's objective on the wire: a metric of this module as it is, a Python
+    metric of the logits traced (it then runs on the server, where the backward does; one that
+    cannot be traced cannot drive it, and raises TypeError saying why)."""
+    if isinstance(metric, Metric):
+        return metric.to_wire()
+    from .tracing import Untraceable, trace
+
+    try:
+        graph = trace(metric, "metric", logits_shape, dtype, metric=True).graph
+    except Untraceable as exc:
+        raise TypeError(
+            f"the metric {getattr(metric, '__name__', metric)!r} cannot be traced "
+            f"({exc.message} [{exc.reason}]), so it cannot start a backward pass on the server; "
+            "use a hooklab.metrics metric or plain tensor operations on the logits"
+        ) from None
+    return {"kind": "graph", "graph": graph}
+
+
 def _pos(pos: int | Sequence[int] | torch.Tensor) -> int | list[int]:
     if isinstance(pos, int):
         return pos
     return [int(p) for p in (pos.reshape(-1) if isinstance(pos, torch.Tensor) else pos)]
 
 
-__all__ = ["Metric", "logit", "logit_diff", "logprob", "loss", "prob"]
+__all__ = ["Metric", "logit", "logit_diff", "logprob", "loss", "objective_wire", "prob"]

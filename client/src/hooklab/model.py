@@ -14,7 +14,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from hooklab_proto import OUTPUT_LOGITS, OUTPUT_LOSS, OUTPUT_RESIDUAL, OUTPUT_VALUE
+from hooklab_proto import (
+    OUTPUT_LOGITS,
+    OUTPUT_LOSS,
+    OUTPUT_OBJECTIVE,
+    OUTPUT_RESIDUAL,
+    OUTPUT_VALUE,
+)
 
 from . import tokenizer as tokenization
 from ._transport import Transport
@@ -25,6 +31,7 @@ from .errors import ConnectionFailedError, NotFoundError, ServerError
 from .function_hooks import FunctionHooks, HookMode, ShapePlan, default_mode
 from .hooks import HookSpec
 from .lazy import LazyLogits
+from .metrics import Metric, objective_wire
 from .modules import Circuits, HookPoint, LazyStateDict, Module, Weights, build_tree
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
@@ -32,6 +39,9 @@ NameOrFilter = str | Callable[[str], bool]
 HookFunction = Callable[..., Any]  # TransformerLens's fn(activation, hook)
 FwdHook = tuple[NameOrFilter, HookSpec | HookFunction]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+# A backward pass's objective: a hooklab.metrics metric, or a Python metric of the logits.
+MetricLike = Metric | Callable[[torch.Tensor], torch.Tensor]
+Direction = Literal["fwd", "bwd"]
 
 
 # The hook points each of TransformerLens's use_* switches makes fire.
@@ -73,7 +83,10 @@ class HookedTransformer(Circuits):
         self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
         self._fires_by_default = dict(self._fires)  # set_use_attn_result & co. change _fires
         self._weights = Weights(self._fetch_weight)
+        # Hooks added with add_hook / hooks(): forward, backward, and which are permanent.
         self._hooks: list[FwdHook] = []
+        self._bwd_hooks: list[FwdHook] = []
+        self._permanent: set[int] = set()
         self.hook_mode: HookMode = default_mode()  # "auto" | "traced" | "callback"
         # How long the server waits for one callback's reply before it stops the forward.
         self.callback_timeout_s = 300.0
@@ -116,13 +129,15 @@ class HookedTransformer(Circuits):
     # --- requests -------------------------------------------------------------------------
 
     def _specs(
-        self, fwd_hooks: Sequence[FwdHook], plan: Callable[[], ShapePlan]
+        self, fwd_hooks: Sequence[FwdHook], plan: Callable[[], ShapePlan], dir: Direction = "fwd"
     ) -> list[dict[str, Any]]:
-        """The wire hook entries: specs as they are, functions traced (``plan`` gives the
-        activation shapes, worked out only when a function needs them)."""
+        """The wire hook entries of the added hooks of ``dir`` and then ``fwd_hooks``: specs as
+        they are, functions traced (``plan`` gives the activation shapes, worked out only when a
+        function needs them). A backward hook gets the gradient, shaped as its activation."""
         specs: list[dict[str, Any]] = []
         shapes: ShapePlan | None = None
-        for selector, hook in [*self._hooks, *fwd_hooks]:
+        added = self._hooks if dir == "fwd" else self._bwd_hooks
+        for selector, hook in [*added, *fwd_hooks]:
             hook = _check_hook(hook)
             if isinstance(selector, str):
                 names = [selector]
@@ -200,18 +215,46 @@ class HookedTransformer(Circuits):
 
     def _call(
         self, path: str, args: tuple[Any, ...], fwd_hooks: Sequence[FwdHook],
-        names: list[str] | None, **kwargs: Any,
+        names: list[str] | None, *, bwd_hooks: Sequence[FwdHook] = (),
+        metric: MetricLike | None = None, incl_bwd: bool = False, **kwargs: Any,
     ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         if len(args) != 1:
             raise TypeError(f"expected one positional argument (the input), got {len(args)}")
-        hooks = self._specs(fwd_hooks, lambda: self._shape_plan(args[0], **kwargs))
+        plan = _once(lambda: self._shape_plan(args[0], **kwargs))
+        hooks = self._specs(fwd_hooks, plan)
         body = self._body(args[0], hooks=hooks, **kwargs)
+        backward = incl_bwd or metric is not None
+        callbacks = hooks
+        if backward or bwd_hooks:  # the added backward hooks run only with a backward pass
+            callbacks = hooks + self._backward_fields(body, plan, bwd_hooks, metric, incl_bwd)
         if path != "/v1/forward":
             body["names"] = names
-        with self._running(hooks):
+        with self._running(callbacks):
             meta, tensors = self._transport.frames("POST", path, body)
         outputs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("output.")}
+        meta["objective"] = outputs.get(OUTPUT_OBJECTIVE)
         return _output(outputs, kwargs), tensors, meta
+
+    def _backward_fields(
+        self,
+        body: dict[str, Any],
+        plan: Callable[[], ShapePlan],
+        bwd_hooks: Sequence[FwdHook],
+        metric: MetricLike | None,
+        incl_bwd: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Adds a backward pass to a request body: its objective (None: the loss), backward
+        hooks and gradient captures. Returns the backward hook entries."""
+        entries = self._specs(bwd_hooks, plan, "bwd")
+        if entries:
+            body["bwd_hooks"] = entries
+        if metric is not None:
+            shapes = plan()
+            shape = (shapes.batch, shapes.pos, self.cfg.d_vocab_out)
+            body["objective"] = objective_wire(metric, shape, self.cfg.dtype)
+        if incl_bwd:
+            body["incl_bwd"] = True
+        return entries
 
     def forward(
         self,
@@ -225,7 +268,18 @@ class HookedTransformer(Circuits):
         attention_mask: torch.Tensor | None = None,
         stop_at_layer: int | None = None,
     ) -> Any:
-        """TransformerLens's ``forward``, run on the server under any hooks added here."""
+        """TransformerLens's ``forward``, run on the server under any hooks added here. With
+        backward hooks added (``add_hook(..., dir="bwd")``) the output comes back lazily, so
+        that ``.backward()`` on a scalar computed from it runs the backward on the server (the
+        pattern of TransformerLens's attribution-patching demo)."""
+        if self._bwd_hooks and return_type in ("logits", "loss") and stop_at_layer is None:
+            options = {
+                "return_type": return_type, "prepend_bos": prepend_bos,
+                "padding_side": padding_side, "attention_mask": attention_mask,
+            }  # fmt: skip
+            if start_at_layer is None and not loss_per_token:
+                given = {key: value for key, value in options.items() if value is not None}
+                return self._deferred(input, (), (), True, given)
         out, _, _ = self._call(
             "/v1/forward", (input,), (), None, return_type=return_type,
             loss_per_token=loss_per_token, prepend_bos=prepend_bos, padding_side=padding_side,
@@ -243,15 +297,24 @@ class HookedTransformer(Circuits):
         device: str | torch.device | None = None,
         remove_batch_dim: bool = False,
         return_cache_object: bool = True,
+        incl_bwd: bool = False,
         store: bool = False,
         fwd_hooks: Sequence[FwdHook] = (),
+        metric: MetricLike | None = None,
         **forward_kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
         """Forward plus activations. ``store=True`` also keeps the cache on the server: its id
-        is ``cache.cache_id`` (usable as a patch source)."""
+        is ``cache.cache_id`` (usable as a patch source).
+
+        ``incl_bwd=True``: the server also runs the backward pass, from the output as in
+        TransformerLens (``return_type="loss"``) or from ``metric`` (a ``hooklab.metrics``
+        metric or a traceable Python metric of the logits), with the backward hooks added by
+        ``add_hook(..., dir="bwd")``; the cache then holds ``{name}_grad`` for every name
+        cached (``cache.gradients()`` is them as a cache of their own)."""
         out, tensors, meta = self._call(
             "/v1/run_with_cache", model_args, fwd_hooks, self._resolve_names(names_filter),
-            remove_batch_dim=remove_batch_dim, store=store or None, **forward_kwargs,
+            remove_batch_dim=remove_batch_dim, store=store or None, incl_bwd=incl_bwd,
+            metric=metric, **forward_kwargs,
         )  # fmt: skip
         if device is not None:
             tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -262,16 +325,41 @@ class HookedTransformer(Circuits):
         return out, cache
 
     def run_with_hooks(
-        self, *model_args: Any, fwd_hooks: Sequence[FwdHook] = (), **forward_kwargs: Any
+        self,
+        *model_args: Any,
+        fwd_hooks: Sequence[FwdHook] = (),
+        bwd_hooks: Sequence[FwdHook] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        metric: MetricLike | None = None,
+        **forward_kwargs: Any,
     ) -> Any:
         """TransformerLens's ``run_with_hooks``. With Python hook functions, all traced, the
         logits come back lazily (``lazy_logits``): the forward runs when they are first read
         (its errors are raised then), and only what is read (e.g. a metric's value) is sent
-        back. With specs alone, or a callback among the hooks, it runs at once."""
+        back. With specs alone, or a callback among the hooks, it runs at once.
+
+        Backward hooks run on the server during a backward pass: with ``metric`` (hooklab's
+        argument) the call runs it at once, from that metric of the logits; without, the
+        output comes back lazily and ``.backward()`` on a scalar computed from it (e.g.
+        ``metric(logits).backward()``) runs the forward and backward there, with these
+        backward hooks (in TransformerLens they survive only with ``reset_hooks_end=False``;
+        here they belong to the call). ``reset_hooks_end`` and ``clear_contexts`` are accepted
+        for compatibility: hooks passed here apply to this call only."""
+        del reset_hooks_end
+        if clear_contexts:
+            self.clear_contexts()
+        if metric is not None:
+            out, _, _ = self._call(
+                "/v1/run_with_hooks", model_args, fwd_hooks, [], bwd_hooks=bwd_hooks,
+                metric=metric, **forward_kwargs,
+            )  # fmt: skip
+            return out
+        backward = bool(bwd_hooks or self._bwd_hooks)
         deferrable = (
-            self.lazy_logits
+            (self.lazy_logits or backward)
             and len(model_args) == 1
-            and forward_kwargs.get("return_type", "logits") == "logits"
+            and forward_kwargs.get("return_type", "logits") in ("logits", "loss")
             and forward_kwargs.get("stop_at_layer") is None
             and forward_kwargs.get("start_at_layer") is None
         )
@@ -280,31 +368,60 @@ class HookedTransformer(Circuits):
                 "/v1/run_with_hooks", model_args, fwd_hooks, [], **forward_kwargs
             )
             return out
-        plan: list[ShapePlan] = []
+        return self._deferred(model_args[0], fwd_hooks, bwd_hooks, backward, forward_kwargs)
 
-        def shape_plan() -> ShapePlan:
-            plan.append(self._shape_plan(model_args[0], **forward_kwargs))
-            return plan[0]
-
-        hooks = self._specs(fwd_hooks, shape_plan)
+    def _deferred(
+        self,
+        input: Any,
+        fwd_hooks: Sequence[FwdHook],
+        bwd_hooks: Sequence[FwdHook],
+        backward: bool,
+        forward_kwargs: dict[str, Any],
+    ) -> Any:
+        """A forward whose output stays on the server until read (LazyLogits); with
+        ``backward``, one whose ``.backward()`` runs there too."""
+        plan = _once(lambda: self._shape_plan(input, **forward_kwargs))
+        wants_loss = forward_kwargs.get("return_type", "logits") == "loss"
+        options = {**forward_kwargs, "return_type": "logits"}
+        hooks = self._specs(fwd_hooks, plan)
+        callbacks = any(entry.get("op") == "callback" for entry in hooks)
         traced = any(entry.get("op") == "graph" for entry in hooks)
-        if not traced or any(entry.get("op") == "callback" for entry in hooks):
-            body = self._body(model_args[0], hooks=hooks, **forward_kwargs)
+        if not backward and (wants_loss or not traced or callbacks):
+            # Nothing to gain from waiting: the forward runs now.
+            body = self._body(input, hooks=hooks, **forward_kwargs)
             body["names"] = []
             with self._running(hooks):
                 _, tensors = self._transport.frames("POST", "/v1/run_with_hooks", body)
-            return tensors[OUTPUT_LOGITS]
-        body = self._body(model_args[0], hooks=hooks, **forward_kwargs)
+            return tensors[OUTPUT_LOSS if wants_loss else OUTPUT_LOGITS]
+        body = self._body(input, hooks=hooks, **options)
         body["names"] = []
-        shapes = plan[0] if plan else shape_plan()
+        entries = self._specs(bwd_hooks, plan, "bwd") if backward else []
 
-        def fetch(graph: dict[str, Any] | None) -> torch.Tensor:
-            sent = body if graph is None else {**body, "logits_graph": graph}
-            _, tensors = self._transport.frames("POST", "/v1/run_with_hooks", sent, progress=False)
+        def fetch(graph: dict[str, Any] | None, with_backward: bool = False) -> torch.Tensor:
+            sent = dict(body)
+            if with_backward:
+                assert graph is not None
+                sent["objective"] = {"kind": "graph", "graph": graph}
+                if entries:
+                    sent["bwd_hooks"] = entries
+            elif graph is not None:
+                sent["logits_graph"] = graph
+            with self._running(hooks + entries):
+                _, tensors = self._transport.frames(
+                    "POST", "/v1/run_with_hooks", sent, progress=False
+                )
+            if with_backward:
+                return tensors[OUTPUT_OBJECTIVE]
             return tensors[OUTPUT_VALUE if graph is not None else OUTPUT_LOGITS]
 
+        shapes = plan()
         shape = (shapes.batch, shapes.pos, self.cfg.d_vocab_out)
-        return LazyLogits.of(fetch, shape, self.cfg.dtype)
+        logits = LazyLogits.of(fetch, shape, self.cfg.dtype)
+        if not wants_loss:
+            return logits
+        tokens = input if isinstance(input, torch.Tensor) else self.to_tokens(input)
+        tokens = tokens if tokens.dim() == 2 else tokens[None]
+        return self.loss_fn(logits, tokens, forward_kwargs.get("attention_mask"))
 
     # --- generation -----------------------------------------------------------------------
 
@@ -411,28 +528,78 @@ class HookedTransformer(Circuits):
     # --- hooks held client-side -----------------------------------------------------------
 
     def add_hook(
-        self, name: NameOrFilter, hook: HookSpec | HookFunction, dir: str = "fwd", **_: Any
+        self,
+        name: NameOrFilter,
+        hook: HookSpec | HookFunction,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
     ) -> None:
-        if dir != "fwd":
-            raise NotImplementedError("hooklab runs forward hooks only")
-        self._hooks.append((name, _check_hook(hook)))
+        """TransformerLens's ``add_hook``: the hook applies to every later call, until
+        ``reset_hooks`` (``is_permanent`` ones stay unless ``including_permanent``). A
+        ``dir="bwd"`` hook gets the gradient at its point during a backward pass and may return
+        a replacement (``level`` is accepted for compatibility)."""
+        del level
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', not {dir!r}")
+        entry = (name, _check_hook(hook))
+        hooks = self._hooks if dir == "fwd" else self._bwd_hooks
+        hooks.insert(0, entry) if prepend else hooks.append(entry)
+        if is_permanent:
+            self._permanent.add(id(entry))
 
-    def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
-        self._hooks.clear()
+    def add_perma_hook(
+        self, name: NameOrFilter, hook: HookSpec | HookFunction, dir: Direction = "fwd"
+    ) -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Remove the added hooks of ``direction`` (permanent ones only with
+        ``including_permanent``), and clear every hook point's ``ctx``."""
+        del level
+        for dir, hooks in (("fwd", self._hooks), ("bwd", self._bwd_hooks)):
+            if direction in (dir, "both"):
+                kept = [e for e in hooks if not including_permanent and id(e) in self._permanent]
+                hooks[:] = kept
+        if clear_contexts:
+            self.clear_contexts()
+
+    def clear_contexts(self) -> None:
+        for point in self.hook_dict.values():
+            point.clear_context()
 
     @contextmanager
     def hooks(
-        self, fwd_hooks: Sequence[FwdHook] = (), reset_hooks_end: bool = True
+        self,
+        fwd_hooks: Sequence[FwdHook] = (),
+        bwd_hooks: Sequence[FwdHook] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
     ) -> Iterator[HookedTransformer]:
-        """Apply ``fwd_hooks`` to every call inside the block (TransformerLens's ``hooks``)."""
-        added = [(name, _check_hook(hook)) for name, hook in fwd_hooks]
-        self._hooks.extend(added)
+        """Apply ``fwd_hooks`` and ``bwd_hooks`` to every call inside the block
+        (TransformerLens's ``hooks``)."""
+        added = [
+            (hooks, (name, _check_hook(hook)))
+            for hooks, given in ((self._hooks, fwd_hooks), (self._bwd_hooks, bwd_hooks))
+            for name, hook in given
+        ]
+        for hooks, entry in added:
+            hooks.append(entry)
         try:
             yield self
         finally:
             if reset_hooks_end:
-                for item in added:
-                    self._hooks.remove(item)
+                for hooks, entry in added:
+                    hooks.remove(entry)
+            if clear_contexts:
+                self.clear_contexts()
 
     # --- tokenizer ------------------------------------------------------------------------
     # Local: the server's tokenizer files are fetched once, then no helper makes a request.
@@ -613,6 +780,18 @@ class HookedTransformer(Circuits):
     def delete_stored(self, object_id: str) -> None:
         kind = "caches" if object_id.startswith("c_") else "tensors"
         self._transport.delete(f"/v1/{kind}/{object_id}")
+
+
+def _once(make: Callable[[], ShapePlan]) -> Callable[[], ShapePlan]:
+    """``make`` called on first need only, its result kept."""
+    made: list[ShapePlan] = []
+
+    def get() -> ShapePlan:
+        if not made:
+            made.append(make())
+        return made[0]
+
+    return get
 
 
 def _output(outputs: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> Any:

@@ -102,8 +102,10 @@ class _HookHost(Protocol):
     """What a hook point needs of its model."""
 
     _hooks: list[Any]
+    _bwd_hooks: list[Any]
 
-    def add_hook(self, name: str, hook: Any, dir: str = "fwd") -> None: ...
+    @property
+    def add_hook(self) -> Callable[..., None]: ...  # add_hook(name, hook, dir, **options)
 
 
 class HookPoint:
@@ -114,7 +116,7 @@ class HookPoint:
         self._model = model
         self.name = name
         self.ctx: dict[Any, Any] = {}
-        self._added: list[Any] = []  # the entries add_hook put in the model's hook list
+        self._added: set[int] = set()  # ids of the entries add_hook put in the model's lists
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -124,6 +126,12 @@ class HookPoint:
         if len(parts) < 2 or not parts[1].isdigit():
             raise ValueError(f"{self.name} is not inside a block, so it has no layer")
         return int(parts[1])
+
+    def _lists(self, dir: str) -> list[list[Any]]:
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', not {dir!r}")
+        model = self._model
+        return [model._hooks] * (dir != "bwd") + [model._bwd_hooks] * (dir != "fwd")
 
     def add_hook(
         self,
@@ -136,21 +144,17 @@ class HookPoint:
         """Add ``hook`` here, on the model (it applies to the model's later calls)."""
         options = {"is_permanent": is_permanent, "level": level, "prepend": prepend}
         chosen = {key: value for key, value in options.items() if value not in (False, None)}
-        before = {id(entry) for entry in self._model._hooks}
+        (hooks,) = self._lists(dir)
+        before = {id(entry) for entry in hooks}
         self._model.add_hook(self.name, hook, dir=dir, **chosen)
-        self._added.extend(entry for entry in self._model._hooks if id(entry) not in before)
+        self._added.update(id(entry) for entry in hooks if id(entry) not in before)
 
     def remove_hooks(
         self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None
     ) -> None:
-        """Remove the hooks added through this hook point (only those)."""
-        if dir not in ("fwd", "bwd", "both"):
-            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', not {dir!r}")
-        if dir == "bwd":
-            return  # hooklab runs forward hooks only, so there are none to remove
-        added = {id(entry) for entry in self._added}
-        self._model._hooks[:] = [entry for entry in self._model._hooks if id(entry) not in added]
-        self._added.clear()
+        """Remove the hooks added through this hook point (only those), of ``dir``."""
+        for hooks in self._lists(dir):
+            hooks[:] = [entry for entry in hooks if id(entry) not in self._added]
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r})"

@@ -10,6 +10,15 @@ and return shapes as ``transformer_lens.patching``; the server runs the patched 
 * ``clean_cache``: a stored cache id (``cache.cache_id`` after ``run_with_cache(..., store=True)``,
   the cheap path), or an ``ActivationCache`` / dict whose needed activations are uploaded once
   per call.
+
+Attribution patching (``get_attr_patch_*``, one per ``get_act_patch_*``, same arguments and
+shapes; or ``method="attribution"``) is the linear approximation of the same sweep: the server
+runs one forward and backward of the corrupted run (and the clean run, unless its activations
+are stored) and returns, per index row, the corrupted metric plus ``sum(grad * (clean -
+corrupted))`` over the slice that row would patch — the estimate of what activation patching
+returns there (the change alone is that minus the corrupted metric, which is 0 for a normalized
+metric). The metric must run on the server: a ``hooklab.metrics`` metric or a traceable Python
+function of the logits.
 """
 
 from __future__ import annotations
@@ -19,17 +28,18 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from hooklab_proto import PATCH_ACTIVATIONS
 
-from .metrics import Metric
+from .metrics import Metric, objective_wire
 from .tracing import Untraceable, trace
 
 Metricish = Callable[[torch.Tensor], torch.Tensor] | Metric
+Method = Literal["activation", "attribution"]
 AXES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
 # A sweep of declarative metrics is split into requests of at least this many rows (a progress
 # bar for long sweeps); callable metrics are split by the size of the logits they bring back.
@@ -133,10 +143,12 @@ def generic_activation_patch(
     *,
     progress: bool = True,
     patches_per_forward: int | None = None,
+    method: Method = "activation",
 ) -> Any:
     """TransformerLens's ``generic_activation_patch``: the metric of the corrupted run with one
     slice of the clean activation patched in, per index row. Shaped by the index axes, or flat
-    (one value per ``index_df`` row) when ``index_df`` is given."""
+    (one value per ``index_df`` row) when ``index_df`` is given. ``method="attribution"``: the
+    linear estimate of the same values from one forward and backward (module docstring)."""
     if getattr(patch_setter, "__name__", None) not in _SETTERS:
         raise TypeError(
             f"patch_setter {patch_setter!r} cannot run on the server; use one of "
@@ -167,7 +179,9 @@ def generic_activation_patch(
         body = {"corrupted": tokens, **clean.body, "activation": activation_name, "axes": axes}
         if patches_per_forward is not None:
             body["patches_per_forward"] = patches_per_forward
-        if isinstance(patching_metric, Metric):
+        if method == "attribution":
+            values = _attribution(model, body, rows, index_df is not None, tokens, patching_metric)
+        elif isinstance(patching_metric, Metric):
             values = _declarative(model, body, rows, patching_metric, progress)
         else:
             values = _callable(model, body, rows, tokens, patching_metric, progress)
@@ -187,6 +201,28 @@ def _ranges(model: Any, activation_name: str, axes: list[str], pos: int) -> list
     sizes = {"layer": cfg.n_layers, "pos": pos, "src_pos": pos, "dest_pos": pos}
     sizes |= {"head": heads, "head_index": heads}
     return [sizes[axis] for axis in axes]
+
+
+def _attribution(
+    model: Any,
+    body: dict[str, Any],
+    rows: list[tuple[int, ...]],
+    explicit: bool,
+    tokens: torch.Tensor,
+    metric: Metricish,
+) -> torch.Tensor:
+    """One request answers every row: the backward is shared, rows only pick slices."""
+    shape = (*tokens.shape, model.cfg.d_vocab_out)
+    request = {
+        **body,
+        "method": "attribution",
+        "metric": objective_wire(metric, shape, model.cfg.dtype),
+    }
+    if explicit:
+        request["index"] = [list(row) for row in rows]
+    _, tensors = model._transport.frames("POST", "/v1/patching", request, progress=False)
+    values: torch.Tensor = tensors["patching.metric"]
+    return values
 
 
 def _chunks(rows: list[tuple[int, ...]], size: int) -> list[list[tuple[int, ...]]]:
@@ -377,47 +413,107 @@ def _pad_heads(results: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Metricish
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    metric: Metricish,
+    *,
+    method: Method = "activation",
 ) -> torch.Tensor:
     """Every head (all positions) for out, q, k, v, pattern: ``[5, n_layers, n_heads]``."""
     args = (model, corrupted_tokens, clean_cache, metric)
-    out = get_act_patch_attn_head_out_all_pos(*args)
-    q = get_act_patch_attn_head_q_all_pos(*args)
-    k = _pad_heads(get_act_patch_attn_head_k_all_pos(*args), q.shape[-1])
-    v = _pad_heads(get_act_patch_attn_head_v_all_pos(*args), q.shape[-1])
-    pattern = get_act_patch_attn_head_pattern_all_pos(*args)
+    out = get_act_patch_attn_head_out_all_pos(*args, method=method)
+    q = get_act_patch_attn_head_q_all_pos(*args, method=method)
+    k = _pad_heads(get_act_patch_attn_head_k_all_pos(*args, method=method), q.shape[-1])
+    v = _pad_heads(get_act_patch_attn_head_v_all_pos(*args, method=method), q.shape[-1])
+    pattern = get_act_patch_attn_head_pattern_all_pos(*args, method=method)
     return torch.stack([out, q, k, v, pattern])
 
 
 def get_act_patch_attn_head_by_pos_every(
-    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Metricish
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    metric: Metricish,
+    *,
+    method: Method = "activation",
 ) -> torch.Tensor:
     """Every head by position for out, q, k, v, pattern: ``[5, n_layers, pos, n_heads]``."""
     args = (model, corrupted_tokens, clean_cache, metric)
-    out = get_act_patch_attn_head_out_by_pos(*args)
-    q = get_act_patch_attn_head_q_by_pos(*args)
-    k = _pad_heads(get_act_patch_attn_head_k_by_pos(*args), q.shape[-1])
-    v = _pad_heads(get_act_patch_attn_head_v_by_pos(*args), q.shape[-1])
-    pattern = get_act_patch_attn_head_pattern_by_pos(*args).transpose(1, 2)  # [L, pos, head]
+    out = get_act_patch_attn_head_out_by_pos(*args, method=method)
+    q = get_act_patch_attn_head_q_by_pos(*args, method=method)
+    k = _pad_heads(get_act_patch_attn_head_k_by_pos(*args, method=method), q.shape[-1])
+    v = _pad_heads(get_act_patch_attn_head_v_by_pos(*args, method=method), q.shape[-1])
+    pattern = get_act_patch_attn_head_pattern_by_pos(*args, method=method)
+    pattern = pattern.transpose(1, 2)  # [L, pos, head]
     return torch.stack([out, q, k, v, pattern])
 
 
 def get_act_patch_block_every(
-    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Metricish
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    metric: Metricish,
+    *,
+    method: Method = "activation",
 ) -> torch.Tensor:
     """resid_pre, attn_out and mlp_out by position: ``[3, n_layers, pos]``."""
     args = (model, corrupted_tokens, clean_cache, metric)
     return torch.stack(
         [
-            get_act_patch_resid_pre(*args),
-            get_act_patch_attn_out(*args),
-            get_act_patch_mlp_out(*args),
+            get_act_patch_resid_pre(*args, method=method),
+            get_act_patch_attn_out(*args, method=method),
+            get_act_patch_mlp_out(*args, method=method),
         ]
     )
 
 
+# --- attribution patching: the same functions, estimated from one backward ----------------------
+
+generic_attribution_patch = partial(generic_activation_patch, method="attribution")
+get_attr_patch_resid_pre = partial(get_act_patch_resid_pre, method="attribution")
+get_attr_patch_resid_mid = partial(get_act_patch_resid_mid, method="attribution")
+get_attr_patch_attn_out = partial(get_act_patch_attn_out, method="attribution")
+get_attr_patch_mlp_out = partial(get_act_patch_mlp_out, method="attribution")
+get_attr_patch_attn_head_out_by_pos = partial(
+    get_act_patch_attn_head_out_by_pos, method="attribution"
+)
+get_attr_patch_attn_head_q_by_pos = partial(get_act_patch_attn_head_q_by_pos, method="attribution")
+get_attr_patch_attn_head_k_by_pos = partial(get_act_patch_attn_head_k_by_pos, method="attribution")
+get_attr_patch_attn_head_v_by_pos = partial(get_act_patch_attn_head_v_by_pos, method="attribution")
+get_attr_patch_attn_head_out_all_pos = partial(
+    get_act_patch_attn_head_out_all_pos, method="attribution"
+)
+get_attr_patch_attn_head_q_all_pos = partial(
+    get_act_patch_attn_head_q_all_pos, method="attribution"
+)
+get_attr_patch_attn_head_k_all_pos = partial(
+    get_act_patch_attn_head_k_all_pos, method="attribution"
+)
+get_attr_patch_attn_head_v_all_pos = partial(
+    get_act_patch_attn_head_v_all_pos, method="attribution"
+)
+get_attr_patch_attn_head_pattern_by_pos = partial(
+    get_act_patch_attn_head_pattern_by_pos, method="attribution"
+)
+get_attr_patch_attn_head_pattern_dest_src_pos = partial(
+    get_act_patch_attn_head_pattern_dest_src_pos, method="attribution"
+)
+get_attr_patch_attn_head_pattern_all_pos = partial(
+    get_act_patch_attn_head_pattern_all_pos, method="attribution"
+)
+get_attr_patch_attn_head_all_pos_every = partial(
+    get_act_patch_attn_head_all_pos_every, method="attribution"
+)
+get_attr_patch_attn_head_by_pos_every = partial(
+    get_act_patch_attn_head_by_pos_every, method="attribution"
+)
+get_attr_patch_block_every = partial(get_act_patch_block_every, method="attribution")
+
+
 __all__ = [
     "generic_activation_patch",
+    "generic_attribution_patch",
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
     "get_act_patch_attn_head_k_all_pos",
@@ -435,6 +531,23 @@ __all__ = [
     "get_act_patch_mlp_out",
     "get_act_patch_resid_mid",
     "get_act_patch_resid_pre",
+    "get_attr_patch_attn_head_all_pos_every",
+    "get_attr_patch_attn_head_by_pos_every",
+    "get_attr_patch_attn_head_k_all_pos",
+    "get_attr_patch_attn_head_k_by_pos",
+    "get_attr_patch_attn_head_out_all_pos",
+    "get_attr_patch_attn_head_out_by_pos",
+    "get_attr_patch_attn_head_pattern_all_pos",
+    "get_attr_patch_attn_head_pattern_by_pos",
+    "get_attr_patch_attn_head_pattern_dest_src_pos",
+    "get_attr_patch_attn_head_q_all_pos",
+    "get_attr_patch_attn_head_q_by_pos",
+    "get_attr_patch_attn_head_v_all_pos",
+    "get_attr_patch_attn_head_v_by_pos",
+    "get_attr_patch_block_every",
+    "get_attr_patch_mlp_out",
+    "get_attr_patch_resid_mid",
+    "get_attr_patch_resid_pre",
     "layer_head_dest_src_pos_pattern_patch_setter",
     "layer_head_pattern_patch_setter",
     "layer_head_pos_pattern_patch_setter",

@@ -7,10 +7,12 @@ JSON (``tensor_to_json`` / ``tensor_from_json``). The normative description is p
 
 from ._api import (
     FRAMES_MEDIA_TYPE,
+    GRAD_SUFFIX,
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
     OUTPUT_LOGITS,
     OUTPUT_LOSS,
+    OUTPUT_OBJECTIVE,
     OUTPUT_RESIDUAL,
     OUTPUT_VALUE,
     Capabilities,
@@ -62,13 +64,13 @@ from ._graph import (
 )
 from ._json import tensor_from_json, tensor_to_json
 from ._limits import TOO_LARGE_ERROR, limits_context
+from ._metrics import PatchMetric
 from ._opset import GRAPH_VERSION, OPS, OPSET, Kind, Op, Param
 from ._patching import (
     PATCH_ACTIVATIONS,
     PATCHING_LOGITS,
     PATCHING_METRIC,
     PatchingRequest,
-    PatchMetric,
 )
 from ._specs import (
     REPLACING_OPS,
@@ -107,6 +109,7 @@ __all__ = [
     "EVENT_TOKEN",
     "FORMAT_VERSION",
     "FRAMES_MEDIA_TYPE",
+    "GRAD_SUFFIX",
     "GRAPH_VERSION",
     "JSON_MEDIA_TYPE",
     "MSGPACK_MEDIA_TYPE",
@@ -114,6 +117,7 @@ __all__ = [
     "OPSET",
     "OUTPUT_LOGITS",
     "OUTPUT_LOSS",
+    "OUTPUT_OBJECTIVE",
     "OUTPUT_RESIDUAL",
     "OUTPUT_VALUE",
     "PATCHING_LOGITS",

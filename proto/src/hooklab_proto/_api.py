@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from ._base import Body
 from ._graph import Graph
 from ._limits import bounded_ids, bounded_length
+from ._metrics import PatchMetric
 from ._specs import HookSpec
 from ._tensor_values import InlineTensor, TensorValue
 
@@ -22,6 +23,8 @@ OUTPUT_LOGITS = "output.logits"
 OUTPUT_LOSS = "output.loss"
 OUTPUT_VALUE = "output.value"  # a logits_graph's result
 OUTPUT_RESIDUAL = "output.residual"
+OUTPUT_OBJECTIVE = "output.objective"  # the scalar a backward pass started from
+GRAD_SUFFIX = "_grad"  # a gradient's name: its hook point's plus this (TransformerLens's keys)
 
 TokenInput = Annotated[
     str | list[str] | list[int] | list[list[int]] | TensorValue, bounded_ids("max_tokens")
@@ -104,7 +107,25 @@ class ForwardRequest(Body):
         description="a traced function of the logits (e.g. the client's metric): its value comes "
         "back as output.value instead of the logits (return_type 'logits' only)",
     )
+    objective: PatchMetric | None = Field(
+        None,
+        description="the scalar a backward pass starts from (gradients on activations only), "
+        "one of the metric kinds except 'logits'; null with incl_bwd or bwd_hooks: the loss "
+        "(return_type 'loss', as TransformerLens's out.backward()). Its value comes back as "
+        "output.objective",
+    )
+    bwd_hooks: HookSpecs = Field(
+        default_factory=list,
+        description="hook specs run on the gradient at their hook point during the backward "
+        "pass (e.g. scale or zero it); what they return flows upstream",
+    )
     timeout_s: Timeout = None
+
+    @property
+    def wants_gradients(self) -> bool:
+        """A backward pass runs: an objective, backward hooks, or (a cache's) incl_bwd."""
+        incl_bwd = bool(getattr(self, "incl_bwd", False))
+        return self.objective is not None or bool(self.bwd_hooks) or incl_bwd
 
 
 class RunWithCacheRequest(ForwardRequest):
@@ -116,6 +137,11 @@ class RunWithCacheRequest(ForwardRequest):
     remove_batch_dim: bool = False
     store: bool = Field(False, description="keep the cache on the server and return its id")
     return_cache: bool = Field(True, description="send the activations back")
+    incl_bwd: bool = Field(
+        False,
+        description="also backpropagate (from 'objective', or the loss) and return "
+        "'{name}_grad' for every name cached",
+    )
 
 
 class RunWithHooksRequest(RunWithCacheRequest):

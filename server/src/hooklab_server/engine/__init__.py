@@ -12,7 +12,14 @@ from .config import HookedConfig
 from .decode_pool import DecodePool, PoolFull, RowGroup
 from .hook_points import HookPoint, HookRun
 from .loading import from_hf, load_hf, load_model, load_model_no_processing
-from .model import HookedTransformer, KVCache, Output, backward, lm_cross_entropy_loss
+from .model import (
+    HookedTransformer,
+    KVCache,
+    Output,
+    autograd_on,
+    backward,
+    lm_cross_entropy_loss,
+)
 
 __all__ = [
     "DecodePool",
@@ -25,6 +32,7 @@ __all__ = [
     "PoolFull",
     "RowGroup",
     "act_names",
+    "autograd_on",
     "backward",
     "from_hf",
     "hook_names",

@@ -6,7 +6,8 @@ each call, so one instance serves concurrent requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
@@ -48,6 +49,13 @@ class KVCache:
         return 0 if first is None else first.keys.shape[1]
 
 
+@contextmanager
+def autograd_on() -> Iterator[None]:
+    """Autograd recording, even inside inference mode (where the server runs every unit)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def backward(objective: torch.Tensor) -> None:
     """Backpropagate a scalar objective to the activations of its forward."""
     if objective.numel() != 1:
@@ -55,8 +63,16 @@ def backward(objective: torch.Tensor) -> None:
             f"a backward pass needs a scalar objective, got shape {list(objective.shape)} "
             "(TransformerLens: return_type='loss', or reduce your metric to one value)"
         )
-    with torch.enable_grad():
+    with autograd_on():
         objective.reshape(()).backward()
+
+
+def _recordable(value: Any) -> Any:
+    """A tensor autograd may save: inference tensors (made under inference mode, such as a
+    request's token ids) are copied."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return value.clone()
+    return value
 
 
 def lm_cross_entropy_loss(
@@ -153,7 +169,12 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         Under inference mode, unless ``hooks`` asks for gradients: then the output carries an
         autograd graph over the activations (the weights stay frozen), ready for ``backward``."""
         run = hooks if hooks is not None else self.hook_run(fwd_hooks, interrupt=interrupt)
-        with torch.enable_grad() if run.gradients else torch.inference_mode():
+        if run.gradients:
+            with autograd_on():
+                input, tokens, attention_mask = (
+                    _recordable(value) for value in (input, tokens, attention_mask)
+                )
+        with autograd_on() if run.gradients else torch.inference_mode():
             inputs = self._inputs(
                 input, prepend_bos, padding_side, start_at_layer, tokens, attention_mask,
                 past_kv_cache, run,

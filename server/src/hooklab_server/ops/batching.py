@@ -31,9 +31,9 @@ from .run import ForwardWork, TensorsResult, finish_forward
 
 def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
     """Works with equal keys may share a forward; None: this one runs alone (it starts from a
-    residual)."""
+    residual, or runs a backward pass: a batch-reduced objective would mix rows' gradients)."""
     request = work.request
-    if request.start_at_layer is not None or work.tokens is None:
+    if request.start_at_layer is not None or work.tokens is None or work.backward is not None:
         return None
     named = {name for name, _ in work.hooks} | set(work.names)
     conditional = frozenset(n for n in named if not fires_by_default(n, ctx.model.cfg))

@@ -28,6 +28,7 @@ class Cost:
     forwards: int
     peak_bytes: int  # activations, working set, logits and response, at the peak
     response_bytes: int  # as sent: frames, or JSON text
+    backward_bytes: int = 0  # of the peak: what a backward pass keeps (0: no backward)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +48,19 @@ def working_bytes(model: HookedTransformer, batch: int, pos: int) -> int:
     width = max(cfg.d_mlp, 3 * cfg.d_model)
     elements = 2 * batch * pos * width + 2 * batch * cfg.n_heads * pos * pos
     return elements * cfg.dtype.itemsize
+
+
+def backward_bytes(model: HookedTransformer, batch: int, pos: int) -> int:
+    """What a forward keeps for its backward pass, and the gradients at the peak: per layer and
+    token the residual-width tensors (norm inputs and outputs, attention and MLP outputs, the
+    residual at each point), q/k/v/z, the MLP's hidden activations and the attention scores and
+    pattern; then the logits with their softmax and gradient."""
+    cfg = model.cfg
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    per_token = 12 * cfg.d_model + 4 * cfg.n_heads * cfg.d_head + 3 * d_mlp
+    per_token += 3 * cfg.n_heads * pos
+    logits = 3 * batch * pos * cfg.d_vocab_out
+    return (cfg.n_layers * batch * pos * per_token + logits) * cfg.dtype.itemsize * 2
 
 
 def response_size(elements: int, itemsize: int, wants_json: bool) -> tuple[int, int]:

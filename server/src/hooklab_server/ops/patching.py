@@ -24,21 +24,21 @@ from hooklab_proto import (
     PATCHING_LOGITS,
     PATCHING_METRIC,
     ErrorCode,
-    Graph,
     PatchingRequest,
     PatchMetric,
 )
-from hooklab_server.engine import HookedTransformer, HookPoint, lm_cross_entropy_loss
+from hooklab_server.engine import HookedTransformer, HookPoint
 from hooklab_server.engine.catalogue import act_names, axis_sizes, hook_shape
 from hooklab_server.engine.hook_points import NO_HOOKS
 
 from ..auth import Account
+from .attribution import attribution_steps
 from .cancel import CancelToken
 from .context import OpsContext
-from .cost import Cost, check_response, response_size, with_slack
+from .cost import Cost, backward_bytes, check_response, response_size, with_slack
 from .errors import QuotaExceeded, RequestError, too_large
-from .graphs import CompiledGraph, compile_graph
 from .inputs import TokenBatch, token_batch
+from .metrics import Metric
 from .run import TensorsResult
 
 Index = tuple[int | slice, ...]
@@ -126,97 +126,6 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows
     return _Plan(template, request.activation, axes, ranges, rows, [len(rows)], axis_of)
 
 
-class _Metric:
-    """A declarative metric over logits at a few positions, vectorised over patched copies."""
-
-    def __init__(self, spec: PatchMetric, tokens: torch.Tensor, d_vocab: int) -> None:
-        self.spec = spec
-        self.tokens = tokens
-        self.graph: CompiledGraph | None = None
-        self.filler: torch.Tensor | None = None  # kind graph: logits where it reads none
-        batch, pos = tokens.shape
-        if spec.kind == "loss":
-            self.positions = list(range(pos))
-            return
-        if spec.kind in ("logits", "graph"):
-            wanted = spec.positions if spec.positions is not None else list(range(pos))
-            self.positions = sorted({_position(p, pos) for p in wanted})
-            return
-        read = [_position(p, pos) for p in _per_row(spec.pos, batch, "pos")]
-        self.positions = sorted(set(read))
-        self.rows = torch.arange(batch)
-        self.slot = torch.tensor([self.positions.index(p) for p in read])
-        self.answer = _token_ids(spec.answer, batch, d_vocab, "answer")
-        self.wrong = None
-        if spec.wrong is not None:
-            self.wrong = _token_ids(spec.wrong, batch, d_vocab, "wrong")
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """[copies, batch, positions, d_vocab] -> [copies]."""
-        spec, logits = self.spec, logits.float()
-        if self.graph is not None:
-            return torch.stack([self._traced(copy) for copy in logits])
-        if spec.kind == "loss":
-            tokens = self.tokens.to(logits.device)
-            return torch.stack([lm_cross_entropy_loss(copy, tokens) for copy in logits])
-        at = logits[:, self.rows, self.slot]  # [copies, batch, d_vocab]
-        if spec.kind == "prob":
-            at = at.softmax(-1)
-        elif spec.kind == "logprob":
-            at = at.log_softmax(-1)
-        value = at[:, self.rows, self.answer]
-        if spec.kind == "logit_diff":
-            value = value - at[:, self.rows, self.wrong]
-        return value.mean(-1) if spec.reduce == "mean" else value.sum(-1)
-
-    def _traced(self, logits: torch.Tensor) -> torch.Tensor:
-        """The client's metric on one patched run's logits."""
-        assert self.graph is not None and self.filler is not None
-        full = self.filler.clone()
-        full[:, self.positions] = logits.to(full.dtype)
-        value = self.graph.run(full)
-        assert value is not None
-        return value.reshape(()).float()
-
-    def compile(self, ctx: OpsContext, graph: Graph, batch: int, pos: int) -> None:
-        cfg = ctx.model.cfg
-        shape = (batch, pos, cfg.d_vocab_out)
-        self.graph, _ = compile_graph(ctx, graph, "metric.graph", shape, cfg.dtype, True)
-        out = self.graph.run(torch.zeros(shape, dtype=cfg.dtype, device="meta"))
-        if out is None or out.numel() != 1:
-            raise RequestError(
-                ErrorCode.BAD_SHAPE,
-                "metric.graph must give one value per patched run, like TransformerLens's "
-                f"patching_metric (it gives {0 if out is None else out.numel()})",
-                "reduce it, e.g. with .mean()",
-            )
-
-
-def _position(value: int, pos: int) -> int:
-    if not -pos <= value < pos:
-        raise RequestError(ErrorCode.BAD_INDEX, f"position {value} is outside 0..{pos - 1}")
-    return value % pos
-
-
-def _per_row(value: int | list[int], batch: int, what: str) -> list[int]:
-    values = [value] * batch if isinstance(value, int) else list(value)
-    if len(values) != batch:
-        raise RequestError(
-            ErrorCode.BAD_SHAPE, f"metric {what} has {len(values)} values for a batch of {batch}"
-        )
-    return values
-
-
-def _token_ids(value: int | list[int] | None, batch: int, d_vocab: int, what: str) -> torch.Tensor:
-    ids = _per_row(value if value is not None else 0, batch, what)
-    bad = [i for i in ids if not 0 <= i < d_vocab]
-    if bad:
-        raise RequestError(
-            ErrorCode.BAD_INDEX, f"metric {what} token {bad[0]} is outside 0..{d_vocab - 1}"
-        )
-    return torch.tensor(ids)
-
-
 @dataclass
 class PatchingWork:
     """A validated sweep: inputs resolved, plan and chunking fixed, cost known."""
@@ -226,7 +135,7 @@ class PatchingWork:
     clean_activations: dict[int, torch.Tensor]  # layer -> clean activation
     clean_start: torch.Tensor | None  # clean blocks.0.hook_resid_pre, for normalize baselines
     plan: _Plan
-    metric: _Metric
+    metric: Metric
     layers: list[int]
     per_forward: int
     request: PatchingRequest
@@ -241,7 +150,7 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     corrupted = token_batch(ctx, request.corrupted, "corrupted", request.prepend_bos, None)
     batch, pos = corrupted.batch, corrupted.pos
     plan = _plan(model, request, pos, settings.max_patching_rows)
-    metric = _Metric(request.metric, corrupted.tokens, cfg.d_vocab_out)
+    metric = Metric(request.metric, corrupted.tokens, cfg.d_vocab_out)
     if request.metric.graph is not None:
         metric.compile(ctx, request.metric.graph, *corrupted.tokens.shape)
     layers = sorted({row[0] for row in plan.rows})
@@ -271,12 +180,24 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
             "or pass baselines=[clean_value, corrupted_value]",
         )
 
-    per_copy = _bytes_per_copy(model, metric, batch, pos)
-    budget = max(1, settings.patching_budget_bytes // per_copy)
-    per_forward = min(request.patches_per_forward or budget, budget)
-    per_forward = max(1, min(per_forward, settings.max_tokens // max(1, batch * pos)))
-    by_layer = [sum(1 for row in plan.rows if row[0] == layer) for layer in layers]
-    patched_forwards = sum(math.ceil(count / per_forward) for count in by_layer)
+    if request.method == "attribution":
+        if request.metric.kind == "logits":
+            raise RequestError(
+                ErrorCode.VALIDATION,
+                "attribution patching differentiates the metric: kind 'logits' is not one",
+                "use a metric (logit_diff, logit, prob, logprob, loss) or a traced graph",
+            )
+        # One forward and backward: no patched forwards, the backward's memory instead.
+        per_forward, patched_forwards = 1, 0
+        working = backward_bytes(model, batch, pos)
+    else:
+        per_copy = _bytes_per_copy(model, metric, batch, pos)
+        budget = max(1, settings.patching_budget_bytes // per_copy)
+        per_forward = min(request.patches_per_forward or budget, budget)
+        per_forward = max(1, min(per_forward, settings.max_tokens // max(1, batch * pos)))
+        by_layer = [sum(1 for row in plan.rows if row[0] == layer) for layer in layers]
+        patched_forwards = sum(math.ceil(count / per_forward) for count in by_layer)
+        working = per_forward * per_copy
     forwards = 1 + patched_forwards + (clean_tokens is not None)
     forwards += (
         request.metric.normalize and clean_tokens is None and request.metric.baselines is None
@@ -302,16 +223,18 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
         returned = len(plan.rows)
     sent, building = response_size(returned, 4, wants_json)
     check_response(sent, wants_json, settings)
-    tokens = (forwards - patched_forwards) * batch * pos + len(plan.rows) * batch * pos
-    peak = per_forward * per_copy + building
+    patched_rows = len(plan.rows) if patched_forwards else 0
+    tokens = (forwards - patched_forwards + patched_rows) * batch * pos
+    peak = working + building
+    behind = with_slack(working) if request.method == "attribution" else 0
     return PatchingWork(
         corrupted, clean_tokens, clean_activations, clean_start, plan, metric, layers,
-        per_forward, request, Cost(tokens, forwards, with_slack(peak), sent), ctx.caller,
-        wants_json,
+        per_forward, request, Cost(tokens, forwards, with_slack(peak), sent, behind),
+        ctx.caller, wants_json,
     )  # fmt: skip
 
 
-def _bytes_per_copy(model: HookedTransformer, metric: _Metric, batch: int, pos: int) -> int:
+def _bytes_per_copy(model: HookedTransformer, metric: Metric, batch: int, pos: int) -> int:
     """Activation memory of one patched copy: the widest transients of one block per token,
     plus the logits kept per copy."""
     cfg = model.cfg
@@ -367,6 +290,11 @@ def patching_steps(
 ) -> Generator[None, None, TensorsResult]:
     """The sweep one forward at a time: it yields after each, so a scheduler can serve other
     work in between; its return value is the result."""
+    if work.request.method == "attribution":
+        estimate, fields, base_logits, source_logits = yield from attribution_steps(
+            ctx, work, token
+        )
+        return _metric_result(ctx, work, estimate, fields, base_logits, source_logits, token)
     model, request, plan, metric = ctx.model, work.request, work.plan, work.metric
     tokens, mask = work.corrupted.tokens, work.corrupted.mask
 
@@ -420,25 +348,37 @@ def patching_steps(
     if request.metric.kind == "logits":
         meta["positions"] = metric.positions
         return TensorsResult({PATCHING_LOGITS: stacked}, meta)
-    if request.metric.normalize:
-        if clean_logits is None and request.metric.baselines is None:
+    return _metric_result(ctx, work, stacked, meta, corrupted_logits, clean_logits, token)
+
+
+def _metric_result(
+    ctx: OpsContext,
+    work: PatchingWork,
+    values: torch.Tensor,
+    meta: dict[str, Any],
+    corrupted_logits: torch.Tensor,
+    clean_logits: torch.Tensor | None,
+    token: CancelToken,
+) -> TensorsResult:
+    """The metric per row, normalized when asked (measuring the baselines if needed)."""
+    spec = work.request.metric
+    if spec.normalize:
+        if clean_logits is None and spec.baselines is None:
             assert work.clean_start is not None  # validated
-            clean_logits = model.forward(
-                work.clean_start, start_at_layer=0, attention_mask=mask, interrupt=between_layers
-            )
-            forwards += 1
-            meta["forwards"] = forwards
-        clean_value, corrupted_value = _baselines(
-            request.metric, metric, clean_logits, corrupted_logits
-        )
+            clean_logits = ctx.model.forward(
+                work.clean_start, start_at_layer=0, attention_mask=work.corrupted.mask,
+                interrupt=token.check,
+            )  # fmt: skip
+            meta["forwards"] += 1
+        clean_value, corrupted_value = _baselines(spec, work.metric, clean_logits, corrupted_logits)
         meta["baselines"] = [clean_value, corrupted_value]
-        stacked = (stacked - corrupted_value) / (clean_value - corrupted_value)
-    return TensorsResult({PATCHING_METRIC: stacked.float().cpu()}, meta)
+        values = (values - corrupted_value) / (clean_value - corrupted_value)
+    return TensorsResult({PATCHING_METRIC: values.float().cpu()}, meta)
 
 
 def _baselines(
     spec: PatchMetric,
-    metric: _Metric,
+    metric: Metric,
     clean_logits: torch.Tensor | None,
     corrupted_logits: torch.Tensor,
 ) -> tuple[float, float]:

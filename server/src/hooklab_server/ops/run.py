@@ -15,6 +15,7 @@ import torch
 from hooklab_proto import (
     OUTPUT_LOGITS,
     OUTPUT_LOSS,
+    OUTPUT_OBJECTIVE,
     OUTPUT_RESIDUAL,
     OUTPUT_VALUE,
     ErrorCode,
@@ -31,12 +32,14 @@ from .context import OpsContext
 from .cost import (
     Cost,
     activation_elements,
+    backward_bytes,
     check_response,
     response_size,
     with_slack,
     working_bytes,
 )
 from .errors import RequestError
+from .gradients import Backward, forward_backward, validate_backward
 from .graphs import CompiledGraph, compile_graph
 from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
 from .specs import HookFn, compile_specs, resolve_hook_names
@@ -65,6 +68,7 @@ class ForwardWork:
     caller: Account  # owns the cache, when one is stored
     wants_json: bool  # the response's form (its size limits differ)
     logits_graph: CompiledGraph | None = None  # returned instead of the logits when given
+    backward: Backward | None = None  # a backward pass after the forward (gradients)
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -159,9 +163,13 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
             )
     hooks = compile_specs(ctx, request.hooks, size, length)
     logits_graph = _logits_graph(ctx, request, size, length)
+    backward = validate_backward(ctx, request, tokens, size, length)
+    grads = backward is not None and backward.incl_bwd
 
-    # Cost: captures and logits are held until sent; the working set of one block on top.
-    returned = activation_elements(model, names, size, length)
+    # Cost: captures and logits are held until sent; the working set of one block on top (a
+    # backward pass: every layer's saved activations and their gradients instead).
+    captured = activation_elements(model, names, size, length) * (2 if grads else 1)
+    returned = captured
     if isinstance(request, RunWithCacheRequest) and not request.return_cache:
         returned = 0
     if request.stop_at_layer is not None:
@@ -170,12 +178,13 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
         returned += size * length * cfg.d_vocab_out
     sent, building = response_size(returned, cfg.dtype.itemsize, wants_json)
     check_response(sent, wants_json, ctx.settings)
-    captured = activation_elements(model, names, size, length) * cfg.dtype.itemsize
-    peak = captured + building + working_bytes(model, size, length)
-    cost = Cost(size * length, 1, with_slack(peak), sent)
+    working = working_bytes(model, size, length)
+    behind = 0 if backward is None else backward_bytes(model, size, length)
+    peak = captured * cfg.dtype.itemsize + building + max(working, behind)
+    cost = Cost(size * length, 1, with_slack(peak), sent, with_slack(behind))
     return ForwardWork(
         op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json,
-        logits_graph,
+        logits_graph, backward,
     )  # fmt: skip
 
 
@@ -203,22 +212,35 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
         ctx.metrics.add("work_units", op=work.op)
 
     # run_with_cache is forward with captures: the same engine call, asked for its activations.
+    plan = work.backward
     run = model.hook_run(
-        work.hooks, work.names, capture=work.caching is not None, interrupt=between_layers
-    )
-    out = model.forward(
-        work.input,
-        return_type=request.return_type,
-        loss_per_token=request.loss_per_token,
-        start_at_layer=request.start_at_layer,
-        stop_at_layer=request.stop_at_layer,
-        tokens=work.tokens,
-        attention_mask=work.mask,
-        hooks=run,
-    )
+        work.hooks, work.names, capture=work.caching is not None, interrupt=between_layers,
+        bwd_hooks=plan.hooks if plan else (), incl_bwd=plan is not None and plan.incl_bwd,
+    )  # fmt: skip
+
+    def forward(return_type: str | None) -> object:
+        return model.forward(
+            work.input,
+            return_type=return_type,  # type: ignore[arg-type]
+            loss_per_token=request.loss_per_token,
+            start_at_layer=request.start_at_layer,
+            stop_at_layer=request.stop_at_layer,
+            tokens=work.tokens,
+            attention_mask=work.mask,
+            hooks=run,
+        )
+
+    objective = None
+    if plan is None:
+        out = forward(request.return_type)
+    else:
+        out, objective = forward_backward(model, request, plan, run, forward)
     if work.caching is not None:
         token.check()
-    return finish_forward(ctx, work, out, run.cache)
+    result = finish_forward(ctx, work, out, run.cache)
+    if objective is not None:
+        result.tensors[OUTPUT_OBJECTIVE] = objective
+    return result
 
 
 def finish_forward(

@@ -404,8 +404,10 @@ def compile_specs(
     batch: int,
     pos: int,
     generation: bool = False,
+    field: str = "hooks",
 ) -> list[tuple[str, HookFn]]:
     """``fwd_hooks`` for the engine, in spec order; raises RequestError on any invalid spec.
+    (Backward hook specs compile the same way: a gradient has its activation's shape.)
 
     Shapes are checked against a forward of ``batch`` x ``pos``; with ``generation`` the specs
     must also hold for every later step (no position selectors, only 1-D vectors).
@@ -420,7 +422,7 @@ def compile_specs(
     functions = FunctionBudget()
     for number, spec, name in expand_specs(specs, model, ctx.settings.max_hook_applications):
         if isinstance(spec, GraphSpec | CallbackSpec):
-            where = f"hooks[{number}]"
+            where = f"{field}[{number}]"
             hook = compile_function(ctx, spec, where, batch, pos, generation, functions, name)
             hooks.append((name, hook))
             continue

@@ -160,7 +160,8 @@ class SchedulerExecutor:
             raise RequestError(
                 ErrorCode.TOO_LARGE,
                 f"this request would hold about {work.cost.peak_bytes} bytes at its peak; the "
-                f"device's budget is {self.budget} bytes (server setting memory_budget_bytes)",
+                f"device's budget is {self.budget} bytes (server setting memory_budget_bytes)"
+                + _backward_part(work.cost.backward_bytes),
                 "send a smaller batch, fewer positions or fewer captured hook points",
             )
 
@@ -238,3 +239,9 @@ class SchedulerExecutor:
             self.ledger.finish(job, outcome, seconds)
         else:
             self.ledger.ran(job, seconds, next_cost)
+
+
+def _backward_part(nbytes: int) -> str:
+    if not nbytes:
+        return ""
+    return f"; its backward pass keeps about {nbytes} bytes of activations and gradients"

@@ -23,7 +23,9 @@ _DONE = object()
 
 
 def needs_client(work: Work) -> bool:
-    return any(isinstance(fn, ClientCallback) for _, fn in getattr(work, "hooks", ()))
+    backward = getattr(work, "backward", None)
+    hooks = [*getattr(work, "hooks", ()), *(backward.hooks if backward is not None else ())]
+    return any(isinstance(fn, ClientCallback) for _, fn in hooks)
 
 
 class SlowLane:
