@@ -37,10 +37,7 @@ def tl_backward(
         for name, fn in bwd_hooks:
             tl.add_hook(name, fn, dir="bwd")
         tl.add_caching_hooks(incl_bwd=True, cache=cache)  # what run_with_cache(incl_bwd) adds
-        if objective is None:
-            value = tl(tokens, return_type="loss")
-        else:
-            value = objective(tl(tokens))
+        value = tl(tokens, return_type="loss") if objective is None else objective(tl(tokens))
         value.backward()
     finally:
         tl.reset_hooks()
@@ -89,7 +86,7 @@ def test_incl_bwd_from_the_loss_matches_tl(server: Served) -> None:
     value, ref = tl_backward(server.tl, tokens, None)
     assert abs(float(loss) - value) < ATOL
     assert_grads_match(cache, ref)
-    for name in cache.keys():  # forward entries are the activations, as without incl_bwd
+    for name in cache:  # forward entries are the activations, as without incl_bwd
         if not name.endswith("_grad"):
             torch.testing.assert_close(cache[name], ref[name], atol=ATOL, rtol=0)
 
@@ -264,7 +261,7 @@ def test_concurrent_users_gradients_equal_their_solo_runs(gpt2_server: Served) -
             thread.join(60)
         assert not errors, errors
         for alone, mixed in zip(solo, together, strict=True):
-            for name in alone.keys():
+            for name in alone:
                 torch.testing.assert_close(mixed[name], alone[name], atol=1e-6, rtol=0)
 
 
