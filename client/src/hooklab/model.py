@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from hooklab_proto import (
+    IG_ATTRIBUTIONS,
     OUTPUT_LOGITS,
     OUTPUT_LOSS,
     OUTPUT_OBJECTIVE,
@@ -51,6 +52,16 @@ _SWITCHED_HOOKS: dict[str, tuple[str, ...]] = {
     "use_hook_mlp_in": ("hook_mlp_in",),
     "use_attn_in": ("hook_attn_in",),
 }
+
+
+class IntegratedGradients(NamedTuple):
+    """``model.integrated_gradients``: attributions shaped as the activation, the metric at the
+    input and at the baseline, and ``sum(attributions) - (value - baseline_value)``."""
+
+    attributions: torch.Tensor
+    value: float
+    baseline_value: float
+    convergence_delta: float
 
 
 class Output(SimpleNamespace):
@@ -422,6 +433,40 @@ class HookedTransformer(Circuits):
         tokens = input if isinstance(input, torch.Tensor) else self.to_tokens(input)
         tokens = tokens if tokens.dim() == 2 else tokens[None]
         return self.loss_fn(logits, tokens, forward_kwargs.get("attention_mask"))
+
+    def integrated_gradients(
+        self,
+        input: str | list[str] | torch.Tensor,
+        metric: MetricLike,
+        hook: str = "hook_embed",
+        steps: int = 50,
+        baseline: torch.Tensor | None = None,
+        baseline_input: str | list[str] | torch.Tensor | None = None,
+        positions: Sequence[int] | None = None,
+        prepend_bos: bool | None = None,
+    ) -> IntegratedGradients:
+        """Integrated gradients of ``metric`` (a ``hooklab.metrics`` metric or a traceable
+        Python metric of the logits) with respect to the activation at ``hook``, computed on
+        the server: ``(x - x') * mean over the path of the gradient``, ``steps`` midpoints from
+        the baseline ``x'`` (zeros, ``baseline``, or the activation of ``baseline_input``) to
+        the input's ``x``. ``positions`` limits the path to a span of positions (an input span,
+        with the default ``hook_embed``). The attributions are shaped as the activation; their
+        sum is close to ``value - baseline_value`` (``convergence_delta`` says how close)."""
+        body: dict[str, Any] = {"input": self._body(input)["input"], "hook": hook, "steps": steps}
+        plan = self._shape_plan(input, prepend_bos=prepend_bos)
+        shape = (plan.batch, plan.pos, self.cfg.d_vocab_out)
+        body["metric"] = objective_wire(metric, shape, self.cfg.dtype)
+        if baseline_input is not None:
+            body["baseline_input"] = self._body(baseline_input)["input"]
+        optional = {"baseline": baseline, "positions": positions, "prepend_bos": prepend_bos}
+        body.update({key: value for key, value in optional.items() if value is not None})
+        if positions is not None:
+            body["positions"] = [int(p) for p in positions]
+        meta, tensors = self._transport.frames("POST", "/v1/integrated_gradients", body)
+        return IntegratedGradients(
+            tensors[IG_ATTRIBUTIONS], float(meta["value"]), float(meta["baseline_value"]),
+            float(meta["convergence_delta"]),
+        )  # fmt: skip
 
     # --- generation -----------------------------------------------------------------------
 

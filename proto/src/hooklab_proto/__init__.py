@@ -49,6 +49,7 @@ from ._generate import (
     GenerateStats,
     GenerateStep,
 )
+from ._gradients import IG_ATTRIBUTIONS, MAX_IG_STEPS, IntegratedGradientsRequest
 from ._graph import (
     CacheEntry,
     CallbackSpec,
@@ -111,7 +112,9 @@ __all__ = [
     "FRAMES_MEDIA_TYPE",
     "GRAD_SUFFIX",
     "GRAPH_VERSION",
+    "IG_ATTRIBUTIONS",
     "JSON_MEDIA_TYPE",
+    "MAX_IG_STEPS",
     "MSGPACK_MEDIA_TYPE",
     "OPS",
     "OPSET",
@@ -157,6 +160,7 @@ __all__ = [
     "HookPointInfo",
     "HookSpec",
     "InputRef",
+    "IntegratedGradientsRequest",
     "JsonTensor",
     "KeyUsage",
     "Kind",

@@ -10,17 +10,17 @@ from typing import Protocol
 
 from hooklab_proto import GenerateResponse, GenerateStep
 
-from .ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, TensorsResult
+from .ops import CancelToken, GenerateWork, TensorsResult, TensorWork
 from .tensor_frames import StreamedTensors
 
 
 class Executor(Protocol):
     async def run(
-        self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
+        self, work: TensorWork, token: CancelToken, key: str
     ) -> TensorsResult | StreamedTensors:
-        """Run a forward or a patching sweep for the key named ``key`` to the end; raise
-        ``Cancelled`` when the token stops it, ``RequestError`` for input only found wrong
-        while running (or when it cannot be queued)."""
+        """Run a forward, a patching sweep or integrated gradients for the key named ``key``
+        to the end; raise ``Cancelled`` when the token stops it, ``RequestError`` for input
+        only found wrong while running (or when it cannot be queued)."""
         ...
 
     def generate(

@@ -6,11 +6,9 @@ from fastapi import APIRouter, Request, Response
 
 from hooklab_proto import PatchingRequest
 
-from .bodies import parse, result_response
 from .openapi import request_body
-from .routes import ERRORS, STREAM
-from .running import HooklabRoute, cancel_token, run, validate
-from .state import model_entry
+from .routes import ERRORS, STREAM, tensor_route
+from .running import HooklabRoute
 
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
@@ -22,8 +20,4 @@ router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 async def patching(request: Request) -> Response:
     """TransformerLens ``generic_activation_patch``, batched: ``patching.metric`` [rows] (or
     ``patching.logits`` [rows, batch, positions, d_vocab]); the begin frame holds ``shape``."""
-    body = await parse(request, PatchingRequest)
-    token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
-    entry = await model_entry(request, body.model)
-    work = await validate(request, entry, body)
-    return await result_response(request, await run(request, entry, work, token))
+    return await tensor_route(request, PatchingRequest)

@@ -12,8 +12,10 @@ from hooklab_proto import (
     DetokenizeResponse,
     ErrorResponse,
     ForwardRequest,
+    IntegratedGradientsRequest,
     ModelInfo,
     ModelsResponse,
+    PatchingRequest,
     RunWithCacheRequest,
     RunWithHooksRequest,
     ServedModel,
@@ -90,7 +92,11 @@ async def detokenize(request: Request) -> DetokenizeResponse:
     return await run_in_threadpool(detokenize_ids, ctx, body)
 
 
-async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
+TensorRequest = ForwardRequest | PatchingRequest | IntegratedGradientsRequest
+
+
+async def tensor_route(request: Request, model: type[TensorRequest]) -> Response:
+    """A route whose work runs on the executor and answers tensors."""
     body = await parse(request, model)
     token = cancel_token(request, body.timeout_s)  # the deadline covers validation too
     entry = await model_entry(request, body.model)
@@ -103,7 +109,7 @@ async def _forward(request: Request, model: type[ForwardRequest]) -> Response:
 )
 async def forward(request: Request) -> Response:
     """TransformerLens ``forward`` with optional hook specs; returns logits / loss / residual."""
-    return await _forward(request, ForwardRequest)
+    return await tensor_route(request, ForwardRequest)
 
 
 @router.post(
@@ -112,7 +118,7 @@ async def forward(request: Request) -> Response:
 )  # fmt: skip
 async def run_with_cache(request: Request) -> Response:
     """``run_with_cache``: outputs (``output.*``) then the activations, by hook name."""
-    return await _forward(request, RunWithCacheRequest)
+    return await tensor_route(request, RunWithCacheRequest)
 
 
 @router.post(
@@ -121,7 +127,7 @@ async def run_with_cache(request: Request) -> Response:
 )  # fmt: skip
 async def run_with_hooks(request: Request) -> Response:
     """A forward under hook specs; with ``names`` it also returns those activations."""
-    return await _forward(request, RunWithHooksRequest)
+    return await tensor_route(request, RunWithHooksRequest)
 
 
 @router.get("/v1/weights/{name:path}", responses=STREAM, tags=["model"])

@@ -114,7 +114,9 @@ class HookRun:
             self.cache[name] = value.detach()
         if self.gradients and value.is_floating_point():
             if not value.requires_grad:  # a root of the graph: the embeddings, a given residual
-                value = value.detach().requires_grad_()
+                # (one made under inference mode, e.g. a hook's replacement, is copied first)
+                value = value.clone() if value.is_inference() else value.detach()
+                value.requires_grad_()
             if name in self.bwd_fns or name in self.capture_grad:
                 # Its own autograd node: consecutive points can share one tensor
                 # (resid_post, the next resid_pre), and each must see the gradient as it

@@ -5,7 +5,8 @@ cost, then run it (on the executor's thread) a unit at a time, with a cancellati
     steps = operations.steps(work, token)            # a generator: one unit of work per next()
     result = drive(steps)                             # Cancelled when stopped early
 
-A unit is one forward (a forward request, one chunk of a patching sweep) or one generation step;
+A unit is one forward (a forward request, one chunk of a patching sweep, one chunk of
+integrated-gradient steps with its backward) or one generation step;
 a generation yields its GenerateStep items, the others yield None, and the generator returns the
 result (TensorsResult, or GenerateResponse).
 """
@@ -22,6 +23,7 @@ from hooklab_proto import (
     GenerateRequest,
     GenerateResponse,
     GenerateStep,
+    IntegratedGradientsRequest,
     PatchingRequest,
 )
 
@@ -30,10 +32,16 @@ from .cancel import Cancelled, CancelToken, deadline_error
 from .context import OpsContext
 from .errors import QuotaExceeded, RequestError, too_large
 from .generate import GenerateWork, Generation, validate_generation
+from .integrated_gradients import (
+    IntegratedGradientsWork,
+    integrated_gradients_steps,
+    validate_integrated_gradients,
+)
 from .patching import PatchingWork, patching_steps, validate_patching
 from .run import ForwardWork, TensorsResult, run_forward, validate_forward
 
-Work = ForwardWork | GenerateWork | PatchingWork
+TensorWork = ForwardWork | PatchingWork | IntegratedGradientsWork  # its result: tensors
+Work = TensorWork | GenerateWork
 Steps = Generator[GenerateStep | None, None, TensorsResult | GenerateResponse]
 Result = TypeVar("Result")
 
@@ -61,6 +69,8 @@ class Operations:
             return validate_generation(ctx, request)
         if isinstance(request, PatchingRequest):
             return validate_patching(ctx, request, wants_json)
+        if isinstance(request, IntegratedGradientsRequest):
+            return validate_integrated_gradients(ctx, request, wants_json)
         raise TypeError(f"no operation validates {type(request).__name__}")
 
     def steps(self, work: Work, token: CancelToken) -> Steps:
@@ -70,6 +80,8 @@ class Operations:
             inner: Steps = _one_unit(run_forward, self.ctx, work, token)
         elif isinstance(work, PatchingWork):
             inner = patching_steps(self.ctx, work, token)
+        elif isinstance(work, IntegratedGradientsWork):
+            inner = integrated_gradients_steps(self.ctx, work, token)
         else:
             inner = _generation_steps(self.ctx, work, token)
         return _in_inference_mode(inner, token)
@@ -112,12 +124,14 @@ __all__ = [
     "ForwardWork",
     "GenerateWork",
     "Generation",
+    "IntegratedGradientsWork",
     "Operations",
     "OpsContext",
     "PatchingWork",
     "QuotaExceeded",
     "RequestError",
     "Steps",
+    "TensorWork",
     "TensorsResult",
     "Work",
     "deadline_error",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hooklab_proto import ErrorCode, ForwardRequest
+from hooklab_proto import ErrorCode, ForwardRequest, PatchMetric
 from hooklab_server.engine import HookedTransformer, HookRun, Output, autograd_on, backward
 
 from .context import OpsContext
@@ -56,25 +56,39 @@ def validate_backward(
                 SCALAR_HINT,
             )
     else:
-        if spec.kind == "logits":
-            raise RequestError(
-                ErrorCode.VALIDATION,
-                "objective kind 'logits' is not a scalar",
-                "use logit_diff, logit, prob, logprob, loss or a traced graph",
-            )
-        if spec.normalize and spec.baselines is None:
-            raise RequestError(
-                ErrorCode.VALIDATION,
-                "a normalized objective needs 'baselines' [clean, corrupted]",
-            )
-        if spec.kind == "loss" and tokens is None:
-            raise RequestError(ErrorCode.VALIDATION, "a loss objective needs token ids ('tokens')")
-        ids = tokens if tokens is not None else torch.zeros(size, length, dtype=torch.long)
-        objective = Metric(spec, ids.cpu(), ctx.model.cfg.d_vocab_out)
-        if spec.graph is not None:
-            objective.compile(ctx, spec.graph, size, length)
+        objective = objective_metric(ctx, spec, tokens, size, length, "objective")
     hooks = compile_specs(ctx, request.bwd_hooks, size, length, field="bwd_hooks")
     return Backward(objective, hooks, bool(getattr(request, "incl_bwd", False)))
+
+
+def objective_metric(
+    ctx: OpsContext,
+    spec: PatchMetric,
+    tokens: torch.Tensor | None,
+    size: int,
+    length: int,
+    field: str,
+) -> Metric:
+    """A metric validated as the scalar a backward pass starts from."""
+    if spec.kind == "logits":
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"{field} kind 'logits' is not a scalar",
+            "use logit_diff, logit, prob, logprob, loss or a traced graph",
+        )
+    if spec.normalize and spec.baselines is None:
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"a normalized {field} needs 'baselines' [clean, corrupted] (nothing is measured "
+            "before a backward pass)",
+        )
+    if spec.kind == "loss" and tokens is None:
+        raise RequestError(ErrorCode.VALIDATION, f"a loss {field} needs token ids ('tokens')")
+    ids = tokens if tokens is not None else torch.zeros(size, length, dtype=torch.long)
+    metric = Metric(spec, ids.cpu(), ctx.model.cfg.d_vocab_out)
+    if spec.graph is not None:
+        metric.compile(ctx, spec.graph, size, length)
+    return metric
 
 
 def forward_backward(
@@ -96,7 +110,7 @@ def forward_backward(
         logits = out.logits if isinstance(out, Output) else out
         assert isinstance(logits, torch.Tensor)
         with autograd_on():
-            value = _normalized(plan.objective, plan.objective.value(logits))
+            value = plan.objective.normalized(plan.objective.value(logits))
         if request.return_type is None:
             out = None
         elif request.return_type == "logits" and isinstance(out, Output):
@@ -104,14 +118,6 @@ def forward_backward(
     assert isinstance(value, torch.Tensor)
     backward(value)
     return _detached(out), value.detach().float()
-
-
-def _normalized(metric: Metric, value: torch.Tensor) -> torch.Tensor:
-    spec = metric.spec
-    if not spec.normalize or spec.baselines is None:
-        return value
-    clean, corrupted = spec.baselines
-    return (value - corrupted) / (clean - corrupted)
 
 
 def _detached(out: object) -> object:

@@ -57,6 +57,21 @@ class Metric:
             value = value - at[:, self.rows, self.wrong]
         return value.mean(-1) if spec.reduce == "mean" else value.sum(-1)
 
+    def normalized(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` mapped by the given baselines when normalized (patching sweeps measure
+        theirs; a backward pass needs them given)."""
+        if not self.spec.normalize or self.spec.baselines is None:
+            return value
+        clean, corrupted = self.spec.baselines
+        return (value - corrupted) / (clean - corrupted)
+
+    def of_copies(self, logits: torch.Tensor) -> torch.Tensor:
+        """The metric of each copy's full logits [copies, batch, pos, d_vocab] -> [copies],
+        differentiable."""
+        if self.graph is not None:
+            return torch.stack([self.value(copy) for copy in logits])
+        return self(logits[:, :, self.positions])
+
     def value(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric of one run's full logits [batch, pos, d_vocab], a 0-d tensor."""
         if self.graph is not None:

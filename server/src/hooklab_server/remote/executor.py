@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
 
 from ..auth import Account
-from ..ops import CancelToken, ForwardWork, GenerateWork, PatchingWork, RequestError
+from ..ops import CancelToken, GenerateWork, RequestError, TensorWork
 from ..redis_store import unavailable
 from ..tensor_frames import StreamedTensors
 from .jobs import Job, decode_error, encode_job, job_for, weight_job
@@ -52,9 +52,7 @@ class RemoteExecutor:
 
     # --- Executor ----------------------------------------------------------------------------
 
-    async def run(
-        self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
-    ) -> StreamedTensors:
+    async def run(self, work: TensorWork, token: CancelToken, key: str) -> StreamedTensors:
         return await self._tensors(job_for(work, token.remaining_s()), token)
 
     async def weight(

@@ -27,6 +27,7 @@ from hooklab_proto import (
     ErrorCode,
     ForwardRequest,
     GenerateRequest,
+    IntegratedGradientsRequest,
     PatchingRequest,
     RunWithCacheRequest,
     RunWithHooksRequest,
@@ -41,6 +42,7 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "run_with_cache": RunWithCacheRequest,
     "run_with_hooks": RunWithHooksRequest,
     "patching": PatchingRequest,
+    "integrated_gradients": IntegratedGradientsRequest,
     "generate": GenerateRequest,
 }
 WEIGHT = "weight"

@@ -30,9 +30,9 @@ from ..ops import (
     ForwardWork,
     GenerateWork,
     Operations,
-    PatchingWork,
     RequestError,
     TensorsResult,
+    TensorWork,
     Work,
 )
 from ..ops.batching import merge_key
@@ -89,9 +89,7 @@ class SchedulerExecutor:
 
     # --- the event loop's side --------------------------------------------------------------
 
-    async def run(
-        self, work: ForwardWork | PatchingWork, token: CancelToken, key: str
-    ) -> TensorsResult:
+    async def run(self, work: TensorWork, token: CancelToken, key: str) -> TensorsResult:
         if needs_client(work):
             self._check_budget(work)
             async with contextlib.aclosing(self.slow_lane.run(work, token)) as outcomes:

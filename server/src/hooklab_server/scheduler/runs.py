@@ -15,6 +15,7 @@ from ..ops import (
     Cancelled,
     CancelToken,
     GenerateWork,
+    IntegratedGradientsWork,
     PatchingWork,
     RequestError,
     Steps,
@@ -62,7 +63,7 @@ def unit_costs(work: Work, n_layers: int) -> list[float]:
     alike; a generation's prefill, then one token per row per step."""
     if isinstance(work, GenerateWork):
         tokens = [work.prompt.batch * work.prompt.pos, work.prompt.batch]
-    elif isinstance(work, PatchingWork):
+    elif isinstance(work, PatchingWork | IntegratedGradientsWork):
         tokens = [max(1, work.cost.tokens // max(1, work.cost.forwards))]
     else:
         tokens = [work.cost.tokens]
