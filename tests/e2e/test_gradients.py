@@ -291,3 +291,50 @@ def test_an_untraceable_metric_cannot_start_a_backward(gpt2_server: Served) -> N
 
     with pytest.raises(TypeError, match="cannot start a backward pass"):
         gpt2_server.model.run_with_cache(tokens, incl_bwd=True, metric=needs_values)
+
+
+def test_backward_memory_is_counted_in_admission(make_server: Callable[..., Served]) -> None:
+    """A backward keeps every layer's activations: a request that fits as a forward is refused
+    (413, before it runs) once it asks for gradients, and the message says why."""
+    served = make_server(memory_budget_bytes=8 * 2**20)
+    tokens = sample_tokens(served.tl, batch=4, pos=64, seed=40)
+    served.model(tokens, return_type="loss")  # the forward alone fits
+    with pytest.raises(ServerError, match="backward pass keeps about") as caught:
+        served.model.run_with_cache(
+            tokens, names_filter="blocks.0.hook_resid_pre", return_type="loss", incl_bwd=True
+        )
+    assert caught.value.status == 413
+    assert "memory_budget_bytes" in str(caught.value)
+
+
+def test_backward_hooks_are_added_and_removed_as_in_tl(gpt2_server: Served) -> None:
+    """``hooks(bwd_hooks=...)``, ``add_perma_hook(..., dir="bwd")``, ``reset_hooks`` and a hook
+    point's ``remove_hooks(dir=...)`` keep and drop backward hooks as TransformerLens does."""
+    model = gpt2_server.model
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5, seed=41)
+    names = ["blocks.0.hook_resid_post"]
+    cut = ("blocks.1.hook_resid_pre", hooks.scale(0.0))  # nothing flows below layer 1
+
+    def upstream() -> torch.Tensor:
+        _, cache = model.run_with_cache(
+            tokens, names_filter=names, return_type="loss", incl_bwd=True
+        )
+        return cache["blocks.0.hook_resid_post_grad"]
+
+    assert upstream().abs().max() > 0
+    with model.hooks(bwd_hooks=[cut]):
+        assert upstream().abs().max() == 0
+    assert upstream().abs().max() > 0
+    model.add_perma_hook(*cut, dir="bwd")
+    model.reset_hooks()
+    assert upstream().abs().max() == 0, "a permanent hook outlives reset_hooks()"
+    model.reset_hooks(including_permanent=True)
+    assert upstream().abs().max() > 0
+    point = model.blocks[1].hook_resid_pre
+    point.add_hook(hooks.scale(0.0), dir="bwd")
+    point.remove_hooks(dir="fwd")
+    assert upstream().abs().max() == 0, "removing forward hooks keeps backward ones"
+    point.remove_hooks(dir="bwd")
+    assert upstream().abs().max() > 0
+    with pytest.raises(ValueError, match="dir"):
+        model.add_hook("hook_embed", hooks.scale(1.0), dir="sideways")  # type: ignore[arg-type]

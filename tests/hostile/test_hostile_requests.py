@@ -209,6 +209,14 @@ def patching_capped(response: httpx.Response, reference: Reference) -> str | Non
     return None
 
 
+def has_objective(response: httpx.Response, reference: Reference) -> str | None:
+    """A backward ran: its objective (here the loss, positive) came back."""
+    objective = response.json()["tensors"].get("output.objective")
+    if objective is None or not objective["data"] > 0:
+        return f"output.objective missing or not a positive loss: {objective!r}"
+    return None
+
+
 # --- the table ---------------------------------------------------------------------------------
 
 
@@ -587,6 +595,41 @@ ROWS: dict[str, Row] = {
     "host_localhost_is_fine": Row(
         "/v1/forward", {"input": REF_TOKENS}, accept=JSON, headers={"host": "localhost:{port}"},
         check=logits_match,
+    ),
+    # --- gradients: backward hooks, the backward's memory, integrated-gradient steps
+    "bwd_hooks_flood_300k_msgpack": Row(
+        "/v1/run_with_cache",
+        lambda: {"input": REF_TOKENS, "return_type": "loss", "bwd_hooks": [{}] * 300_000},
+        413, "too_large", "max_specs", wire="msgpack",
+    ),
+    "incl_bwd_8_rows_at_context": Row(  # the backward's activations of 1024 tokens: bounded
+        "/v1/run_with_cache",
+        {"input": ids(8, N_CTX), "return_type": "loss", "incl_bwd": True,
+         "names": ["blocks.0.hook_resid_pre"], "return_cache": False},
+        accept=JSON, check=has_objective,
+    ),
+    "ig_steps_over_schema": Row(
+        "/v1/integrated_gradients",
+        {"input": REF_TOKENS, "steps": 10**9, "metric": {"kind": "logit", "answer": 3}},
+        422, "validation_error",
+    ),
+    "ig_steps_over_forwards": Row(  # one step per forward at this size: 4096 > 64 forwards
+        "/v1/integrated_gradients",
+        {"input": ids(8, N_CTX), "steps": 4096, "metric": {"kind": "logit", "answer": 3}},
+        413, "too_large", "max_patching_forwards",
+    ),
+    "ig_positions_flood": Row(
+        "/v1/integrated_gradients",
+        lambda: {"input": REF_TOKENS, "positions": [0] * 1_000_000,
+                 "metric": {"kind": "logit", "answer": 3}},
+        (413, 422), ("too_large", "validation_error"), wire="msgpack",
+    ),
+    "attribution_rows_over_limit": Row(
+        "/v1/patching",
+        {**patching("pattern", ["layer", "head_index", "dest_pos", "src_pos"], N_CTX),
+         "method": "attribution",
+         "metric": {"kind": "logit", "answer": 3}},
+        413, "too_large", "max_patching_rows",
     ),
 }  # fmt: skip
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hooklab_proto import ErrorCode, ForwardRequest, PatchMetric
 from hooklab_server.engine import HookedTransformer, HookRun, Output, autograd_on, backward
 
+from .cancel import running_token
 from .context import OpsContext
 from .errors import RequestError
 from .metrics import Metric
@@ -59,6 +61,26 @@ def validate_backward(
         objective = objective_metric(ctx, spec, tokens, size, length, "objective")
     hooks = compile_specs(ctx, request.bwd_hooks, size, length, field="bwd_hooks")
     return Backward(objective, hooks, bool(getattr(request, "incl_bwd", False)))
+
+
+def backward_hooks(plan: Backward) -> list[tuple[str, HookFn]]:
+    """The plan's backward hook functions, each run with this thread's cancellation token: on
+    a GPU, autograd calls them from its own device threads, where a paused callback would
+    otherwise not see its request cancelled."""
+    token = running_token.value
+
+    def on_this_token(fn: HookFn) -> HookFn:
+        def run(grad: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            before = running_token.value
+            running_token.value = token
+            try:
+                return fn(grad, hook=hook)
+            finally:
+                running_token.value = before
+
+        return run
+
+    return [(name, on_this_token(fn)) for name, fn in plan.hooks]
 
 
 def objective_metric(

@@ -39,7 +39,7 @@ from .cost import (
     working_bytes,
 )
 from .errors import RequestError
-from .gradients import Backward, forward_backward, validate_backward
+from .gradients import Backward, backward_hooks, forward_backward, validate_backward
 from .graphs import CompiledGraph, compile_graph
 from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
 from .specs import HookFn, compile_specs, resolve_hook_names
@@ -215,7 +215,7 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
     plan = work.backward
     run = model.hook_run(
         work.hooks, work.names, capture=work.caching is not None, interrupt=between_layers,
-        bwd_hooks=plan.hooks if plan else (), incl_bwd=plan is not None and plan.incl_bwd,
+        bwd_hooks=backward_hooks(plan) if plan else (), incl_bwd=plan is not None and plan.incl_bwd,
     )  # fmt: skip
 
     def forward(return_type: str | None) -> object:

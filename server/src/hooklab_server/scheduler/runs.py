@@ -59,14 +59,14 @@ def run_of(job: Job) -> Run:
 
 
 def unit_costs(work: Work, n_layers: int) -> list[float]:
-    """The fair queue's cost of each unit, tokens x layers: one forward; a sweep's forwards
-    alike; a generation's prefill, then one token per row per step."""
+    """The fair queue's cost of each unit, tokens x layers: one forward (three with a backward
+    pass); a sweep's forwards alike; a generation's prefill, then one token per row per step."""
     if isinstance(work, GenerateWork):
         tokens = [work.prompt.batch * work.prompt.pos, work.prompt.batch]
     elif isinstance(work, PatchingWork | IntegratedGradientsWork):
         tokens = [max(1, work.cost.tokens // max(1, work.cost.forwards))]
-    else:
-        tokens = [work.cost.tokens]
+    else:  # a forward, and its backward pass (about two forwards' work) when it has one
+        tokens = [work.cost.tokens * (1 if work.backward is None else 3)]
     return [float(count * n_layers) for count in tokens]
 
 
