@@ -19,16 +19,17 @@ import torch
 
 from hooklab_proto import IG_ATTRIBUTIONS, ErrorCode, IntegratedGradientsRequest
 from hooklab_server.engine import HookPoint, autograd_on, backward
-from hooklab_server.engine.catalogue import axis_sizes, fires_by_default, hook_shape
+from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 
 from ..auth import Account
 from .cancel import CancelToken
 from .context import OpsContext
 from .cost import Cost, backward_bytes, check_response, response_size, with_slack
-from .errors import RequestError, too_large
+from .errors import RequestError
 from .gradients import objective_metric
 from .inputs import TokenBatch, token_batch
 from .metrics import Metric
+from .patching import check_sweep_forwards
 from .run import TensorsResult
 from .specs import is_pattern, resolve_hook_names
 
@@ -66,12 +67,6 @@ def validate_integrated_gradients(
             "point, named exactly",
         )
     (hook,) = resolve_hook_names(request.hook, model.hook_names)
-    if not fires_by_default(hook, cfg):
-        raise RequestError(
-            ErrorCode.VALIDATION,
-            f"{hook!r} fires only when a model setting turns it on; attribute a hook point "
-            "that fires",
-        )
     shape = hook_shape(hook, cfg)
     full = [axis_sizes(cfg, batch, pos)[axis] for axis in shape]  # the activation's shape
     positions = None
@@ -106,12 +101,10 @@ def validate_integrated_gradients(
     per_forward = max(1, min(per_forward, settings.max_tokens // max(1, batch * pos)))
     # Chunks, the input's activation (and the baseline input's), the path's two ends.
     forwards = math.ceil(request.steps / per_forward) + 2 + (baseline_input is not None)
-    if forwards > settings.max_patching_forwards:
-        raise too_large(
-            f"forwards ({request.steps} steps at {per_forward} per forward and backward)",
-            forwards, settings.max_patching_forwards, "max_patching_forwards",
-            "take fewer steps, or a shorter input",
-        )  # fmt: skip
+    check_sweep_forwards(
+        ctx, forwards, f"{request.steps} steps at {per_forward} per forward and backward",
+        "take fewer steps", "or a shorter input",
+    )  # fmt: skip
     sent, building = response_size(math.prod(full), 4, wants_json)
     check_response(sent, wants_json, settings)
     steps = request.steps
@@ -177,16 +170,9 @@ def integrated_gradients_steps(
         token.check()
         alphas = work.alphas[begin : begin + work.per_forward]
         copies = len(alphas)
-        points = path(alphas)
-
-        def place(
-            value: torch.Tensor, hook: HookPoint, points: torch.Tensor = points
-        ) -> torch.Tensor:
-            return points.to(value.dtype)
-
         run = model.hook_run(
-            [(work.hook, place)], names_filter=[hook], capture=True, interrupt=token.check,
-            incl_bwd=True,
+            [(hook, _placing(path(alphas)))], names_filter=[hook], capture=True,
+            interrupt=token.check, incl_bwd=True,
         )  # fmt: skip
         logits = model.forward(
             tokens.repeat(copies, 1),
@@ -197,8 +183,9 @@ def integrated_gradients_steps(
             with_batch = logits.view(copies, batch, *logits.shape[1:])
             objective = metric.normalized(metric.of_copies(with_batch)).sum()
         backward(objective)
-        grad = run.cache[f"{hook}_grad"].view(copies, *start.shape)
-        grads += grad.float().sum(0)
+        grad = run.cache.get(f"{hook}_grad")  # none: the metric does not depend on it
+        if grad is not None:
+            grads += grad.float().view(copies, *start.shape).sum(0)
         ctx.metrics.add("work_units", op=work.op)
         yield
     attributions = delta.float() * grads / len(work.alphas)

@@ -202,21 +202,10 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
     forwards += (
         request.metric.normalize and clean_tokens is None and request.metric.baselines is None
     )
-    quota = ctx.caller.quotas.get("max_patching_forwards")
-    if quota is not None and forwards > quota:
-        raise QuotaExceeded(
-            "max_patching_forwards",
-            f"this sweep takes {forwards} forwards; key {ctx.caller.name!r} may ask for "
-            f"{quota} per patching request (quota max_patching_forwards)",
-            "patch fewer rows per request (explicit 'index' rows)",
-            retry_after=None,
-        )
-    if forwards > settings.max_patching_forwards:
-        raise too_large(
-            f"forwards ({len(plan.rows)} rows at {per_forward} patched copies per forward)",
-            forwards, settings.max_patching_forwards, "max_patching_forwards",
-            "patch fewer rows per request (explicit 'index' rows), or a shorter input",
-        )  # fmt: skip
+    check_sweep_forwards(
+        ctx, forwards, f"{len(plan.rows)} rows at {per_forward} patched copies per forward",
+        "patch fewer rows per request (explicit 'index' rows)", "or a shorter input",
+    )  # fmt: skip
     if request.metric.kind == "logits":
         returned = len(plan.rows) * batch * len(metric.positions) * cfg.d_vocab_out
     else:
@@ -232,6 +221,27 @@ def validate_patching(ctx: OpsContext, request: PatchingRequest, wants_json: boo
         per_forward, request, Cost(tokens, forwards, with_slack(peak), sent, behind),
         ctx.caller, wants_json,
     )  # fmt: skip
+
+
+def check_sweep_forwards(
+    ctx: OpsContext, forwards: int, how: str, fewer: str, shorter: str
+) -> None:
+    """A sweep's forwards against the key's quota and the server's limit (both named
+    max_patching_forwards), before anything runs."""
+    quota = ctx.caller.quotas.get("max_patching_forwards")
+    if quota is not None and forwards > quota:
+        raise QuotaExceeded(
+            "max_patching_forwards",
+            f"this sweep takes {forwards} forwards; key {ctx.caller.name!r} may ask for "
+            f"{quota} per request (quota max_patching_forwards)",
+            fewer,
+            retry_after=None,
+        )
+    limit = ctx.settings.max_patching_forwards
+    if forwards > limit:
+        raise too_large(
+            f"forwards ({how})", forwards, limit, "max_patching_forwards", f"{fewer}, {shorter}"
+        )
 
 
 def _bytes_per_copy(model: HookedTransformer, metric: Metric, batch: int, pos: int) -> int:
