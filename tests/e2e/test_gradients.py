@@ -92,11 +92,11 @@ def test_incl_bwd_from_the_loss_matches_tl(server: Served) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(DECLARATIVE))
-def test_incl_bwd_from_each_declarative_metric_matches_tl(gpt2_server: Served, kind: str) -> None:
+def test_incl_bwd_from_each_declarative_metric_matches_tl(server: Served, kind: str) -> None:
     metric, objective = DECLARATIVE[kind]
-    tokens = sample_tokens(gpt2_server.tl, batch=2, pos=6, seed=4)
-    _, cache = gpt2_server.model.run_with_cache(tokens, incl_bwd=True, metric=metric)
-    _, ref = tl_backward(gpt2_server.tl, tokens, objective)
+    tokens = sample_tokens(server.tl, batch=2, pos=6, seed=4)
+    _, cache = server.model.run_with_cache(tokens, incl_bwd=True, metric=metric)
+    _, ref = tl_backward(server.tl, tokens, objective)
     assert_grads_match(cache, ref)
 
 
@@ -237,6 +237,36 @@ def test_the_attribution_demo_pattern_runs_unchanged(gpt2_server: Served) -> Non
         torch.testing.assert_close(grad, ref[f"{name}_grad"], atol=ATOL, rtol=0, msg=name)
     for name, act in cache.items():
         torch.testing.assert_close(act, ref[name], atol=ATOL, rtol=0, msg=name)
+
+
+def test_a_lazy_loss_and_run_with_hooks_output_backpropagate_on_the_server(
+    gpt2_server: Served,
+) -> None:
+    """With backward hooks added, ``model(tokens, return_type="loss").backward()`` and
+    ``metric(model.run_with_hooks(..., bwd_hooks=...)).backward()`` run the backward there."""
+    model, tl = gpt2_server.model, gpt2_server.tl
+    tokens = sample_tokens(tl, batch=2, pos=5, seed=11)
+    where = "blocks.0.hook_mlp_out"
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(grad: torch.Tensor, hook: Any) -> None:
+        seen[hook.name] = grad.clone()
+
+    model.add_hook(where, hooks.callback(keep), dir="bwd")
+    try:
+        loss = model(tokens, return_type="loss")
+        loss.backward()
+    finally:
+        model.reset_hooks()
+    ref_loss, ref = tl_backward(tl, tokens, None)
+    assert abs(loss.item() - ref_loss) < ATOL
+    torch.testing.assert_close(seen.pop(where), ref[f"{where}_grad"], atol=ATOL, rtol=0)
+
+    logits = model.run_with_hooks(tokens, bwd_hooks=[(where, hooks.callback(keep))])
+    value = logit_diff(logits)
+    value.backward()
+    _, ref = tl_backward(tl, tokens, logit_diff)
+    torch.testing.assert_close(seen.pop(where), ref[f"{where}_grad"], atol=ATOL, rtol=0)
 
 
 def test_concurrent_users_gradients_equal_their_solo_runs(gpt2_server: Served) -> None:

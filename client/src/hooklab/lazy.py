@@ -23,6 +23,8 @@ from torch.utils._pytree import tree_map
 
 from .tracing import Untraceable, graph_for, record_call, start_recording
 
+_DEVICE = torch.Tensor.device  # the property; reading it reaches __torch_function__ as __get__
+
 # fetch(graph, backward): the value of ``graph`` (None: the logits); with ``backward``, the value
 # of the scalar ``graph`` after a backward pass from it.
 Fetch = Callable[[dict[str, Any] | None, bool], torch.Tensor]
@@ -91,6 +93,8 @@ class LazyLogits(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.Tensor.backward:
             return _backward(*args, **kwargs)
+        if getattr(func, "__self__", None) is _DEVICE:  # where its values will be, not meta
+            return torch.device("cpu")
         lazies = [value for value in _leaves((args, kwargs)) if isinstance(value, LazyLogits)]
         pending = lazies[0]._pending
         if all(lazy._pending is pending for lazy in lazies):
