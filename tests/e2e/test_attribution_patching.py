@@ -18,25 +18,11 @@ from hooklab import metrics, patching
 
 from .e2e_servers import Served, sample_tokens
 from .test_gradients import ANSWER, WRONG, logit_diff, tl_backward
+from .test_patching import FUNCTIONS as PATCHING_FUNCTIONS
 
 ATOL = 1e-4
-FUNCTIONS = [
-    "get_act_patch_resid_pre",
-    "get_act_patch_resid_mid",
-    "get_act_patch_attn_out",
-    "get_act_patch_mlp_out",
-    "get_act_patch_attn_head_out_by_pos",
-    "get_act_patch_attn_head_q_by_pos",
-    "get_act_patch_attn_head_k_by_pos",
-    "get_act_patch_attn_head_v_by_pos",
-    "get_act_patch_attn_head_pattern_by_pos",
-    "get_act_patch_attn_head_pattern_dest_src_pos",
-    "get_act_patch_attn_head_out_all_pos",
-    "get_act_patch_attn_head_q_all_pos",
-    "get_act_patch_attn_head_k_all_pos",
-    "get_act_patch_attn_head_v_all_pos",
-    "get_act_patch_attn_head_pattern_all_pos",
-]
+# Every get_act_patch_* sweep of one activation (the *_every ones stack several of them).
+FUNCTIONS = [name for name in PATCHING_FUNCTIONS if not name.endswith("_every")]
 
 
 class Setup:

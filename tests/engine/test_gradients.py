@@ -116,3 +116,26 @@ def test_two_backward_hooks_at_one_point_as_in_tl(gpt2_checkpoint: Path) -> None
     assert_close(ours_seen, seen.pop(), "gradient seen by the second hook")
     for name in sorted(n for n in ref if n.endswith("_grad")):
         assert_close(cache[name], ref[name], name, atol=1e-4)
+
+
+def test_gradients_at_conditional_points_as_tl_with_its_flags_on(any_checkpoint: Path) -> None:
+    """Asked for by exact name, the per-head inputs and head results get the gradients
+    TransformerLens gives them with ``use_split_qkv_input`` / ``use_attn_result`` on (the block
+    then computes from them, as TL does with the flag)."""
+    ours, tl = our_model(any_checkpoint), tl_model(any_checkpoint)
+    tokens = sample_tokens(any_checkpoint, batch=2, length=6)
+    names = [
+        f"blocks.{layer}.{point}"
+        for layer in range(ours.cfg.n_layers)
+        for point in ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
+    ]
+    _, cache = ours.run_with_cache(tokens, names_filter=names, return_type="loss", incl_bwd=True)
+    tl.set_use_split_qkv_input(True)
+    tl.set_use_attn_result(True)
+    try:
+        _, ref = _tl_grads(tl, tokens)
+    finally:
+        tl.set_use_split_qkv_input(False)
+        tl.set_use_attn_result(False)
+    for name in names:
+        assert_close(cache[f"{name}_grad"], ref[f"{name}_grad"], f"{name}_grad", atol=1e-4)

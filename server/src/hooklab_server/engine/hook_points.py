@@ -96,7 +96,11 @@ class HookRun:
         """Whether something at this point sees each call of a module used several times
         (ln1 once per attention input, as in TransformerLens): a hook function, forward or
         backward, or a gradient capture (the last backward call's gradient, as in TL)."""
-        return name in self.fns or name in self.bwd_fns or name in self.capture_grad
+        return name in self.fns or self.wants_gradient(name)
+
+    def wants_gradient(self, name: str) -> bool:
+        """A backward function or a gradient capture at this point."""
+        return name in self.bwd_fns or name in self.capture_grad
 
     def asks_for(self, name: str) -> bool:
         """Whether a conditional hook point should fire: hooked, or captured by exact name."""

@@ -277,8 +277,8 @@ class Attention(nn.Module):
         """``z @ W_O + b_O``. ``hook_result`` (each head's ``z @ W_O``) fires when
         ``use_attn_result`` is on or when it is asked for by exact name. With the flag on the
         output is the sum of the results, as in TransformerLens; asked for without it, the sum
-        is taken only when a hook function changed a result, so capturing or reading them leaves
-        the output's bits as they are."""
+        is taken only when a hook function changed a result or a backward pass wants their
+        gradient, so capturing or reading them leaves the output's bits as they are."""
         name = self.names["result"]
         flag = self.cfg.use_attn_result
         if not (flag or hooks.asks_for(name)):
@@ -286,7 +286,8 @@ class Attention(nn.Module):
         result = torch.einsum("bphe,hed->bphd", z, self.W_O)  # [batch, pos, n_heads, d_model]
         seen = result.clone() if not flag and name in hooks.fns else result  # edits in place
         hooked = hooks(name, result)
-        if not flag and (seen is result or torch.equal(hooked, seen)):
+        unchanged = seen is result or torch.equal(hooked, seen)
+        if not flag and unchanged and not hooks.wants_gradient(name):
             return F.linear(z.flatten(-2), self.w_o, self.b_o)
         out = hooked.sum(dim=2)
         return out if self.b_o is None else out + self.b_o

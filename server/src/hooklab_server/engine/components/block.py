@@ -93,5 +93,9 @@ class TransformerBlock(nn.Module):
 
 
 def _edited(per_head: torch.Tensor, resid: torch.Tensor, name: str, hooks: HookRun) -> bool:
-    """Whether a hook function changed a per-head copy of ``resid`` (a capture cannot)."""
+    """Whether the block must compute from the per-head copies of ``resid``: a hook function
+    changed one (a capture cannot), or a backward pass wants the gradient there (which only
+    reaches them when they are used)."""
+    if hooks.wants_gradient(name):
+        return True
     return name in hooks.fns and not torch.equal(per_head, resid.unsqueeze(2).expand_as(per_head))
