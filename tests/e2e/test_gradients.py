@@ -368,3 +368,20 @@ def test_backward_hooks_are_added_and_removed_as_in_tl(gpt2_server: Served) -> N
     assert upstream().abs().max() > 0
     with pytest.raises(ValueError, match="dir"):
         model.add_hook("hook_embed", hooks.scale(1.0), dir="sideways")  # type: ignore[arg-type]
+
+
+def test_an_in_place_edit_the_backward_needs_is_the_requests_error(gpt2_server: Served) -> None:
+    """A hook editing in place a tensor autograd saved (the norm's scale, kept by its square
+    root) cannot be differentiated, in TransformerLens either: a 422 that says so."""
+
+    def double_in_place(scale: torch.Tensor, hook: Any) -> torch.Tensor:
+        scale.mul_(2.0)
+        return scale
+
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5)
+    with pytest.raises(ServerError, match="in-place edit") as caught:
+        gpt2_server.model.run_with_cache(
+            tokens, return_type="loss", incl_bwd=True,
+            fwd_hooks=[("blocks.0.ln2.hook_scale", double_in_place)],
+        )  # fmt: skip
+    assert caught.value.status == 422

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooklab_server.engine import autograd_on, backward
+from hooklab_server.engine import autograd_on
 
 from .cancel import CancelToken
 from .context import OpsContext
+from .gradients import backward_from
 
 if TYPE_CHECKING:
     from .patching import PatchingWork, _Plan
@@ -52,7 +53,7 @@ def attribution_steps(
     logits = model.forward(work.corrupted.tokens, attention_mask=mask, hooks=run)
     with autograd_on():
         value = work.metric.value(logits)
-    backward(value)
+    backward_from(value)
     ctx.metrics.add("work_units", op=work.op)
     token.check()
 

@@ -138,8 +138,28 @@ def forward_backward(
         elif request.return_type == "logits" and isinstance(out, Output):
             out = out.logits
     assert isinstance(value, torch.Tensor)
-    backward(value)
+    backward_from(value)
     return _detached(out), value.detach().float()
+
+
+# What autograd says when a hook edited in place a tensor its backward needs.
+_IN_PLACE = ("modified by an inplace operation", "is being modified inplace")
+
+
+def backward_from(objective: torch.Tensor) -> None:
+    """The backward pass; a hook's in-place edit that autograd cannot go back through is the
+    request's error (TransformerLens fails the same way), not the server's."""
+    try:
+        backward(objective)
+    except RuntimeError as exc:
+        if not any(words in str(exc) for words in _IN_PLACE):
+            raise
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            "the backward pass cannot go back through a hook's in-place edit: "
+            + str(exc).splitlines()[0][:300],
+            "edit a copy in the hook (x = x.clone()), as TransformerLens requires",
+        ) from None
 
 
 def _detached(out: object) -> object:

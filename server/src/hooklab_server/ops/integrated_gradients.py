@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hooklab_proto import IG_ATTRIBUTIONS, ErrorCode, IntegratedGradientsRequest
-from hooklab_server.engine import HookPoint, autograd_on, backward
+from hooklab_server.engine import HookPoint, autograd_on
 from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 
 from ..auth import Account
@@ -26,7 +26,7 @@ from .cancel import CancelToken
 from .context import OpsContext
 from .cost import Cost, backward_bytes, check_response, response_size, with_slack
 from .errors import RequestError
-from .gradients import objective_metric
+from .gradients import backward_from, objective_metric
 from .inputs import TokenBatch, token_batch
 from .metrics import Metric
 from .patching import check_sweep_forwards
@@ -182,7 +182,7 @@ def integrated_gradients_steps(
         with autograd_on():  # the copies' metrics must be recorded for the backward
             with_batch = logits.view(copies, batch, *logits.shape[1:])
             objective = metric.normalized(metric.of_copies(with_batch)).sum()
-        backward(objective)
+        backward_from(objective)
         grad = run.cache.get(f"{hook}_grad")  # none: the metric does not depend on it
         if grad is not None:
             grads += grad.float().view(copies, *start.shape).sum(0)
