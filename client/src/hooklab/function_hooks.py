@@ -159,7 +159,8 @@ class FunctionHooks:
         size = math.prod(shape) * self.dtype.itemsize
         warnings.warn(
             f"hooklab: {_name(fn)} at {name} runs on your machine (a callback: a round trip "
-            f"per firing, the activation of {size:,} bytes down and, if changed, back up): "
+            f"per firing, the activation (a backward hook: its gradient) of {size:,} bytes down "
+            "and, if changed, back up): "
             f"{exc.message} "
             f"[{exc.reason}]. Keep it on the server by using only tensor operations "
             "(e.g. torch.where instead of if), or mark it hooks.callback(fn) to silence this.",
