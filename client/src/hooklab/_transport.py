@@ -82,6 +82,7 @@ class Transport:
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0)),
         )
+        self.received_bytes = 0  # frame-stream response bytes read so far (as on the wire)
 
     def close(self) -> None:
         self.client.close()
@@ -188,14 +189,19 @@ class Transport:
         self._raise_for_status(response)
 
     def frames(
-        self, method: str, path: str, body: dict[str, Any] | None = None, progress: bool = True
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        progress: bool = True,
+        query: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Send a request and decode its frame stream: (begin-frame fields, tensors by name)."""
         content = self._content(path, body) if body is not None else None
         headers = {"accept": FRAMES_MEDIA_TYPE}
         if content is not None:
             headers["content-type"] = MSGPACK_MEDIA_TYPE
-        params = self._params(path)
+        params = {**self._params(path), **(query or {})}
         with (
             self._errors(),
             self.client.stream(
@@ -203,7 +209,10 @@ class Transport:
             ) as response,
         ):
             self._raise_for_status(response)
-            return _read_frames(response, progress)
+            try:
+                return _read_frames(response, progress)
+            finally:
+                self.received_bytes += response.num_bytes_downloaded
 
 
 def _read_frames(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+from collections.abc import ItemsView, Iterator, KeysView, MutableMapping, ValuesView
 from typing import Any, Literal
 
 import torch
@@ -28,6 +28,7 @@ import torch
 from hooklab_proto import GRAD_SUFFIX
 
 from ._norm import NORM_TYPES, apply_norm
+from .remote_cache import RemoteEntries, fetching_first
 from .utils import Slice, SliceInput, as_slice, get_act_name
 
 SliceLike = Slice | SliceInput
@@ -67,7 +68,7 @@ class ActivationCache:
 
     def __init__(
         self,
-        cache_dict: dict[str, torch.Tensor],
+        cache_dict: MutableMapping[str, torch.Tensor],
         model: Any,
         has_batch_dim: bool = True,
         *,
@@ -87,8 +88,8 @@ class ActivationCache:
     def __getitem__(self, key: str | tuple[Any, ...]) -> torch.Tensor:
         """``cache["blocks.0.hook_resid_post"]``, ``cache["resid_post", -1]``, ``cache["k1"]``,
         ``cache["scale", 0, "ln1"]`` — see :func:`hooklab.utils.get_act_name`."""
-        if key in self.cache_dict:
-            return self.cache_dict[key]  # `in` narrowed key to str
+        if isinstance(key, str) and key in self.cache_dict:
+            return self.cache_dict[key]
         if isinstance(key, str):
             return self.cache_dict[get_act_name(key)]
         if len(key) > 1 and key[1] is not None and key[1] < 0:
@@ -118,7 +119,10 @@ class ActivationCache:
 
     def to(self, device: str | torch.device) -> ActivationCache:
         """Move every activation to ``device`` (in place); returns self."""
-        self.cache_dict = {name: value.to(device) for name, value in self.cache_dict.items()}
+        if isinstance(self.cache_dict, RemoteEntries):
+            self.cache_dict.to(device)  # applied to what is fetched
+        else:
+            self.cache_dict = {name: value.to(device) for name, value in self.cache_dict.items()}
         return self
 
     def gradients(self) -> ActivationCache:
@@ -136,6 +140,18 @@ class ActivationCache:
             raise KeyError("this cache holds no gradients: run_with_cache(..., incl_bwd=True)")
         return ActivationCache(grads, self.model, self.has_batch_dim)
 
+    @property
+    def lazy(self) -> bool:
+        """Whether the activations stay on the server until read (see ``hooklab.remote_cache``)."""
+        return isinstance(self.cache_dict, RemoteEntries)
+
+    def release(self) -> None:
+        """Free the server's copy of a lazy cache now (what was read stays readable here);
+        otherwise it goes when this cache is garbage-collected, or at the store's time to live.
+        Nothing to do for a cache held here."""
+        if isinstance(self.cache_dict, RemoteEntries):
+            self.cache_dict.release()
+
     def toggle_autodiff(self, mode: bool = False) -> None:
         """``torch.set_grad_enabled(mode)`` — global state, as in TransformerLens."""
         logger.warning("Changed the global state, set autodiff to %s", mode)
@@ -145,8 +161,16 @@ class ActivationCache:
 
     def _batch_size(self) -> int:
         """The most common leading size over the entries (robust to broadcast entries)."""
-        sizes = Counter(value.size(0) for value in self.cache_dict.values() if value.ndim > 0)
+        shapes = [self._shape(name) for name in self.cache_dict]
+        sizes = Counter(shape[0] for shape in shapes if len(shape) > 0)
         return sizes.most_common(1)[0][0] if sizes else 1
+
+    def _shape(self, name: str) -> torch.Size:
+        """An entry's shape, without fetching it from the server."""
+        entries = self.cache_dict
+        if isinstance(entries, RemoteEntries):
+            return entries.shape_of(name)
+        return entries[name].shape
 
     def remove_batch_dim(self) -> ActivationCache:
         """Drop the batch axis of a batch-1 cache (in place); returns self."""
@@ -158,9 +182,12 @@ class ActivationCache:
             raise AssertionError(
                 f"Cannot remove batch dimension from cache with batch size {batch_size}"
             )
-        for name, value in self.cache_dict.items():
-            if value.ndim > 0 and value.size(0) == 1:
-                self.cache_dict[name] = value[0]
+        if isinstance(self.cache_dict, RemoteEntries):
+            self.cache_dict = self.cache_dict.rows(0)  # applied to what is fetched
+        else:
+            for name, value in self.cache_dict.items():
+                if value.ndim > 0 and value.size(0) == 1:
+                    self.cache_dict[name] = value[0]
         self.has_batch_dim = False
         return self
 
@@ -170,6 +197,9 @@ class ActivationCache:
         if not self.has_batch_dim:
             raise AssertionError("Cannot index into a cache without a batch dim")
         keeps_batch_dim = batch_slice.mode != "int" and self.has_batch_dim
+        if isinstance(self.cache_dict, RemoteEntries):
+            rows = self.cache_dict.rows(batch_slice)  # applied to what is fetched
+            return ActivationCache(rows, self.model, has_batch_dim=keeps_batch_dim)
         batch_size = self._batch_size()
         sliced = {
             name: batch_slice.apply(value, dim=0)
@@ -185,6 +215,7 @@ class ActivationCache:
         """None and -1 mean the unembed input (``n_layers``)."""
         return self.model.cfg.n_layers if layer is None or layer == -1 else layer
 
+    @fetching_first
     def accumulated_resid(
         self,
         layer: int | None = None,
@@ -228,6 +259,7 @@ class ActivationCache:
             )
         return (stack, labels) if return_labels else stack
 
+    @fetching_first
     def decompose_resid(
         self,
         layer: int | None = None,
@@ -274,6 +306,7 @@ class ActivationCache:
 
     # ---- attention heads ---------------------------------------------------------------------
 
+    @fetching_first
     def compute_head_results(self) -> None:
         """Add ``blocks.{l}.attn.hook_result`` ``[*bp, H, d]`` (``z @ W_O`` per head, no b_O)."""
         first = "blocks.0.attn.hook_result"
@@ -289,6 +322,7 @@ class ActivationCache:
             result = torch.einsum("...hk,hkd->...hd", z, W_O[index].to(z.device))
             self.cache_dict[f"blocks.{index}.attn.hook_result"] = result
 
+    @fetching_first
     def stack_head_results(
         self,
         layer: int = -1,
@@ -323,6 +357,7 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
+    @fetching_first
     def stack_activation(
         self, activation_name: str, layer: int = -1, sublayer_type: str | None = None
     ) -> torch.Tensor:
@@ -332,6 +367,7 @@ class ActivationCache:
 
     # ---- MLP neurons -------------------------------------------------------------------------
 
+    @fetching_first
     def get_neuron_results(
         self,
         layer: int,
@@ -391,6 +427,7 @@ class ActivationCache:
             return torch.zeros(0, *shape, project.shape[-1], device=self.model.cfg.device)
         return _components_first(torch.cat(parts, dim=-2))
 
+    @fetching_first
     def stack_neuron_results(
         self,
         layer: int,
@@ -479,6 +516,7 @@ class ActivationCache:
             scale = batch_slice.apply(scale)
         return scale
 
+    @fetching_first
     def apply_ln_to_stack(
         self,
         residual_stack: torch.Tensor,
@@ -519,6 +557,7 @@ class ActivationCache:
             tokens = self.model.to_single_token(tokens)
         return torch.as_tensor(tokens).shape
 
+    @fetching_first
     def logit_attrs(
         self,
         residual_stack: torch.Tensor,
@@ -553,6 +592,7 @@ class ActivationCache:
         )
         return (scaled * directions.to(scaled.device)).sum(-1)
 
+    @fetching_first
     def get_full_resid_decomposition(
         self,
         layer: int | None = None,

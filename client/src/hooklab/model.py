@@ -6,7 +6,8 @@ come back as tensors. Weights are fetched on first use and memoised.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
@@ -29,17 +30,20 @@ from .activation_cache import ActivationCache
 from .callbacks import CallbackSession
 from .config import HookedTransformerConfig
 from .errors import ConnectionFailedError, NotFoundError, ServerError
-from .function_hooks import FunctionHooks, HookMode, ShapePlan, default_mode
+from .function_hooks import FunctionHooks, HookMode, ShapePlan, axis_sizes, default_mode
 from .hooks import HookSpec
 from .lazy import LazyLogits
 from .metrics import Metric, objective_wire
 from .modules import Circuits, HookPoint, LazyStateDict, Module, Weights, build_tree
+from .remote_cache import RemoteEntries
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
 NameOrFilter = str | Callable[[str], bool]
 HookFunction = Callable[..., Any]  # TransformerLens's fn(activation, hook)
 FwdHook = tuple[NameOrFilter, HookSpec | HookFunction]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+# The default of model.lazy_cache_bytes: a cache above this stays on the server until read.
+LAZY_CACHE_BYTES = 64 * 2**20
 # A backward pass's objective: a hooklab.metrics metric, or a Python metric of the logits.
 MetricLike = Metric | Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["fwd", "bwd"]
@@ -103,6 +107,8 @@ class HookedTransformer(Circuits):
         self.callback_timeout_s = 300.0
         # run_with_hooks returns logits computed on first read, sending back only what is read.
         self.lazy_logits = True
+        # run_with_cache keeps a cache larger than this on the server, read when indexed.
+        self.lazy_cache_bytes = LAZY_CACHE_BYTES
         self._callbacks: CallbackSession | None = None
         self._functions = FunctionHooks(
             info["cfg"],
@@ -312,8 +318,9 @@ class HookedTransformer(Circuits):
         store: bool = False,
         fwd_hooks: Sequence[FwdHook] = (),
         metric: MetricLike | None = None,
+        lazy: bool | None = None,
         **forward_kwargs: Any,
-    ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
+    ) -> tuple[Any, ActivationCache | MutableMapping[str, torch.Tensor]]:
         """Forward plus activations. ``store=True`` also keeps the cache on the server: its id
         is ``cache.cache_id`` (usable as a patch source).
 
@@ -321,19 +328,46 @@ class HookedTransformer(Circuits):
         TransformerLens (``return_type="loss"``) or from ``metric`` (a ``hooklab.metrics``
         metric or a traceable Python metric of the logits), with the backward hooks added by
         ``add_hook(..., dir="bwd")``; the cache then holds ``{name}_grad`` for every name
-        cached (``cache.gradients()`` is them as a cache of their own)."""
+        cached (``cache.gradients()`` is them as a cache of their own).
+
+        ``lazy``: the activations stay on the server and each travels when first read (its
+        names, shapes and dtypes are here at once; analysis methods bring what they read in
+        one request) — ``hooklab.remote_cache``. None (the default): lazy when the cache would
+        be larger than ``model.lazy_cache_bytes``. ``cache.release()`` frees the server copy;
+        so does dropping the cache, and the store's time to live."""
+        names = self._resolve_names(names_filter)
+        if lazy is None:
+            plan = self._shape_plan(model_args[0], **forward_kwargs) if len(model_args) else None
+            lazy = plan is not None and self._cache_bytes(names, plan) > self.lazy_cache_bytes
         out, tensors, meta = self._call(
-            "/v1/run_with_cache", model_args, fwd_hooks, self._resolve_names(names_filter),
-            remove_batch_dim=remove_batch_dim, store=store or None, incl_bwd=incl_bwd,
-            metric=metric, **forward_kwargs,
+            "/v1/run_with_cache", model_args, fwd_hooks, names,
+            remove_batch_dim=remove_batch_dim or None, store=(store or lazy) or None,
+            return_cache=False if lazy else None, incl_bwd=incl_bwd, metric=metric,
+            **forward_kwargs,
         )  # fmt: skip
+        entries: MutableMapping[str, torch.Tensor] = tensors
+        if lazy:
+            ttl = self.info["limits"].get("store_ttl_s")
+            entries = RemoteEntries.on_server(
+                self._transport, meta["cache_id"], meta["entries"], ttl, keep=store
+            )
+        cache = ActivationCache(entries, self, has_batch_dim=not (remove_batch_dim and not lazy))
+        if lazy and remove_batch_dim:
+            cache.remove_batch_dim()
         if device is not None:
-            tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        if not return_cache_object:
-            return out, tensors
-        cache = ActivationCache(tensors, self, has_batch_dim=not remove_batch_dim)
+            cache.to(device)
         cache.cache_id = meta.get("cache_id")
-        return out, cache
+        return out, (cache if return_cache_object else cache.cache_dict)
+
+    def _cache_bytes(self, names: list[str] | None, plan: ShapePlan) -> int:
+        """The bytes of the activations ``names`` (None: every point that fires) of an input."""
+        sizes = axis_sizes(self.info["cfg"], plan.batch, plan.pos)
+        shapes = {point["name"]: point["shape"] for point in self.info["hook_points"]}
+        chosen = names if names is not None else [n for n in self.hook_names if self._fires[n]]
+        elements = sum(
+            math.prod(sizes.get(str(a), a) for a in shapes[n]) for n in chosen if n in shapes
+        )
+        return int(elements) * self.cfg.dtype.itemsize
 
     def run_with_hooks(
         self,

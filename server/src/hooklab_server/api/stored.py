@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest
@@ -81,8 +83,16 @@ async def get_tensor(object_id: str, request: Request) -> Response:
 
 
 @router.get("/v1/caches/{object_id}", responses=STREAM)
-async def get_cache(object_id: str, request: Request) -> Response:
-    value = await run_in_threadpool(objects.stored_cache, *_read(request, object_id))
+async def get_cache(
+    object_id: str,
+    request: Request,
+    names: Annotated[
+        list[str] | None, Query(description="only these entries (a lazy client cache's reads)")
+    ] = None,
+) -> Response:
+    """A stored cache's activations: all of them, or the entries ``names``."""
+    read = _read(request, object_id)
+    value = await run_in_threadpool(objects.stored_cache, *read, names)
     return await tensors_response(request, value, {"cache_id": object_id})
 
 

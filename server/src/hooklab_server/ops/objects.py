@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from hooklab_proto import ErrorCode, StoreTensorRequest
+from hooklab_proto import ErrorCode, StoreTensorRequest, dtype_code
 from hooklab_server.engine import HookedTransformer
 
 from ..auth import Account
@@ -15,7 +15,7 @@ from ..settings import Settings
 from ..store import Store, StoredInfo
 from .context import OpsContext, decoded_tensor
 from .cost import check_response, response_size
-from .errors import RequestError
+from .errors import RequestError, too_large
 
 
 @functools.cache
@@ -48,12 +48,37 @@ def stored_tensor(
 
 
 def stored_cache(
-    store: Store, settings: Settings, caller: Account, object_id: str, wants_json: bool
+    store: Store,
+    settings: Settings,
+    caller: Account,
+    object_id: str,
+    wants_json: bool,
+    names: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """A stored cache, or only its entries ``names`` (a client reading a cache lazily)."""
+    if names is not None and len(names) > settings.max_names:
+        raise too_large("names", len(names), settings.max_names, "max_names", None)
     value = store.get("cache", object_id, caller).value
     assert isinstance(value, dict)
+    if names is not None:
+        missing = [name for name in names if name not in value]
+        if missing:
+            raise RequestError(
+                ErrorCode.NOT_FOUND,
+                f"stored cache {object_id!r} has no entry {missing[0][:200]!r}",
+            )
+        value = {name: value[name] for name in dict.fromkeys(names)}
     _check_tensors(list(value.values()), wants_json, settings)
     return value
+
+
+def cache_entries(cache: dict[str, torch.Tensor]) -> dict[str, dict[str, object]]:
+    """What a client needs to index a stored cache without its bytes: each entry's shape and
+    dtype code."""
+    return {
+        name: {"shape": list(value.shape), "dtype": dtype_code(value.dtype)}
+        for name, value in cache.items()
+    }
 
 
 def store_tensor(store: Store, caller: Account, request: StoreTensorRequest) -> StoredInfo:

@@ -42,6 +42,7 @@ from .errors import RequestError
 from .gradients import Backward, backward_hooks, forward_backward, validate_backward
 from .graphs import CompiledGraph, compile_graph
 from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
+from .objects import cache_entries
 from .specs import HookFn, compile_specs, resolve_hook_names
 
 
@@ -257,7 +258,11 @@ def finish_forward(
     if caching is None:
         return result
     if caching.store:  # stored with its batch axis, so it can be a patch source
-        result.meta["cache_id"] = ctx.store.put("cache", cache, work.caller).id
+        info = ctx.store.put("cache", cache, work.caller)
+        result.meta["cache_id"] = info.id
+        result.meta["expires_at"] = info.expires_at
+        if not caching.return_cache:  # a lazy client cache: its index, without the bytes
+            result.meta["entries"] = cache_entries(cache)
     if caching.return_cache:
         if caching.remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}

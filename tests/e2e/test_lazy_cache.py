@@ -1,0 +1,182 @@
+"""A cache that stays on the server (``run_with_cache(..., lazy=True)``): its index arrives at
+once, its activations when read — and every analysis method gives what the eager cache and
+TransformerLens 3.9's own ``ActivationCache`` give on the same weights and tokens."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from hooklab.remote_cache import CacheGoneError
+
+from .e2e_servers import Served, sample_tokens
+
+ATOL = 1e-4
+
+# (method, kwargs): each analysis method with a few of its arguments.
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("accumulated_resid", {}),
+    ("accumulated_resid", {"apply_ln": True, "pos_slice": -1, "return_labels": True}),
+    ("accumulated_resid", {"layer": 1, "incl_mid": True}),
+    ("decompose_resid", {"return_labels": True}),
+    ("decompose_resid", {"apply_ln": True, "pos_slice": -1}),
+    ("stack_head_results", {"return_labels": True}),
+    ("stack_head_results", {"layer": 1, "apply_ln": True, "pos_slice": -1, "incl_remainder": True}),
+    ("stack_neuron_results", {"layer": 2, "return_labels": True}),
+    ("stack_neuron_results", {"layer": 1, "apply_ln": True, "pos_slice": -1}),
+    ("get_neuron_results", {"layer": 1, "neuron_slice": (2, 8)}),
+    ("get_full_resid_decomposition", {"return_labels": True}),
+    ("get_full_resid_decomposition", {"apply_ln": True, "pos_slice": -1, "expand_neurons": False}),
+    ("stack_activation", {"activation_name": "pattern"}),
+    ("stack_activation", {"activation_name": "scale", "sublayer_type": "ln1"}),
+    ("logit_attrs", {"residual_stack": "<decomposition>", "tokens": 5, "incorrect_tokens": 11}),
+    ("apply_ln_to_stack", {"residual_stack": "<decomposition>", "layer": 1}),
+]
+
+
+def _case_id(case: tuple[str, dict[str, Any]]) -> str:
+    return f"{case[0]}({','.join(f'{k}={v}' for k, v in case[1].items())})"
+
+
+def _call(cache: Any, method: str, kwargs: dict[str, Any], stack: torch.Tensor) -> Any:
+    resolved = {k: (stack if v == "<decomposition>" else v) for k, v in kwargs.items()}
+    return getattr(cache, method)(**resolved)
+
+
+def _assert_same(actual: Any, expected: Any, what: str) -> None:
+    if isinstance(expected, tuple):
+        assert isinstance(actual, tuple) and len(actual) == len(expected), what
+        for a, e in zip(actual, expected, strict=True):
+            _assert_same(a, e, what)
+    elif isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0, msg=what)
+    else:
+        assert actual == expected, what
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_each_analysis_method_lazy_equals_eager_equals_tl(
+    server: Served, case: tuple[str, dict[str, Any]]
+) -> None:
+    from transformer_lens import ActivationCache as TLCache
+
+    method, kwargs = case
+    tokens = sample_tokens(server.tl, batch=2, pos=6, seed=50)
+    _, lazy = server.model.run_with_cache(tokens, lazy=True)
+    _, eager = server.model.run_with_cache(tokens, lazy=False)
+    _, ref = server.tl.run_with_cache(tokens)
+    assert lazy.lazy and not eager.lazy and isinstance(ref, TLCache)
+    stack = ref.decompose_resid()
+    try:
+        expected = _call(ref, method, kwargs, stack)
+    except KeyError:  # an activation this architecture lacks (NeoX: no resid_mid)
+        for cache in (eager, lazy):
+            with pytest.raises(KeyError):
+                _call(cache, method, kwargs, stack)
+        return
+    _assert_same(_call(eager, method, kwargs, stack), expected, f"eager {method}")
+    _assert_same(_call(lazy, method, kwargs, stack), expected, f"lazy {method}")
+
+
+def test_the_index_travels_at_once_and_each_entry_when_read(gpt2_server: Served) -> None:
+    model = gpt2_server.model
+    transport = model._transport
+    tokens = sample_tokens(gpt2_server.tl, batch=2, pos=8, seed=51)
+    _, eager = model.run_with_cache(tokens, return_type=None, lazy=False)
+    before = transport.received_bytes
+    _, cache = model.run_with_cache(tokens, return_type=None, lazy=True)
+    index_bytes = transport.received_bytes - before
+    assert index_bytes < 2048, f"the index alone took {index_bytes} bytes"
+    # No bytes for names, length, membership, shapes, iteration.
+    assert list(cache.keys()) == list(eager.keys()) and len(cache) == len(eager)
+    assert "blocks.1.hook_resid_post" in cache and "nope" not in cache
+    assert [cache._shape(n) for n in cache] == [eager[n].shape for n in eager]
+    assert transport.received_bytes - before == index_bytes
+    # One entry: its bytes (and a frame header), once.
+    name = "blocks.1.attn.hook_pattern"
+    before = transport.received_bytes
+    torch.testing.assert_close(cache[name], eager[name], atol=0, rtol=0)
+    moved = transport.received_bytes - before
+    nbytes = eager[name].numel() * eager[name].element_size()
+    assert nbytes <= moved < nbytes + 1024, (moved, nbytes)
+    cache[name]
+    assert transport.received_bytes - before == moved, "read again: kept here"
+    # An analysis method: one request for everything it reads, nothing else.
+    before = transport.received_bytes
+    cache.accumulated_resid()
+    wanted = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+    wanted.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    nbytes = sum(eager[n].numel() * 4 for n in wanted)
+    moved = transport.received_bytes - before
+    assert nbytes <= moved < nbytes + 4096, (moved, nbytes)
+
+
+def test_batch_views_and_devices_apply_to_what_arrives(gpt2_server: Served) -> None:
+    model = gpt2_server.model
+    tokens = sample_tokens(gpt2_server.tl, batch=3, pos=5, seed=52)
+    _, eager = model.run_with_cache(tokens, lazy=False)
+    _, lazy = model.run_with_cache(tokens, lazy=True)
+    name = "blocks.0.hook_mlp_out"
+    rows = lazy.apply_slice_to_batch_dim([2, 0])
+    torch.testing.assert_close(rows[name], eager[name][[2, 0]])
+    one = lazy.apply_slice_to_batch_dim(1)
+    assert not one.has_batch_dim and one._shape(name) == eager[name][1].shape
+    torch.testing.assert_close(one[name], eager[name][1])
+    _, single = model.run_with_cache(tokens[:1], lazy=True, remove_batch_dim=True)
+    _, single_eager = model.run_with_cache(tokens[:1], lazy=False, remove_batch_dim=True)
+    torch.testing.assert_close(single[name], single_eager[name])
+    assert single.to("cpu") is single and single[name].device.type == "cpu"
+
+
+def test_release_expiry_and_collection_free_the_server_copy(
+    gpt2_server: Served, make_server: Callable[..., Served]
+) -> None:
+    model = gpt2_server.model
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5, seed=53)
+
+    def stored() -> set[str]:
+        return {o["id"] for o in model._transport.get_json("/v1/caches")["objects"]}
+
+    _, cache = model.run_with_cache(tokens, lazy=True)
+    kept = cache["blocks.0.hook_resid_pre"]
+    assert cache.cache_id in stored()
+    cache.release()
+    assert cache.cache_id not in stored()
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], kept)  # read before: still here
+    with pytest.raises(CacheGoneError, match="released"):
+        cache["blocks.1.hook_resid_pre"]
+
+    _, cache = model.run_with_cache(tokens, lazy=True)
+    cache_id = cache.cache_id
+    del cache
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while cache_id in stored() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache_id not in stored(), "collecting the last cache reading it releases it"
+
+    short = make_server(store_ttl_s=1.0)
+    _, cache = short.model.run_with_cache(tokens, lazy=True)
+    time.sleep(1.5)
+    with pytest.raises(CacheGoneError, match=r"kept 1 s \(server setting store_ttl_s\)"):
+        cache["blocks.0.hook_resid_pre"]
+
+
+def test_the_default_rule_is_a_size_threshold(gpt2_server: Served) -> None:
+    model = gpt2_server.model
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5, seed=54)
+    assert not model.run_with_cache(tokens)[1].lazy  # a few kilobytes: eager
+    before = model.lazy_cache_bytes
+    model.lazy_cache_bytes = 4096
+    try:
+        _, cache = model.run_with_cache(tokens)
+        assert cache.lazy
+        _, small = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_pre")
+        assert not small.lazy  # 5 x 64 floats (1,280 bytes): under the threshold
+    finally:
+        model.lazy_cache_bytes = before
