@@ -191,7 +191,7 @@ def candidates_for(
     def remote_cache() -> None:
         headers_at.clear()
         start = time.perf_counter()
-        remote.run_with_cache(tokens)
+        remote.run_with_cache(tokens, lazy=False)  # the whole cache brought here
         end = time.perf_counter()
         splits["remote"].add(headers_at[0] - start, end - headers_at[0])
 
@@ -233,7 +233,7 @@ def candidates_for(
 
 def check_same_model(remote: Any, tl: Any, tokens: torch.Tensor) -> tuple[int, str]:
     """Compare one remote and one local run_with_cache; returns (tensor bytes decoded, summary)."""
-    logits, cache = remote.run_with_cache(tokens)
+    logits, cache = remote.run_with_cache(tokens, lazy=False)
     with torch.inference_mode():
         tl_logits, tl_cache = tl.run_with_cache(tokens)
     tensor_bytes = logits.nbytes + sum(t.nbytes for t in cache.values())

@@ -231,7 +231,7 @@ def measure_hop(
     logits = {name: model(forward_tokens) for name, model in clients.items()}
     assert tuple(logits["embedded"].shape) == (*FORWARD_SHAPE, VOCAB), logits["embedded"].shape
     difference = float((logits["embedded"] - logits["scaled out"]).abs().max())
-    _, cache = clients["scaled out"].run_with_cache(cache_tokens)
+    _, cache = clients["scaled out"].run_with_cache(cache_tokens, lazy=False)
     cache_mb = sum(t.numel() * t.element_size() for t in cache.values()) / 1e6
     points = len(cache)
     del logits, cache
@@ -244,7 +244,9 @@ def measure_hop(
 
     forward = timed("forward", forward_runs, lambda m: m(forward_tokens))
     scalar = timed("forward, loss", forward_runs, lambda m: m(forward_tokens, return_type="loss"))
-    cached = timed("run_with_cache", cache_runs, lambda m: m.run_with_cache(cache_tokens))
+    cached = timed(
+        "run_with_cache", cache_runs, lambda m: m.run_with_cache(cache_tokens, lazy=False)
+    )
 
     def added(medians: dict[str, float]) -> float:
         return medians["scaled out"] - medians["embedded"]

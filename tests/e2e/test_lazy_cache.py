@@ -106,14 +106,20 @@ def test_the_index_travels_at_once_and_each_entry_when_read(gpt2_server: Served)
     assert nbytes <= moved < nbytes + 1024, (moved, nbytes)
     cache[name]
     assert transport.received_bytes - before == moved, "read again: kept here"
-    # An analysis method: one request for everything it reads, nothing else.
+    # An analysis method runs on the server: its result travels, not what it reads.
     before = transport.received_bytes
-    cache.accumulated_resid()
-    wanted = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
-    wanted.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
-    nbytes = sum(eager[n].numel() * 4 for n in wanted)
+    stack = cache.accumulated_resid(apply_ln=True, pos_slice=-1)
     moved = transport.received_bytes - before
-    assert nbytes <= moved < nbytes + 4096, (moved, nbytes)
+    nbytes = stack.numel() * stack.element_size()
+    assert nbytes <= moved < nbytes + 1024, (moved, nbytes)
+    assert cache.cache_dict.fetched_names() == [name], "no entry was brought here for it"
+    # Set here (compute_head_results): the entries it reads come in one request, then it runs here.
+    before = transport.received_bytes
+    cache.compute_head_results()
+    z = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    nbytes = sum(eager[n].numel() * eager[n].element_size() for n in z)
+    moved = transport.received_bytes - before
+    assert nbytes <= moved < nbytes + 2048, (moved, nbytes)
 
 
 def test_batch_views_and_devices_apply_to_what_arrives(gpt2_server: Served) -> None:

@@ -1,5 +1,6 @@
-"""The three packages keep their boundaries: the client installs and imports without the server's
-dependencies, neither side imports the other, and the server's command exists."""
+"""The packages keep their boundaries: the client installs and imports without the server's
+dependencies, neither side imports the other (what they share — the wire contract, the
+ActivationCache analysis — is a package of its own), and the server's command exists."""
 
 from __future__ import annotations
 
@@ -37,15 +38,18 @@ def test_client_declares_no_server_dependency() -> None:
         ("import hooklab", {*SERVER_ONLY, "hooklab_server"}),
         ("import hooklab_proto", {*SERVER_ONLY, "hooklab", "hooklab_server"}),
         ("import hooklab_server", {"hooklab"}),
+        ("import hooklab_server.ops.analysis", {"hooklab"}),
+        ("import hooklab_analysis", {*SERVER_ONLY, "hooklab", "hooklab_server", "hooklab_proto"}),
     ],
 )
 def test_imports_stay_inside_their_boundary(statement: str, forbidden: set[str]) -> None:
     assert not imported_modules(statement) & forbidden
 
 
-def test_both_sides_depend_on_proto() -> None:
-    assert "hooklab-proto" in dependencies("client")
-    assert "hooklab-proto" in dependencies("server")
+def test_both_sides_depend_on_what_they_share() -> None:
+    for shared in ("hooklab-proto", "hooklab-analysis"):
+        assert shared in dependencies("client")
+        assert shared in dependencies("server")
 
 
 def test_server_command_parses_its_options() -> None:

@@ -25,10 +25,10 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from hooklab_proto import torch_dtype
+from hooklab_proto import ANALYSIS_RESULT, torch_dtype
 
 from ._transport import Transport
-from .errors import NotFoundError
+from .errors import NotFoundError, ServerError
 from .utils import Slice, SliceInput, as_slice
 
 
@@ -203,6 +203,32 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
     def release(self) -> None:
         self._copy.release()
 
+    # --- analysis on the server ------------------------------------------------------------
+
+    def on_server_only(self) -> bool:
+        """Nothing was set or removed here: the server's copy is this cache."""
+        return not self._local and not self._removed
+
+    def analyse(self, method: str, arguments: dict[str, Any]) -> Any:
+        """``ActivationCache.method(**arguments)`` run by the server on its copy (read through
+        this cache's batch rows); only the result travels."""
+        body: dict[str, Any] = {
+            "cache": self._copy.cache_id,
+            "method": method,
+            "args": {name: _wire_argument(value) for name, value in arguments.items()},
+        }
+        if self._rows is not None:
+            body["rows"] = self._rows.tolist()
+        try:
+            meta, tensors = self._copy.transport.frames("POST", "/v1/analysis", body)
+        except ServerError as exc:
+            raise _as_python_error(exc) from None
+        result = tensors[ANALYSIS_RESULT]
+        if self._device is not None:
+            result = result.to(self._device)
+        labels = meta.get("labels")
+        return result if labels is None else (result, list(labels))
+
     # --- views ------------------------------------------------------------------------------
 
     def rows(self, batch_slice: Slice | SliceInput) -> RemoteEntries:
@@ -222,6 +248,32 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
         self._device = torch.device(device)
         self._fetched = {name: value.to(device) for name, value in self._fetched.items()}
         self._local = {name: value.to(device) for name, value in self._local.items()}
+
+
+def _wire_argument(value: Any) -> Any:
+    """An analysis argument as the wire carries it: a TransformerLens tuple slice (``(k,)``
+    is ``:k``) or a ``Slice`` as ``{"start", "stop", "step"}`` — a list stays a list of
+    indices; tensors, numbers and strings as they are."""
+    if isinstance(value, Slice):
+        value = value.slice
+    if isinstance(value, slice):
+        return {"start": value.start, "stop": value.stop, "step": value.step}
+    if isinstance(value, tuple):
+        return _wire_argument(slice(*value))
+    return value
+
+
+# What the shared analysis code raises, re-raised here as itself (TransformerLens's types).
+_PYTHON_ERRORS: dict[str, type[Exception]] = {
+    error.__name__: error
+    for error in (KeyError, AssertionError, ValueError, IndexError, TypeError, RuntimeError)
+}
+
+
+def _as_python_error(exc: ServerError) -> Exception:
+    kind, _, message = str(exc.message).partition(": ")
+    error = _PYTHON_ERRORS.get(kind) if exc.code == "validation_error" else None
+    return error(message) if error is not None else exc
 
 
 class _Recorder(MutableMapping[str, torch.Tensor]):

@@ -5,6 +5,13 @@ Tensors travel as msgpack maps whose payload is raw little-endian bytes (``encod
 JSON (``tensor_to_json`` / ``tensor_from_json``). The normative description is proto/README.md.
 """
 
+from ._analysis import (
+    ANALYSIS_METHODS,
+    ANALYSIS_RESULT,
+    AnalysisArg,
+    AnalysisRequest,
+    SliceRange,
+)
 from ._api import (
     FRAMES_MEDIA_TYPE,
     GRAD_SUFFIX,
@@ -102,6 +109,8 @@ from ._tensor_values import JsonTensor, MsgpackTensor, TensorRef, TensorValue, i
 from .errors import TruncatedStreamError, WireFormatError
 
 __all__ = [
+    "ANALYSIS_METHODS",
+    "ANALYSIS_RESULT",
     "CONTROL_KINDS",
     "DEFAULT_MAX_FRAME_BYTES",
     "DTYPE_CODES",
@@ -130,6 +139,8 @@ __all__ = [
     "SPEC_OPS",
     "TOO_LARGE_ERROR",
     "AblateSpec",
+    "AnalysisArg",
+    "AnalysisRequest",
     "BatchSource",
     "CacheEntry",
     "CacheSource",
@@ -180,6 +191,7 @@ __all__ = [
     "ScaleSpec",
     "ServedModel",
     "SetSpec",
+    "SliceRange",
     "SteerSpec",
     "StoreTensorRequest",
     "StoredObject",

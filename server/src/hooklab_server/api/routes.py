@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from hooklab_proto import (
+    AnalysisRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
@@ -92,7 +93,7 @@ async def detokenize(request: Request) -> DetokenizeResponse:
     return await run_in_threadpool(detokenize_ids, ctx, body)
 
 
-TensorRequest = ForwardRequest | PatchingRequest | IntegratedGradientsRequest
+TensorRequest = ForwardRequest | PatchingRequest | IntegratedGradientsRequest | AnalysisRequest
 
 
 async def tensor_route(request: Request, model: type[TensorRequest]) -> Response:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from hooklab_proto import (
+    AnalysisRequest,
     ForwardRequest,
     GenerateRequest,
     GenerateResponse,
@@ -28,6 +29,7 @@ from hooklab_proto import (
 )
 
 from ..auth import Account
+from .analysis import AnalysisWork, analysis_steps, validate_analysis
 from .cancel import Cancelled, CancelToken, deadline_error
 from .context import OpsContext
 from .errors import QuotaExceeded, RequestError, too_large
@@ -40,7 +42,8 @@ from .integrated_gradients import (
 from .patching import PatchingWork, patching_steps, validate_patching
 from .run import ForwardWork, TensorsResult, run_forward, validate_forward
 
-TensorWork = ForwardWork | PatchingWork | IntegratedGradientsWork  # its result: tensors
+# Work whose result is tensors.
+TensorWork = ForwardWork | PatchingWork | IntegratedGradientsWork | AnalysisWork
 Work = TensorWork | GenerateWork
 Steps = Generator[GenerateStep | None, None, TensorsResult | GenerateResponse]
 Result = TypeVar("Result")
@@ -71,6 +74,8 @@ class Operations:
             return validate_patching(ctx, request, wants_json)
         if isinstance(request, IntegratedGradientsRequest):
             return validate_integrated_gradients(ctx, request, wants_json)
+        if isinstance(request, AnalysisRequest):
+            return validate_analysis(ctx, request, wants_json)
         raise TypeError(f"no operation validates {type(request).__name__}")
 
     def steps(self, work: Work, token: CancelToken) -> Steps:
@@ -82,6 +87,8 @@ class Operations:
             inner = patching_steps(self.ctx, work, token)
         elif isinstance(work, IntegratedGradientsWork):
             inner = integrated_gradients_steps(self.ctx, work, token)
+        elif isinstance(work, AnalysisWork):
+            inner = analysis_steps(self.ctx, work, token)
         else:
             inner = _generation_steps(self.ctx, work, token)
         return _in_inference_mode(inner, token)
@@ -119,6 +126,7 @@ def _in_inference_mode(inner: Steps, token: CancelToken) -> Steps:
 
 
 __all__ = [
+    "AnalysisWork",
     "CancelToken",
     "Cancelled",
     "ForwardWork",

@@ -24,6 +24,7 @@ import msgspec
 from pydantic import BaseModel
 
 from hooklab_proto import (
+    AnalysisRequest,
     ErrorCode,
     ForwardRequest,
     GenerateRequest,
@@ -43,6 +44,7 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "run_with_hooks": RunWithHooksRequest,
     "patching": PatchingRequest,
     "integrated_gradients": IntegratedGradientsRequest,
+    "analysis": AnalysisRequest,
     "generate": GenerateRequest,
 }
 WEIGHT = "weight"

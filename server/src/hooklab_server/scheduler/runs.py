@@ -66,7 +66,8 @@ def unit_costs(work: Work, n_layers: int) -> list[float]:
     elif isinstance(work, PatchingWork | IntegratedGradientsWork):
         tokens = [max(1, work.cost.tokens // max(1, work.cost.forwards))]
     else:  # a forward, and its backward pass (about two forwards' work) when it has one
-        tokens = [work.cost.tokens * (1 if work.backward is None else 3)]
+        backward = getattr(work, "backward", None)
+        tokens = [max(1, work.cost.tokens) * (1 if backward is None else 3)]
     return [float(count * n_layers) for count in tokens]
 
 
