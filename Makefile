@@ -14,7 +14,7 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 # What .venv gets (the torch pin, the three packages with their test extras, the pinned lint
 # tools, the demo model) is declared in docker/install.sh, which docker/Dockerfile runs too
 # (MODE runtime: no extras, no tools); a new pin there reinstalls.
-$(INSTALLED): proto/pyproject.toml server/pyproject.toml client/pyproject.toml docker/install.sh Makefile
+$(INSTALLED): proto/pyproject.toml analysis/pyproject.toml server/pyproject.toml client/pyproject.toml docker/install.sh Makefile
 	$(PYTHON) -m venv $(VENV)
 	PYTHON=$(PY) sh docker/install.sh dev 2>&1 | $(QUIET_PIP)
 	touch $(INSTALLED)
