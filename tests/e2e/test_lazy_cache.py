@@ -157,9 +157,9 @@ def test_release_expiry_and_collection_free_the_server_copy(
     with pytest.raises(CacheGoneError, match="released"):
         cache["blocks.1.hook_resid_pre"]
 
-    _, cache = model.run_with_cache(tokens, lazy=True)
+    logits, cache = model.run_with_cache(tokens, lazy=True)
     cache_id = cache.cache_id
-    del cache
+    del logits, cache  # the logits stayed with the activations: they keep the copy too
     gc.collect()
     deadline = time.monotonic() + 10
     while cache_id in stored() and time.monotonic() < deadline:
@@ -186,3 +186,17 @@ def test_the_default_rule_is_a_size_threshold(gpt2_server: Served) -> None:
         assert not small.lazy  # 5 x 64 floats (1,280 bytes): under the threshold
     finally:
         model.lazy_cache_bytes = before
+
+
+def test_the_logits_of_a_lazy_cache_stay_there_until_used(gpt2_server: Served) -> None:
+    model, transport = gpt2_server.model, gpt2_server.model._transport
+    tokens = sample_tokens(gpt2_server.tl, batch=2, pos=8, seed=55)
+    eager_logits, _ = model.run_with_cache(tokens, lazy=False)
+    before = transport.received_bytes
+    logits, cache = model.run_with_cache(tokens, lazy=True)
+    assert transport.received_bytes - before < 4096  # the index: names, shapes, dtypes
+    assert logits.shape == eager_logits.shape and logits.dtype == eager_logits.dtype
+    assert "output.logits" not in cache, "an output, not an activation"
+    torch.testing.assert_close(logits[:, -1].log_softmax(-1), eager_logits[:, -1].log_softmax(-1))
+    loss, lazy_loss_cache = model.run_with_cache(tokens, lazy=True, return_type="loss")
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and lazy_loss_cache.lazy

@@ -6,7 +6,9 @@ come back as tensors. Weights are fetched on first use and memoised.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -29,7 +31,13 @@ from ._transport import Transport
 from .activation_cache import ActivationCache
 from .callbacks import CallbackSession
 from .config import HookedTransformerConfig
-from .errors import ConnectionFailedError, NotFoundError, ServerError
+from .errors import (
+    ConnectionFailedError,
+    NotFoundError,
+    QuotaError,
+    ServerError,
+    StoreFullError,
+)
 from .function_hooks import FunctionHooks, HookMode, ShapePlan, axis_sizes, default_mode
 from .hooks import HookSpec
 from .lazy import LazyLogits
@@ -249,6 +257,13 @@ class HookedTransformer(Circuits):
         with self._running(callbacks):
             meta, tensors = self._transport.frames("POST", path, body)
         outputs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("output.")}
+        if "entries" in meta and kwargs.get("lazy"):  # the cache and its logits stayed there
+            ttl = self.info["limits"].get("store_ttl_s")
+            remote, kept = RemoteEntries.on_server(
+                self._transport, meta["cache_id"], meta["entries"], ttl, bool(kwargs.get("store"))
+            )
+            meta["remote_entries"] = remote
+            outputs.update(kept)
         meta["objective"] = outputs.get(OUTPUT_OBJECTIVE)
         return _output(outputs, kwargs), tensors, meta
 
@@ -336,21 +351,29 @@ class HookedTransformer(Circuits):
         be larger than ``model.lazy_cache_bytes``. ``cache.release()`` frees the server copy;
         so does dropping the cache, and the store's time to live."""
         names = self._resolve_names(names_filter)
+        chosen = lazy
         if lazy is None:
             plan = self._shape_plan(model_args[0], **forward_kwargs) if len(model_args) else None
             lazy = plan is not None and self._cache_bytes(names, plan) > self.lazy_cache_bytes
-        out, tensors, meta = self._call(
-            "/v1/run_with_cache", model_args, fwd_hooks, names,
-            remove_batch_dim=remove_batch_dim or None, store=(store or lazy) or None,
-            return_cache=False if lazy else None, incl_bwd=incl_bwd, metric=metric,
-            **forward_kwargs,
+        call = functools.partial(
+            self._call, "/v1/run_with_cache", model_args, fwd_hooks, names,
+            remove_batch_dim=remove_batch_dim or None, store=store or None, incl_bwd=incl_bwd,
+            metric=metric, **forward_kwargs,
         )  # fmt: skip
+        try:
+            out, tensors, meta = call(lazy=True) if lazy else call()
+        except (StoreFullError, QuotaError) as full:
+            if chosen is not None:
+                raise
+            warnings.warn(
+                f"hooklab: this cache came here whole: the server could not keep it ({full})",
+                stacklevel=2,
+            )
+            lazy = False
+            out, tensors, meta = call()
         entries: MutableMapping[str, torch.Tensor] = tensors
         if lazy:
-            ttl = self.info["limits"].get("store_ttl_s")
-            entries = RemoteEntries.on_server(
-                self._transport, meta["cache_id"], meta["entries"], ttl, keep=store
-            )
+            entries = meta["remote_entries"]
         cache = ActivationCache(entries, self, has_batch_dim=not (remove_batch_dim and not lazy))
         if lazy and remove_batch_dim:
             cache.remove_batch_dim()

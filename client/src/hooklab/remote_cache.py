@@ -24,12 +24,15 @@ from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
+from torch.utils._pytree import tree_map
 
 from hooklab_proto import ANALYSIS_RESULT, torch_dtype
 
 from ._transport import Transport
 from .errors import NotFoundError, ServerError
 from .utils import Slice, SliceInput, as_slice
+
+OUTPUT_PREFIX = "output."  # the wire's names of a forward's outputs
 
 
 class CacheGoneError(NotFoundError):
@@ -122,15 +125,19 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
         entries: dict[str, Any],
         ttl_s: float | None,
         keep: bool = False,
-    ) -> RemoteEntries:
-        """The entries of the stored cache ``cache_id``; released when the last cache reading
-        it is collected, unless ``keep``."""
+    ) -> tuple[RemoteEntries, dict[str, RemoteTensor]]:
+        """The activations of the stored cache ``cache_id``, and the outputs kept with them
+        (``output.logits`` …: tensors read on use, not entries of the cache). Released when the
+        last of them is collected, unless ``keep``."""
         copy = _ServerCopy(transport, cache_id, ttl_s, keep)
         index = {
             name: (tuple(entry["shape"]), torch_dtype(entry["dtype"]))
             for name, entry in entries.items()
         }
-        return cls(copy, index)
+        outputs = {n: entry for n, entry in index.items() if n.startswith(OUTPUT_PREFIX)}
+        activations = {n: entry for n, entry in index.items() if n not in outputs}
+        kept = cls(copy, outputs)
+        return cls(copy, activations), {name: RemoteTensor(kept, name) for name in outputs}
 
     @property
     def cache_id(self) -> str:
@@ -346,3 +353,52 @@ def fetching_first(method: Method) -> Method:
         return method(cache, *args, **kwargs)
 
     return cast(Method, run)
+
+
+class RemoteTensor(torch.Tensor):
+    """An output kept with a lazy cache (the logits of ``run_with_cache``): its shape and dtype
+    are here; any use brings its values (once)."""
+
+    _entries: RemoteEntries
+    _name: str
+
+    @staticmethod
+    def __new__(cls, entries: RemoteEntries, name: str) -> RemoteTensor:
+        made = torch.Tensor._make_wrapper_subclass(
+            cls, entries.shape_of(name), dtype=entries.dtype_of(name), device=torch.device("cpu")
+        )
+        made._entries, made._name = entries, name
+        return made
+
+    def materialize(self) -> torch.Tensor:
+        return self._entries[self._name]
+
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
+        return repr(self.materialize())
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if getattr(func, "__self__", None) is _DEVICE:
+            return torch.device("cpu")
+        real = _real((args, kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*real[0], **real[1])
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        real = _real((args, kwargs or {}))
+        return func(*real[0], **real[1])
+
+
+_DEVICE = torch.Tensor.device  # the property; reading it reaches __torch_function__ as __get__
+
+
+def _real(tree: Any) -> Any:
+
+    return tree_map(
+        lambda leaf: leaf.materialize() if isinstance(leaf, RemoteTensor) else leaf, tree
+    )

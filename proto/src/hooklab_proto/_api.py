@@ -137,6 +137,13 @@ class RunWithCacheRequest(ForwardRequest):
     remove_batch_dim: bool = False
     store: bool = Field(False, description="keep the cache on the server and return its id")
     return_cache: bool = Field(True, description="send the activations back")
+    lazy: bool = Field(
+        False,
+        description="keep the activations and the logits (or residual) on the server: a stored "
+        "cache whose index (each entry's shape and dtype) comes back in the begin frame as "
+        "'entries', read later with GET /v1/caches/{id}?names=…; output.loss and "
+        "output.objective still come back",
+    )
     incl_bwd: bool = Field(
         False,
         description="also backpropagate (from 'objective', or the loss) and return "

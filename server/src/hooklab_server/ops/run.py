@@ -171,9 +171,12 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     # backward pass: every layer's saved activations and their gradients instead).
     captured = activation_elements(model, names, size, length) * (2 if grads else 1)
     returned = captured
-    if isinstance(request, RunWithCacheRequest) and not request.return_cache:
+    lazy = isinstance(request, RunWithCacheRequest) and request.lazy
+    if isinstance(request, RunWithCacheRequest) and (lazy or not request.return_cache):
         returned = 0
-    if request.stop_at_layer is not None:
+    if lazy:
+        pass  # the logits or residual stay with the stored activations
+    elif request.stop_at_layer is not None:
         returned += size * length * cfg.d_model
     elif request.return_type in ("logits", "both"):
         returned += size * length * cfg.d_vocab_out
@@ -257,17 +260,24 @@ def finish_forward(
     caching = work.caching
     if caching is None:
         return result
-    if caching.store:  # stored with its batch axis, so it can be a patch source
+    if caching.lazy:  # the activations and the large outputs stay; their index travels
+        kept = {name: result.tensors.pop(name) for name in _LARGE_OUTPUTS if name in result.tensors}
+        cache = {**cache, **kept}
+    if caching.store or caching.lazy:  # stored with its batch axis: a patch source too
         info = ctx.store.put("cache", cache, work.caller)
         result.meta["cache_id"] = info.id
         result.meta["expires_at"] = info.expires_at
-        if not caching.return_cache:  # a lazy client cache: its index, without the bytes
+        if caching.lazy or not caching.return_cache:
             result.meta["entries"] = cache_entries(cache)
-    if caching.return_cache:
+    if caching.return_cache and not caching.lazy:
         if caching.remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}
         result.tensors.update(cache)
     return result
+
+
+# Outputs a lazy run_with_cache keeps with the activations (the loss and objective travel).
+_LARGE_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_VALUE, OUTPUT_RESIDUAL)
 
 
 def _outputs(out: object, request: ForwardRequest) -> dict[str, torch.Tensor]:
