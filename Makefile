@@ -33,7 +33,7 @@ serve: $(INSTALLED)  # SERVE_ARGS="--model gpt2 --port 8001" to change
 
 # Each benchmark prints a table of medians and ratios against its reference, measured in the
 # same run; the whole set takes about half an hour on 2 cores. BENCH=codec runs one of them.
-BENCH ?= codec engine capture_invariance remote generate patching gradients load scaled_out traced_hooks
+BENCH ?= codec engine capture_invariance remote notebook generate patching gradients load scaled_out traced_hooks
 bench: $(INSTALLED)
 	for name in $(BENCH); do echo "== bench/$$name.py"; $(PY) bench/$$name.py; done
 
