@@ -200,3 +200,34 @@ def test_the_logits_of_a_lazy_cache_stay_there_until_used(gpt2_server: Served) -
     torch.testing.assert_close(logits[:, -1].log_softmax(-1), eager_logits[:, -1].log_softmax(-1))
     loss, lazy_loss_cache = model.run_with_cache(tokens, lazy=True, return_type="loss")
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and lazy_loss_cache.lazy
+
+
+@pytest.mark.parametrize("wire_dtype, rounding", [("float16", 2**-11), ("bfloat16", 2**-8)])
+def test_a_wire_dtype_halves_the_bytes_within_its_rounding(
+    gpt2_server: Served, wire_dtype: str, rounding: float
+) -> None:
+    model, transport = gpt2_server.model, gpt2_server.model._transport
+    tokens = sample_tokens(gpt2_server.tl, batch=2, pos=8, seed=56)
+    exact_logits, exact = model.run_with_cache(tokens, lazy=False)
+    before = transport.received_bytes
+    model.run_with_cache(tokens, lazy=False)
+    full = transport.received_bytes - before
+    model.wire_dtype = wire_dtype
+    try:
+        before = transport.received_bytes
+        logits, cache = model.run_with_cache(tokens, lazy=False)
+        half = transport.received_bytes - before
+        _, lazy = model.run_with_cache(tokens, lazy=True)
+        before = transport.received_bytes
+        entry = lazy["blocks.1.hook_mlp_out"]
+        fetched = transport.received_bytes - before
+    finally:
+        model.wire_dtype = None
+    assert half < 0.55 * full, (half, full)
+    nbytes = exact["blocks.1.hook_mlp_out"].numel() * 2
+    assert nbytes <= fetched < nbytes + 1024
+    pairs = [(logits, exact_logits), *((cache[n], exact[n]) for n in exact)]
+    pairs.append((entry, exact["blocks.1.hook_mlp_out"]))
+    for got, want in pairs:  # float32 here again, within half a unit of the dtype's last place
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=rounding, atol=1e-6)

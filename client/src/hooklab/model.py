@@ -24,6 +24,7 @@ from hooklab_proto import (
     OUTPUT_OBJECTIVE,
     OUTPUT_RESIDUAL,
     OUTPUT_VALUE,
+    WireDtype,
 )
 
 from . import tokenizer as tokenization
@@ -117,6 +118,9 @@ class HookedTransformer(Circuits):
         self.lazy_logits = True
         # run_with_cache keeps a cache larger than this on the server, read when indexed.
         self.lazy_cache_bytes = LAZY_CACHE_BYTES
+        # "float16" | "bfloat16": activations and logits travel in that dtype (half the bytes,
+        # rounded: proto's WireDtype) and are float32 here again; None: exact.
+        self.wire_dtype: WireDtype | None = None
         self._callbacks: CallbackSession | None = None
         self._functions = FunctionHooks(
             info["cfg"],
@@ -254,18 +258,28 @@ class HookedTransformer(Circuits):
             callbacks = hooks + self._backward_fields(body, plan, bwd_hooks, metric, incl_bwd)
         if path != "/v1/forward":
             body["names"] = names
+        if self.wire_dtype is not None:
+            body["wire_dtype"] = self.wire_dtype
         with self._running(callbacks):
             meta, tensors = self._transport.frames("POST", path, body)
+        tensors = {name: self._from_the_wire(value) for name, value in tensors.items()}
         outputs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("output.")}
         if "entries" in meta and kwargs.get("lazy"):  # the cache and its logits stayed there
             ttl = self.info["limits"].get("store_ttl_s")
             remote, kept = RemoteEntries.on_server(
-                self._transport, meta["cache_id"], meta["entries"], ttl, bool(kwargs.get("store"))
-            )
+                self._transport, meta["cache_id"], meta["entries"], ttl,
+                bool(kwargs.get("store")), self.wire_dtype,
+            )  # fmt: skip
             meta["remote_entries"] = remote
             outputs.update(kept)
         meta["objective"] = outputs.get(OUTPUT_OBJECTIVE)
         return _output(outputs, kwargs), tensors, meta
+
+    def _from_the_wire(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor sent as ``wire_dtype``, back in the model's dtype (its rounding stays)."""
+        if self.wire_dtype is None or not value.is_floating_point():
+            return value
+        return value.to(self.cfg.dtype)
 
     def _backward_fields(
         self,

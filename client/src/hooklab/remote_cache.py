@@ -44,9 +44,15 @@ class _ServerCopy:
     once, explicitly or when the last of them is garbage-collected."""
 
     def __init__(
-        self, transport: Transport, cache_id: str, ttl_s: float | None, keep: bool = False
+        self,
+        transport: Transport,
+        cache_id: str,
+        ttl_s: float | None,
+        keep: bool = False,
+        wire_dtype: str | None = None,
     ) -> None:
         self.transport, self.cache_id, self.ttl_s = transport, cache_id, ttl_s
+        self.wire_dtype = wire_dtype  # what the entries travel as (None: as stored)
         self.released = False
         self._lock = threading.Lock()
         # Runs when this object is collected (unless the caller keeps the cache: store=True);
@@ -60,7 +66,10 @@ class _ServerCopy:
             raise self._gone("it was released (cache.release())")
         path = f"/v1/caches/{self.cache_id}"
         try:
-            _, tensors = self.transport.frames("GET", path, query={"names": list(names)})
+            query: dict[str, Any] = {"names": list(names)}
+            if self.wire_dtype is not None:
+                query["wire_dtype"] = self.wire_dtype
+            _, tensors = self.transport.frames("GET", path, query=query)
         except NotFoundError as exc:
             if "has no entry" in str(exc):
                 raise
@@ -125,11 +134,12 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
         entries: dict[str, Any],
         ttl_s: float | None,
         keep: bool = False,
+        wire_dtype: str | None = None,
     ) -> tuple[RemoteEntries, dict[str, RemoteTensor]]:
         """The activations of the stored cache ``cache_id``, and the outputs kept with them
         (``output.logits`` …: tensors read on use, not entries of the cache). Released when the
         last of them is collected, unless ``keep``."""
-        copy = _ServerCopy(transport, cache_id, ttl_s, keep)
+        copy = _ServerCopy(transport, cache_id, ttl_s, keep, wire_dtype)
         index = {
             name: (tuple(entry["shape"]), torch_dtype(entry["dtype"]))
             for name, entry in entries.items()
@@ -201,6 +211,7 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
         if not wanted:
             return
         for name, value in self._copy.fetch(wanted).items():
+            value = value.to(self._entries[name][1])  # as stored (the wire may round it)
             if self._rows is not None:
                 value = value[self._rows]
             if self._device is not None:

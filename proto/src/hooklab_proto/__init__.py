@@ -44,8 +44,9 @@ from ._api import (
     TokenizeResponse,
     TokenizerInfo,
     UsageResponse,
+    WireDtype,
 )
-from ._dtypes import DTYPE_CODES, dtype_code, torch_dtype
+from ._dtypes import DTYPE_CODES, WIRE_DTYPES, dtype_code, for_the_wire, torch_dtype
 from ._frames import CONTROL_KINDS, ControlFrame, Frame, TensorFrame, decode_frame, encode_control
 from ._generate import (
     EVENT_DONE,
@@ -138,6 +139,7 @@ __all__ = [
     "REPLACING_OPS",
     "SPEC_OPS",
     "TOO_LARGE_ERROR",
+    "WIRE_DTYPES",
     "AblateSpec",
     "AnalysisArg",
     "AnalysisRequest",
@@ -207,12 +209,14 @@ __all__ = [
     "TokenizerInfo",
     "TruncatedStreamError",
     "UsageResponse",
+    "WireDtype",
     "WireFormatError",
     "decode_frame",
     "decode_tensor",
     "dtype_code",
     "encode_control",
     "encode_tensor",
+    "for_the_wire",
     "inline_tensor",
     "limits_context",
     "read_stream",

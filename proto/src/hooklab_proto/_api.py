@@ -26,6 +26,7 @@ OUTPUT_RESIDUAL = "output.residual"
 OUTPUT_OBJECTIVE = "output.objective"  # the scalar a backward pass started from
 GRAD_SUFFIX = "_grad"  # a gradient's name: its hook point's plus this (TransformerLens's keys)
 
+WireDtype = Literal["float16", "bfloat16"]  # what floating-point tensors may travel as
 TokenInput = Annotated[
     str | list[str] | list[int] | list[list[int]] | TensorValue, bounded_ids("max_tokens")
 ]
@@ -118,6 +119,12 @@ class ForwardRequest(Body):
         default_factory=list,
         description="hook specs run on the gradient at their hook point during the backward "
         "pass (e.g. scale or zero it); what they return flows upstream",
+    )
+    wire_dtype: WireDtype | None = Field(
+        None,
+        description="send floating-point tensors in this dtype (half the bytes of float32): "
+        "float16 rounds to 11 significant bits and turns magnitudes above 65504 into inf; "
+        "bfloat16 rounds to 8 bits and keeps float32's range. Null: as computed",
     )
     timeout_s: Timeout = None
 

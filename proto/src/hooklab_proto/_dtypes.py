@@ -49,3 +49,14 @@ def dtype_code(dtype: torch.dtype) -> str:
 
 def itemsize(code: str) -> int:
     return torch_dtype(code).itemsize
+
+
+# A request's wire_dtype (``WireDtype``) -> what its floating-point tensors travel as.
+WIRE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def for_the_wire(tensor: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
+    """``tensor`` as it travels under a request's ``wire_dtype`` (floating point only)."""
+    if wire_dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(WIRE_DTYPES[wire_dtype])

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest
+from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest, WireDtype
 
 from ..auth import Account
 from ..ops import objects
@@ -89,10 +89,13 @@ async def get_cache(
     names: Annotated[
         list[str] | None, Query(description="only these entries (a lazy client cache's reads)")
     ] = None,
+    wire_dtype: Annotated[
+        WireDtype | None, Query(description="floating-point entries travel as this dtype")
+    ] = None,
 ) -> Response:
     """A stored cache's activations: all of them, or the entries ``names``."""
     read = _read(request, object_id)
-    value = await run_in_threadpool(objects.stored_cache, *read, names)
+    value = await run_in_threadpool(objects.stored_cache, *read, names, wire_dtype)
     return await tensors_response(request, value, {"cache_id": object_id})
 
 

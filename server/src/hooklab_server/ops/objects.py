@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from hooklab_proto import ErrorCode, StoreTensorRequest, dtype_code
+from hooklab_proto import ErrorCode, StoreTensorRequest, WireDtype, dtype_code, for_the_wire
 from hooklab_server.engine import HookedTransformer
 
 from ..auth import Account
@@ -54,8 +54,10 @@ def stored_cache(
     object_id: str,
     wants_json: bool,
     names: list[str] | None = None,
+    wire_dtype: WireDtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A stored cache, or only its entries ``names`` (a client reading a cache lazily)."""
+    """A stored cache, or only its entries ``names`` (a client reading a cache lazily), its
+    floating-point tensors as ``wire_dtype`` when given."""
     if names is not None and len(names) > settings.max_names:
         raise too_large("names", len(names), settings.max_names, "max_names", None)
     value = store.get("cache", object_id, caller).value
@@ -68,6 +70,7 @@ def stored_cache(
                 f"stored cache {object_id!r} has no entry {missing[0][:200]!r}",
             )
         value = {name: value[name] for name in dict.fromkeys(names)}
+    value = {name: for_the_wire(tensor, wire_dtype) for name, tensor in value.items()}
     _check_tensors(list(value.values()), wants_json, settings)
     return value
 

@@ -22,6 +22,7 @@ from hooklab_proto import (
     ForwardRequest,
     RunWithCacheRequest,
     RunWithHooksRequest,
+    for_the_wire,
 )
 from hooklab_server.engine import Output
 from hooklab_server.engine.shapes import fires_by_default
@@ -180,7 +181,8 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
         returned += size * length * cfg.d_model
     elif request.return_type in ("logits", "both"):
         returned += size * length * cfg.d_vocab_out
-    sent, building = response_size(returned, cfg.dtype.itemsize, wants_json)
+    itemsize = cfg.dtype.itemsize if request.wire_dtype is None else 2
+    sent, building = response_size(returned, itemsize, wants_json)
     check_response(sent, wants_json, ctx.settings)
     working = working_bytes(model, size, length)
     behind = 0 if backward is None else backward_bytes(model, size, length)
@@ -259,7 +261,7 @@ def finish_forward(
     result = TensorsResult(outputs)
     caching = work.caching
     if caching is None:
-        return result
+        return _on_the_wire(result, work.request.wire_dtype)
     if caching.lazy:  # the activations and the large outputs stay; their index travels
         kept = {name: result.tensors.pop(name) for name in _LARGE_OUTPUTS if name in result.tensors}
         cache = {**cache, **kept}
@@ -273,6 +275,13 @@ def finish_forward(
         if caching.remove_batch_dim:
             cache = {name: value[0] for name, value in cache.items()}
         result.tensors.update(cache)
+    return _on_the_wire(result, work.request.wire_dtype)
+
+
+def _on_the_wire(result: TensorsResult, wire_dtype: str | None) -> TensorsResult:
+    result.tensors = {
+        name: for_the_wire(value, wire_dtype) for name, value in result.tensors.items()
+    }
     return result
 
 
