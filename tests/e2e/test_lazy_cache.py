@@ -231,3 +231,49 @@ def test_a_wire_dtype_halves_the_bytes_within_its_rounding(
     for got, want in pairs:  # float32 here again, within half a unit of the dtype's last place
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=rounding, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"method": "accumulated_resid", "args": {"nope": 1}}, 422, "has no argument 'nope'"),
+        ({"method": "__class__"}, 422, "method"),
+        ({"method": "accumulated_resid", "cache": "c_nope"}, 404, "no stored cache"),
+        ({"method": "stack_activation", "args": {"activation_name": "nope"}}, 422, "KeyError"),
+        ({"method": "accumulated_resid", "rows": [0, 5]}, 422, "row 5 is outside"),
+        ({"method": "accumulated_resid", "args": {"pos_slice": {"start": 1, "stop": 9}}}, 200, ""),
+    ],
+    ids=["unknown-argument", "not-a-method", "no-cache", "missing-entry", "row", "tuple-slice"],
+)
+def test_analysis_requests_are_checked_before_they_run(
+    gpt2_server: Served, body: dict[str, Any], status: int, words: str
+) -> None:
+    from hooklab.errors import ServerError
+
+    model = gpt2_server.model
+    tokens = sample_tokens(gpt2_server.tl, batch=2, pos=5, seed=57)
+    _, cache = model.run_with_cache(tokens, lazy=True)
+    request = {"cache": cache.cache_id, **body}
+    if status == 200:
+        _, tensors = model._transport.frames("POST", "/v1/analysis", request)
+        _, eager = model.run_with_cache(tokens, lazy=False)
+        torch.testing.assert_close(
+            tensors["analysis.result"], eager.accumulated_resid(pos_slice=(1, 9))
+        )
+        return
+    with pytest.raises(ServerError, match=words) as caught:
+        model._transport.frames("POST", "/v1/analysis", request)
+    assert caught.value.status == status
+
+
+def test_an_analysis_result_over_the_response_limit_is_refused_first(
+    make_server: Callable[..., Served],
+) -> None:
+    from hooklab.errors import TooLargeError
+
+    served = make_server(max_response_bytes=64 * 1024)
+    tokens = sample_tokens(served.tl, batch=2, pos=8, seed=58)
+    _, cache = served.model.run_with_cache(tokens, lazy=True)
+    with pytest.raises(TooLargeError, match="max_response_bytes"):
+        cache.get_full_resid_decomposition()  # ~530 components x 2 x 8 x 64 floats
+    assert cache.accumulated_resid().shape[0] == served.model.cfg.n_layers + 1  # small: runs

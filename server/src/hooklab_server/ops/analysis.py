@@ -82,14 +82,16 @@ def _result_size(
     read: int,
 ) -> tuple[int, int]:
     """(elements, bytes per element) of the result, from a run on ``meta`` tensors — which
-    raises the request's error for a bad argument. An operation with no meta kernel leaves the
-    size unknown: then the cache's own size stands for it."""
+    raises the request's error for a bad argument or shapes that do not fit. An operation with
+    no meta kernel leaves the size unknown: then the cache's own size stands for it."""
     on_meta = {name: _meta(value) for name, value in stored.items()}
     meta_kwargs = {name: _meta(value) for name, value in kwargs.items()}
     try:
         result = _call(_view(on_meta, rows), _OnMeta(ctx.model), method, meta_kwargs, rows)
-    except (NotImplementedError, RuntimeError):
+    except NotImplementedError:
         return read // 4, 4
+    except RuntimeError as exc:  # shapes that do not fit (a cache of another model …)
+        raise RequestError(ErrorCode.VALIDATION, f"RuntimeError: {exc}"[:1000]) from None
     tensor = result[0] if isinstance(result, tuple) else result
     if not isinstance(tensor, torch.Tensor):
         return 0, 4
