@@ -140,10 +140,9 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
 
 
 @contextmanager
-def served_beside_tl(threads: int) -> Iterator[tuple[Any, Any]]:
-    """(hooklab client, TransformerLens model) on one gpt2-small-sized checkpoint: the server
-    in its own process on a loopback port, TransformerLens 3.9 here."""
-    import hooklab
+def server_beside_tl(threads: int) -> Iterator[tuple[str, Any]]:
+    """(server URL, TransformerLens model) on one gpt2-small-sized checkpoint: the server in its
+    own process on a loopback port, TransformerLens 3.9 here."""
     from fixtures.oracle import load_tl_model
 
     with gpt2_small_checkpoint() as checkpoint, tempfile.TemporaryDirectory() as logs:
@@ -153,8 +152,17 @@ def served_beside_tl(threads: int) -> Iterator[tuple[Any, Any]]:
                 warnings.simplefilter("ignore")
                 tl = load_tl_model(checkpoint)
             wait_ready(url, process, log)
-            model = hooklab.connect(url, timeout=600)
-            try:
-                yield model, tl
-            finally:
-                model.close()
+            yield url, tl
+
+
+@contextmanager
+def served_beside_tl(threads: int) -> Iterator[tuple[Any, Any]]:
+    """(hooklab client, TransformerLens model): :func:`server_beside_tl`, connected."""
+    import hooklab
+
+    with server_beside_tl(threads) as (url, tl):
+        model = hooklab.connect(url, timeout=600)
+        try:
+            yield model, tl
+        finally:
+            model.close()

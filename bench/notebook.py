@@ -26,12 +26,7 @@ TL local on loopback, <= 2x at 1 Gb/s, bytes moved <= 5% of the eager cache's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _proxy import throttled
-from _serving import SEED, gpt2_small_checkpoint, running_server, wait_ready
-from _table import print_table
+from _serving import SEED, server_beside_tl
+from _table import median_seconds, print_table
 
 import hooklab
 from fixtures.checkpoints import GPT2_SMALL
-from fixtures.oracle import load_tl_model
 
 THREADS = 1
 ANSWER, WRONG = 1234, 4321
@@ -66,15 +60,6 @@ def workflow(model: Any, tokens: torch.Tensor, **cache_options: Any) -> list[tor
     return [lens, layer_dla, head_dla, *patterns, resid]
 
 
-def timed(run: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -87,14 +72,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     generator = torch.Generator().manual_seed(SEED)
     tokens = torch.randint(3, GPT2_SMALL["vocab_size"], (args.batch, args.pos), generator=generator)
-    with gpt2_small_checkpoint() as checkpoint, tempfile.TemporaryDirectory() as logs:
-        log = Path(logs) / "server.log"
-        with running_server(checkpoint, log, THREADS) as (url, process):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tl = load_tl_model(checkpoint)
-            wait_ready(url, process, log)
-            rows = run(url, tl, tokens, args.runs)
+    with server_beside_tl(THREADS) as (url, tl):
+        rows = run(url, tl, tokens, args.runs)
     print(
         f"\nnotebook workflow, gpt2-small-sized, {args.batch}x{args.pos} tokens, CPU, "
         f"{THREADS} thread(s) each side, median of {args.runs}\n"
@@ -105,7 +84,7 @@ def main() -> None:
 def run(url: str, tl: Any, tokens: torch.Tensor, runs: int) -> list[list[str]]:
     with torch.inference_mode():
         expected = workflow(tl, tokens)
-        tl_seconds = timed(lambda: workflow(tl, tokens), runs)
+        tl_seconds = median_seconds(lambda: workflow(tl, tokens), runs, warmup=0)
     rows = [["local", "TransformerLens 3.9", f"{tl_seconds:.2f}", "1.00x", "-", "-"]]
 
     def measure(link: str, target: str, label: str, **options: Any) -> None:
@@ -114,7 +93,7 @@ def run(url: str, tl: Any, tokens: torch.Tensor, runs: int) -> list[list[str]]:
         try:
             got = workflow(model, tokens, **options)  # warm-up, and the values compared
             before = model._transport.received_bytes
-            seconds = timed(lambda: workflow(model, tokens, **options), runs)
+            seconds = median_seconds(lambda: workflow(model, tokens, **options), runs, warmup=0)
             moved = (model._transport.received_bytes - before) / runs
         finally:
             model.close()
