@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest, WireDtype
+from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest
 
 from ..auth import Account
 from ..ops import objects
@@ -89,8 +89,9 @@ async def get_cache(
     names: Annotated[
         list[str] | None, Query(description="only these entries (a lazy client cache's reads)")
     ] = None,
+    # Checked in objects.stored_cache: FastAPI's own 422 would bypass the error envelope.
     wire_dtype: Annotated[
-        WireDtype | None, Query(description="floating-point entries travel as this dtype")
+        str | None, Query(description="float16 | bfloat16: floating-point entries travel so")
     ] = None,
 ) -> Response:
     """A stored cache's activations: all of them, or the entries ``names``."""

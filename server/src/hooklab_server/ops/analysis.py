@@ -90,7 +90,10 @@ def _result_size(
         result = _call(_view(on_meta, rows), _OnMeta(ctx.model), method, meta_kwargs, rows)
     except NotImplementedError:
         return read // 4, 4
-    except RuntimeError as exc:  # shapes that do not fit (a cache of another model …)
+    except RuntimeError as exc:
+        if "meta" in str(exc):  # a value read (.item()) that a meta tensor does not have
+            return read // 4, 4
+        # Shapes that do not fit (a cache of another model …).
         raise RequestError(ErrorCode.VALIDATION, f"RuntimeError: {exc}"[:1000]) from None
     tensor = result[0] if isinstance(result, tuple) else result
     if not isinstance(tensor, torch.Tensor):

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from hooklab_proto import ErrorCode, StoreTensorRequest, WireDtype, dtype_code, for_the_wire
+from hooklab_proto import WIRE_DTYPES, ErrorCode, StoreTensorRequest, dtype_code, for_the_wire
 from hooklab_server.engine import HookedTransformer
 
 from ..auth import Account
@@ -54,10 +54,15 @@ def stored_cache(
     object_id: str,
     wants_json: bool,
     names: list[str] | None = None,
-    wire_dtype: WireDtype | None = None,
+    wire_dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """A stored cache, or only its entries ``names`` (a client reading a cache lazily), its
     floating-point tensors as ``wire_dtype`` when given."""
+    if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"wire_dtype {wire_dtype[:50]!r} is not one of {', '.join(WIRE_DTYPES)}",
+        )
     if names is not None and len(names) > settings.max_names:
         raise too_large("names", len(names), settings.max_names, "max_names", None)
     value = store.get("cache", object_id, caller).value
