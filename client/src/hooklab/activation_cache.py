@@ -60,10 +60,8 @@ class ActivationCache(_Cache):
     # --- a lazy cache: views recorded, shapes without bytes ---------------------------------
 
     def _shape(self, name: str) -> torch.Size:
-        entries = self.cache_dict
-        if isinstance(entries, RemoteEntries):
-            return entries.shape_of(name)
-        return super()._shape(name)
+        shape_of = getattr(self.cache_dict, "shape_of", None)  # entries kept elsewhere
+        return super()._shape(name) if shape_of is None else shape_of(name)
 
     def remove_batch_dim(self) -> ActivationCache:
         if isinstance(self.cache_dict, RemoteEntries) and self.has_batch_dim:

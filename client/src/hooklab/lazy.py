@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_map
 
 from .tracing import Untraceable, graph_for, record_call, start_recording
 
-_DEVICE = torch.Tensor.device  # the property; reading it reaches __torch_function__ as __get__
+# The property; reading it reaches __torch_function__ as its __get__.
+DEVICE_PROPERTY = torch.Tensor.device
 
 # fetch(graph, backward): the value of ``graph`` (None: the logits); with ``backward``, the value
 # of the scalar ``graph`` after a backward pass from it.
@@ -93,7 +94,7 @@ class LazyLogits(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.Tensor.backward:
             return _backward(*args, **kwargs)
-        if getattr(func, "__self__", None) is _DEVICE:  # where its values will be, not meta
+        if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # where its values will be
             return torch.device("cpu")
         lazies = [value for value in _leaves((args, kwargs)) if isinstance(value, LazyLogits)]
         pending = lazies[0]._pending

@@ -30,6 +30,7 @@ from hooklab_proto import ANALYSIS_RESULT, torch_dtype
 
 from ._transport import Transport
 from .errors import NotFoundError, ServerError
+from .lazy import DEVICE_PROPERTY
 from .utils import Slice, SliceInput, as_slice
 
 OUTPUT_PREFIX = "output."  # the wire's names of a forward's outputs
@@ -391,7 +392,7 @@ class RemoteTensor(torch.Tensor):
     def __torch_function__(
         cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        if getattr(func, "__self__", None) is _DEVICE:
+        if getattr(func, "__self__", None) is DEVICE_PROPERTY:
             return torch.device("cpu")
         real = _real((args, kwargs or {}))
         with torch._C.DisableTorchFunctionSubclass():
@@ -403,9 +404,6 @@ class RemoteTensor(torch.Tensor):
     ) -> Any:
         real = _real((args, kwargs or {}))
         return func(*real[0], **real[1])
-
-
-_DEVICE = torch.Tensor.device  # the property; reading it reaches __torch_function__ as __get__
 
 
 def _real(tree: Any) -> Any:
