@@ -173,6 +173,13 @@ def test_release_expiry_and_collection_free_the_server_copy(
         cache["blocks.0.hook_resid_pre"]
 
 
+def test_a_lazy_cache_of_nothing_is_an_empty_cache(gpt2_server: Served) -> None:
+    tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5, seed=59)
+    logits, cache = gpt2_server.model.run_with_cache(tokens, names_filter=[], lazy=True)
+    assert len(cache) == 0 and not cache.lazy
+    torch.testing.assert_close(logits, gpt2_server.model(tokens))
+
+
 def test_the_default_rule_is_a_size_threshold(gpt2_server: Served) -> None:
     model = gpt2_server.model
     tokens = sample_tokens(gpt2_server.tl, batch=1, pos=5, seed=54)

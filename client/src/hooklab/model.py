@@ -386,8 +386,9 @@ class HookedTransformer(Circuits):
             lazy = False
             out, tensors, meta = call()
         entries: MutableMapping[str, torch.Tensor] = tensors
-        if lazy:
-            entries = meta["remote_entries"]
+        if lazy:  # nothing cached (names matching no hook point): nothing was kept there
+            entries = meta.get("remote_entries", tensors)
+            lazy = isinstance(entries, RemoteEntries)
         cache = ActivationCache(entries, self, has_batch_dim=not (remove_batch_dim and not lazy))
         if lazy and remove_batch_dim:
             cache.remove_batch_dim()
