@@ -150,10 +150,6 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
         kept = cls(copy, outputs)
         return cls(copy, activations), {name: RemoteTensor(kept, name) for name in outputs}
 
-    @property
-    def cache_id(self) -> str:
-        return self._copy.cache_id
-
     # --- the mapping ------------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -1,11 +1,10 @@
-"""``POST /v1/integrated_gradients`` and ``POST /v1/analysis``: transport only — parse,
-validate and run, send tensors."""
+"""``POST /v1/integrated_gradients``: transport only — parse, validate and run, send tensors."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from hooklab_proto import AnalysisRequest, IntegratedGradientsRequest
+from hooklab_proto import IntegratedGradientsRequest
 
 from .openapi import request_body
 from .routes import ERRORS, STREAM, tensor_route
@@ -23,13 +22,3 @@ async def integrated_gradients(request: Request) -> Response:
     shaped as the activation; the begin frame holds ``value``, ``baseline_value`` and
     ``convergence_delta``."""
     return await tensor_route(request, IntegratedGradientsRequest)
-
-
-@router.post(
-    "/v1/analysis", responses=STREAM, tags=["analysis"],
-    openapi_extra=request_body(AnalysisRequest),
-)  # fmt: skip
-async def analysis(request: Request) -> Response:
-    """An ``ActivationCache`` analysis method run on a stored cache: ``analysis.result``, and
-    ``labels`` in the begin frame when asked for."""
-    return await tensor_route(request, AnalysisRequest)

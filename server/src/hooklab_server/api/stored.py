@@ -1,4 +1,5 @@
-"""Stored tensors and caches: store, read, list and delete one's own (an admin: anyone's)."""
+"""Stored tensors and caches: store, read, list and delete one's own (an admin: anyone's), and
+analyse a stored cache where it is."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from hooklab_proto import StoredObject, StoredObjects, StoreTensorRequest
+from hooklab_proto import AnalysisRequest, StoredObject, StoredObjects, StoreTensorRequest
 
 from ..auth import Account
 from ..ops import objects
@@ -16,7 +17,7 @@ from ..store import Store, StoredInfo
 from .bodies import parse, tensors_response, wants_json
 from .edge import account_of
 from .openapi import request_body
-from .routes import ERRORS, STREAM
+from .routes import ERRORS, STREAM, tensor_route
 from .running import HooklabRoute
 from .state import service
 
@@ -112,3 +113,13 @@ async def delete_cache(object_id: str, request: Request) -> Response:
     store = service(request).store
     await run_in_threadpool(store.delete, "cache", object_id, account_of(request.scope))
     return Response(status_code=204)
+
+
+@router.post(
+    "/v1/analysis", responses=STREAM, tags=["analysis"],
+    openapi_extra=request_body(AnalysisRequest),
+)  # fmt: skip
+async def analysis(request: Request) -> Response:
+    """An ``ActivationCache`` analysis method run on a stored cache: ``analysis.result``, and
+    ``labels`` in the begin frame when asked for."""
+    return await tensor_route(request, AnalysisRequest)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from hooklab_proto import ErrorCode, ForwardRequest, PatchMetric
-from hooklab_server.engine import HookedTransformer, HookRun, Output, autograd_on, backward
+from hooklab_server.engine import HookRun, Output, autograd_on, backward
 
 from .cancel import running_token
 from .context import OpsContext
@@ -114,7 +114,6 @@ def objective_metric(
 
 
 def forward_backward(
-    model: HookedTransformer,
     request: ForwardRequest,
     plan: Backward,
     run: HookRun,

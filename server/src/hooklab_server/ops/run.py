@@ -240,7 +240,7 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
     if plan is None:
         out = forward(request.return_type)
     else:
-        out, objective = forward_backward(model, request, plan, run, forward)
+        out, objective = forward_backward(request, plan, run, forward)
     if work.caching is not None:
         token.check()
     result = finish_forward(ctx, work, out, run.cache)
