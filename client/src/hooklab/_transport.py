@@ -196,7 +196,8 @@ class Transport:
         progress: bool = True,
         query: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Send a request and decode its frame stream: (begin-frame fields, tensors by name)."""
+        """Send a request and decode its frame stream: (the begin and end frames' fields, the
+        end's winning, and tensors by name)."""
         content = self._content(path, body) if body is not None else None
         headers = {"accept": FRAMES_MEDIA_TYPE}
         if content is not None:
@@ -245,6 +246,10 @@ def _read_frames(
                 tensors[frame.name] = frame.tensor
             elif frame.kind == "begin":
                 meta = dict(frame.fields)
+                # A stream sent while the work runs has no Content-Length: its estimate is here.
+                total = total or frame.fields.get("expected_bytes")
+            elif frame.kind == "end":  # fields known only once the work ended (a cache's id)
+                meta.update(frame.fields)
             elif frame.kind == "error":
                 _raise_frame(frame)
     if bar is not None:
