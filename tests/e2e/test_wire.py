@@ -64,10 +64,18 @@ def test_default_accept_is_a_frame_stream(http: httpx.Client) -> None:
 @pytest.mark.parametrize("accept", ["application/json", FRAMES])
 def test_content_length_equals_bytes_received(http: httpx.Client, accept: str) -> None:
     body = {"input": [[5, 6, 7, 8]], "names": ["blocks.0.hook_resid_pre"]}
-    with http.stream("POST", "/v1/run_with_cache", json=body, headers={"accept": accept}) as r:
-        assert r.status_code == 200
-        received = b"".join(r.iter_raw())
-        assert int(r.headers["content-length"]) == len(received)
+    for path in ("/v1/forward", "/v1/run_with_cache"):
+        sent = body if path.endswith("run_with_cache") else {"input": body["input"]}
+        with http.stream("POST", path, json=sent, headers={"accept": accept}) as r:
+            assert r.status_code == 200
+            received = b"".join(r.iter_raw())
+        if path.endswith("run_with_cache") and accept == FRAMES:
+            # Sent while the forward runs: the length is not known when the response starts.
+            assert "content-length" not in r.headers
+            assert r.headers["transfer-encoding"] == "chunked"
+            assert parse_frames(received)[2]["kind"] == "end"
+        else:
+            assert int(r.headers["content-length"]) == len(received)
     response = http.get("/v1/weights/W_E", headers={"accept": accept})
     assert int(response.headers["content-length"]) == len(response.content)
 

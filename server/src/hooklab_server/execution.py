@@ -10,17 +10,19 @@ from typing import Protocol
 
 from hooklab_proto import GenerateResponse, GenerateStep
 
-from .ops import CancelToken, GenerateWork, TensorsResult, TensorWork
+from .ops import CancelToken, CaptureStream, GenerateWork, TensorsResult, TensorWork
 from .tensor_frames import StreamedTensors
 
 
 class Executor(Protocol):
     async def run(
         self, work: TensorWork, token: CancelToken, key: str
-    ) -> TensorsResult | StreamedTensors:
+    ) -> TensorsResult | StreamedTensors | CaptureStream:
         """Run a forward, a patching sweep or integrated gradients for the key named ``key``
         to the end; raise ``Cancelled`` when the token stops it, ``RequestError`` for input
-        only found wrong while running (or when it cannot be queued)."""
+        only found wrong while running (or when it cannot be queued). A run_with_cache may
+        answer while it runs: its captures so far, the rest as they come (CaptureStream), or
+        a worker's frame stream (StreamedTensors)."""
         ...
 
     def generate(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -30,10 +30,11 @@ from hooklab_proto import (
     tensor_to_json,
 )
 
-from ..ops import RequestError, TensorsResult, too_large
+from ..ops import CaptureStream, RequestError, TensorsResult, too_large
 from ..settings import Settings
-from ..tensor_frames import StreamedTensors, encode_frames
-from .errors import ClientGone
+from ..tensor_frames import StreamedTensors, capture_frames, encode_frames
+from .edge import request_id_of
+from .errors import ClientGone, error_body
 from .state import service
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -214,19 +215,33 @@ def json_body(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
     return msgspec.json.encode(body)
 
 
-async def result_response(request: Request, result: TensorsResult | StreamedTensors) -> Response:
+async def result_response(
+    request: Request, result: TensorsResult | StreamedTensors | CaptureStream
+) -> Response:
     """A run's result; a worker's frame stream goes out as it arrives when the client wants
-    frames (no decoding, no copy)."""
+    frames (no decoding, no copy), and so do captures made while the forward still runs."""
+    if isinstance(result, CaptureStream):
+        return ClosingStream(
+            capture_frames(result, _error_fields(request)), media_type=FRAMES_MEDIA_TYPE
+        )
     if isinstance(result, StreamedTensors):
         if not wants_json(request):
-            return ClosingStream(
-                result.pieces,
-                media_type=FRAMES_MEDIA_TYPE,
-                headers={"content-length": str(result.nbytes)},
-            )
+            length = {} if result.nbytes is None else {"content-length": str(result.nbytes)}
+            return ClosingStream(result.pieces, media_type=FRAMES_MEDIA_TYPE, headers=length)
         encoded = await result.collected()
         result = await run_in_threadpool(encoded.decoded)
     return await tensors_response(request, result.tensors, result.meta)
+
+
+def _error_fields(request: Request) -> Callable[[RequestError], dict[str, Any]]:
+    """An error frame's fields, for a failure after the response started (its status sent)."""
+
+    def fields(error: RequestError) -> dict[str, Any]:
+        service(request).metrics.add("rejected", code=str(error.code))
+        body: dict[str, Any] = error_body(error, request_id_of(request.scope))["error"]
+        return body
+
+    return fields
 
 
 class ClosingStream(StreamingResponse):

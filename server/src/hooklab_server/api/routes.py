@@ -118,7 +118,8 @@ async def forward(request: Request) -> Response:
     openapi_extra=request_body(RunWithCacheRequest),
 )  # fmt: skip
 async def run_with_cache(request: Request) -> Response:
-    """``run_with_cache``: outputs (``output.*``) then the activations, by hook name."""
+    """``run_with_cache``: the activations by hook name and the outputs (``output.*``); a cache
+    returned as frames starts streaming while the forward runs."""
     return await tensor_route(request, RunWithCacheRequest)
 
 

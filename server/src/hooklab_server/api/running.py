@@ -19,6 +19,7 @@ from ..models import ModelEntry
 from ..ops import (
     Cancelled,
     CancelToken,
+    CaptureStream,
     GenerateWork,
     QuotaExceeded,
     RequestError,
@@ -83,7 +84,7 @@ def _stopped(reason: str, token: CancelToken) -> Exception:
 
 async def run(
     request: Request, entry: ModelEntry, work: Work, token: CancelToken
-) -> TensorsResult | StreamedTensors:
+) -> TensorsResult | StreamedTensors | CaptureStream:
     """Run a forward or sweep; 504 past the deadline, ClientGone when the client left."""
     assert not isinstance(work, GenerateWork)
     admission = await admit(request, work)
@@ -92,12 +93,19 @@ async def run(
         # The work checks the token between layers, steps and chunks, so this returns soon
         # after a disconnect or the deadline.
         key = account_of(request.scope).name
-        return await entry.executor.run(work, token, key)
-    except Cancelled as stop:
-        raise _stopped(stop.reason, token) from None
-    finally:
-        watcher.cancel()
+        result = await entry.executor.run(work, token, key)
+    except BaseException as failure:
         settle(request, work, admission, work.cost.tokens)
+        if isinstance(failure, Cancelled):
+            raise _stopped(failure.reason, token) from None
+        raise
+    finally:
+        watcher.cancel()  # a streamed response watches for the client leaving itself
+    if isinstance(result, CaptureStream):  # still running: its slot is held until it ends
+        result.on_close(lambda: settle(request, work, admission, work.cost.tokens))
+    else:
+        settle(request, work, admission, work.cost.tokens)
+    return result
 
 
 async def generation(

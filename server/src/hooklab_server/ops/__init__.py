@@ -30,7 +30,8 @@ from hooklab_proto import (
 
 from ..auth import Account
 from .analysis import AnalysisWork, analysis_steps, validate_analysis
-from .cancel import Cancelled, CancelToken, deadline_error
+from .cancel import Cancelled, CancelToken, deadline_error, failure_error
+from .capture_stream import CaptureStream, streams_captures
 from .context import OpsContext
 from .errors import QuotaExceeded, RequestError, too_large
 from .generate import GenerateWork, Generation, validate_generation
@@ -40,7 +41,13 @@ from .integrated_gradients import (
     validate_integrated_gradients,
 )
 from .patching import PatchingWork, patching_steps, validate_patching
-from .run import ForwardWork, TensorsResult, run_forward, validate_forward
+from .run import (
+    ForwardWork,
+    TensorsResult,
+    capture_on_the_wire,
+    run_forward,
+    validate_forward,
+)
 
 # Work whose result is tensors.
 TensorWork = ForwardWork | PatchingWork | IntegratedGradientsWork | AnalysisWork
@@ -129,6 +136,7 @@ __all__ = [
     "AnalysisWork",
     "CancelToken",
     "Cancelled",
+    "CaptureStream",
     "ForwardWork",
     "GenerateWork",
     "Generation",
@@ -142,7 +150,10 @@ __all__ = [
     "TensorWork",
     "TensorsResult",
     "Work",
+    "capture_on_the_wire",
     "deadline_error",
     "drive",
+    "failure_error",
+    "streams_captures",
     "too_large",
 ]

@@ -116,6 +116,9 @@ def run_forward_batch(
         if all(token.reason is not None for token in tokens):
             tokens[0].check()
         on_layer()
+        for work, cache in zip(works, caches, strict=True):
+            if work.stream is not None:  # the blocks before this one are done with captures
+                work.stream.send_new(cache)
 
     request = works[0].request
     out = model.forward(
@@ -125,6 +128,9 @@ def run_forward_batch(
         attention_mask=mask,
         hooks=HookRun(fns, interrupt=between_layers),
     )
+    for work in works:
+        if work.stream is not None:
+            work.stream.forward_ended()
     results: list[TensorsResult | Exception] = []
     for work, box, cache, token in zip(works, boxes, caches, tokens, strict=True):
         if token.reason is not None:

@@ -70,3 +70,17 @@ def deadline_error(token: CancelToken) -> RequestError:
         f"the request ran past its deadline of {token.timeout_s:g} s",
         "send less work per request, or a larger timeout_s (up to the server's max_timeout_s)",
     )
+
+
+def failure_error(failure: BaseException, token: CancelToken) -> RequestError | None:
+    """What work that failed tells its client: the error to answer, or None when the client
+    left (nobody to tell)."""
+    if isinstance(failure, RequestError):
+        return failure
+    if isinstance(failure, Cancelled):
+        return deadline_error(token) if failure.reason == "deadline" else None
+    return RequestError(
+        ErrorCode.INTERNAL,
+        f"internal error: {type(failure).__name__}",
+        "this is a server bug; the request id identifies it in the server's log",
+    )

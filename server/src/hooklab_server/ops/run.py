@@ -7,8 +7,9 @@ does ``run_forward`` touch the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -46,6 +47,9 @@ from .inputs import attention_mask, check_size, check_vocabulary, ids, token_bat
 from .objects import cache_entries
 from .specs import HookFn, compile_specs, resolve_hook_names
 
+if TYPE_CHECKING:
+    from .capture_stream import CaptureStream
+
 
 @dataclass
 class TensorsResult:
@@ -71,6 +75,7 @@ class ForwardWork:
     wants_json: bool  # the response's form (its size limits differ)
     logits_graph: CompiledGraph | None = None  # returned instead of the logits when given
     backward: Backward | None = None  # a backward pass after the forward (gradients)
+    stream: CaptureStream | None = None  # where captures go while it runs (set by the executor)
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -216,6 +221,8 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
     def between_layers() -> None:
         token.check()
         ctx.metrics.add("work_units", op=work.op)
+        if work.stream is not None:  # the blocks before this one are done with their captures
+            work.stream.send_new(run.cache)
 
     # run_with_cache is forward with captures: the same engine call, asked for its activations.
     plan = work.backward
@@ -241,6 +248,8 @@ def run_forward(ctx: OpsContext, work: ForwardWork, token: CancelToken) -> Tenso
         out = forward(request.return_type)
     else:
         out, objective = forward_backward(request, plan, run, forward)
+    if work.stream is not None:
+        work.stream.forward_ended()
     if work.caching is not None:
         token.check()
     result = finish_forward(ctx, work, out, run.cache)
@@ -272,10 +281,24 @@ def finish_forward(
         if caching.lazy or not caching.return_cache:
             result.meta["entries"] = cache_entries(cache)
     if caching.return_cache and not caching.lazy:
-        if caching.remove_batch_dim:
-            cache = {name: value[0] for name, value in cache.items()}
-        result.tensors.update(cache)
+        stream = work.stream
+        result.tensors.update(
+            (name, _batch_axis(caching, value))
+            for name, value in cache.items()
+            if stream is None or not stream.was_sent(name)
+        )
     return _on_the_wire(result, work.request.wire_dtype)
+
+
+def _batch_axis(caching: RunWithCacheRequest, value: torch.Tensor) -> torch.Tensor:
+    return value[0] if caching.remove_batch_dim else value
+
+
+def capture_on_the_wire(work: ForwardWork) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a capture of ``work`` becomes on the wire (sent while the work runs)."""
+    caching, wire_dtype = work.caching, work.request.wire_dtype
+    assert caching is not None
+    return lambda value: for_the_wire(_batch_axis(caching, value), wire_dtype)
 
 
 def _on_the_wire(result: TensorsResult, wire_dtype: str | None) -> TensorsResult:

@@ -104,8 +104,8 @@ class RemoteExecutor:
         results = self._results(job, token)
         try:
             async for kind, data in results:
-                if kind == "size":
-                    return StreamedTensors(int(data), self._frames(results))
+                if kind == "size":  # empty: the worker streams captures while it runs
+                    return StreamedTensors(int(data) if data else None, self._frames(results))
         except BaseException:
             await results.aclose()
             raise

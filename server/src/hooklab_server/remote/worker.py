@@ -12,6 +12,7 @@ is answered with an error instead of being tried again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from ..metrics import Metrics
 from ..ops import (
     Cancelled,
     CancelToken,
+    CaptureStream,
     GenerateWork,
     Operations,
     OpsContext,
@@ -48,7 +50,7 @@ from ..ops.describe import public_name, tokenizer_files
 from ..redis_store import RedisStore
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
-from ..tensor_frames import encode_frames, stream_pieces
+from ..tensor_frames import capture_frames, encode_frames, pieces_of, stream_pieces
 from .callbacks import RedisCallbackRelay
 from .jobs import REQUESTS, WEIGHT, Job, decode_job, encode_error
 from .keys import CLIENT_OPTIONS, GROUP, RedisKeys
@@ -274,7 +276,10 @@ class Worker:
                     await self._send(job, [(kind, item.model_dump_json().encode())])
             else:
                 result = await self.executor.run(work, token, caller.name)
-                await self._send_tensors(job, result)
+                if isinstance(result, CaptureStream):
+                    await self._send_streamed(job, result)
+                else:
+                    await self._send_tensors(job, result)
         except RequestError as error:
             await self._send(job, [("error", encode_error(error))])
         except Cancelled as stop:
@@ -306,6 +311,16 @@ class Worker:
                 entries, batch = [], 0
         await self._send(job, [*entries, ("end", b"")])
 
+    async def _send_streamed(self, job: Job, stream: CaptureStream) -> None:
+        """A size not known yet, then each frame as the work makes it (a failure after the
+        first is an error frame inside the stream)."""
+        await self._send(job, [("size", b"")])
+        async with contextlib.aclosing(capture_frames(stream, _error_fields)) as chunks:
+            async for chunk in chunks:
+                pieces = pieces_of(chunk, PIECE_BYTES)
+                await self._send(job, [("frames", piece) for piece in pieces])
+        await self._send(job, [("end", b"")])
+
     async def _send(self, job: Job, entries: list[tuple[str, bytes | memoryview]]) -> None:
         results = self.keys.results(job.id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -328,6 +343,10 @@ class Worker:
                 await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("job entry %s: could not acknowledge (Redis does not answer)", entry_id)
+
+
+def _error_fields(error: RequestError) -> dict[str, Any]:
+    return {"code": str(error.code), "message": error.message, "hint": error.hint}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from hooklab_proto import ErrorCode, GenerateResponse, GenerateStep
 from ..metrics import Metrics
 from ..ops import (
     CancelToken,
+    CaptureStream,
     ForwardWork,
     GenerateWork,
     Operations,
@@ -34,6 +35,8 @@ from ..ops import (
     TensorsResult,
     TensorWork,
     Work,
+    capture_on_the_wire,
+    streams_captures,
 )
 from ..ops.batching import merge_key
 from ..settings import Settings
@@ -89,7 +92,9 @@ class SchedulerExecutor:
 
     # --- the event loop's side --------------------------------------------------------------
 
-    async def run(self, work: TensorWork, token: CancelToken, key: str) -> TensorsResult:
+    async def run(
+        self, work: TensorWork, token: CancelToken, key: str
+    ) -> TensorsResult | CaptureStream:
         if needs_client(work):
             self._check_budget(work)
             async with contextlib.aclosing(self.slow_lane.run(work, token)) as outcomes:
@@ -99,6 +104,8 @@ class SchedulerExecutor:
                     assert isinstance(outcome, TensorsResult)
                     return outcome
             raise RuntimeError("the slow lane ended without an outcome")
+        if isinstance(work, ForwardWork) and streams_captures(work):
+            return await self._streamed(work, token, key)
         done: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
 
         def deliver(item: Delivery) -> None:
@@ -117,6 +124,39 @@ class SchedulerExecutor:
         assert isinstance(result, TensorsResult)
         result.meta["scheduler"] = run_of(job).stats
         return result
+
+    async def _streamed(
+        self, work: ForwardWork, token: CancelToken, key: str
+    ) -> TensorsResult | CaptureStream:
+        """A run_with_cache whose captures go out while it runs: the stream once the first
+        capture is ready (the rest follows as its outcome), or the outcome when that came
+        first (a failure is then still an HTTP error)."""
+        stream = work.stream = CaptureStream(
+            asyncio.get_running_loop(), capture_on_the_wire(work), token,
+            work.cost.response_bytes,
+        )  # fmt: skip
+        submitted: list[Job] = []
+
+        def deliver(item: Delivery) -> None:
+            if isinstance(item, TensorsResult):
+                item.meta["scheduler"] = run_of(submitted[0]).stats
+            assert isinstance(item, TensorsResult | BaseException)
+            stream.finish(item)
+
+        job = self._submit(work, token, key, deliver)
+        submitted.append(job)
+        try:
+            first = await stream.first()
+        except BaseException:
+            self._forget(job, token)
+            raise
+        if first is None:  # a capture is ready: the response starts, the work goes on
+            stream.on_close(lambda: self._forget(job, token))
+            return stream
+        self._forget(job, token)
+        if isinstance(first, BaseException):
+            raise first
+        return first
 
     async def generate(
         self, work: GenerateWork, token: CancelToken, key: str
