@@ -1,0 +1,37 @@
+import type { TensorLike } from "./tensor.js";
+
+/** Indices on one axis: an integer or a list of them; omitted means all. */
+export type Indices = number | number[] | null;
+
+export interface Selectors {
+  batch?: Indices;
+  /** Positions (the query position for attention patterns). */
+  pos?: Indices;
+  head?: Indices;
+  /** The last axis: MLP neurons, residual dimensions, … */
+  neuron?: Indices;
+}
+
+/** One operation with its selectors; the hook name is given where it is used. */
+export class HookSpec {
+  constructor(op: string, fields?: Record<string, unknown>);
+  readonly op: string;
+  readonly fields: Record<string, unknown>;
+  /** The wire form of this spec at hook point (or glob pattern) `hook`. */
+  at(hook: string): Record<string, unknown>;
+}
+
+/** A tensor, or the id of one stored with `client.storeTensor`. */
+export type TensorOrId = TensorLike | string;
+
+export function ablate(
+  mode?: "zero" | "mean" | "resample",
+  options?: Selectors & { mean_over?: "batch" | "pos"; source_batch?: number[] | null },
+): HookSpec;
+export function patch(source: string | TensorLike | null, options?: Selectors & { source_row?: number | null }): HookSpec;
+export function steer(vector: TensorOrId, coeff?: number, selectors?: Selectors): HookSpec;
+export function scale(factor: number, selectors?: Selectors): HookSpec;
+export function clamp(min?: number | null, max?: number | null, selectors?: Selectors): HookSpec;
+export function set(value: number | TensorOrId, selectors?: Selectors): HookSpec;
+export function project_out(direction: TensorOrId, selectors?: Selectors): HookSpec;
+export const projectOut: typeof project_out;
