@@ -119,10 +119,10 @@ def reference(served: Served) -> dict[str, Any]:
         return z
 
     ablated = tl.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)])
-    steer = {"hook": "blocks.1.hook_resid_pre", "coeff": 3.0}
+    steer_hook, coeff = "blocks.1.hook_resid_pre", 3.0
     vector = torch.randn(tl.cfg.d_model, generator=torch.Generator().manual_seed(3))
     steered = tl.run_with_hooks(
-        tokens, fwd_hooks=[(steer["hook"], lambda x, hook: x + steer["coeff"] * vector)]
+        tokens, fwd_hooks=[(steer_hook, lambda x, hook: x + coeff * vector)]
     )
     greedy = dict(do_sample=False, stop_at_eos=False, verbose=False)
     return {
@@ -134,7 +134,12 @@ def reference(served: Served) -> dict[str, Any]:
         "loss": tl(tokens, return_type="loss").item(),
         "cache": {name: _tensor(cache[name]) for name in names},
         "ablated_logits": _tensor(ablated),
-        "steer": {**steer, "vector": vector.tolist(), "logits": _tensor(steered)},
+        "steer": {
+            "hook": steer_hook,
+            "coeff": coeff,
+            "vector": vector.tolist(),
+            "logits": _tensor(steered),
+        },
         "generated": tl.generate(tokens, max_new_tokens=6, **greedy).tolist(),
         "patching": _patching_reference(tl, tokens),
         "hook_calls": [

@@ -114,7 +114,7 @@ export function tensor(values, dtype) {
   const shape = [];
   for (let level = values; Array.isArray(level); level = level[0]) shape.push(level.length);
   const code = dtype ?? "F32";
-  const flat = values.flat(Infinity);
+  const flat = Array.isArray(values) ? values.flat(Infinity) : [values]; // a scalar: shape []
   if (flat.length !== numel(shape)) throw new RangeError("rows of unequal length");
   const Array_ = DTYPES[code]?.array;
   if (!Array_) throw new WireFormatError(unknownDtype(code));

@@ -60,10 +60,10 @@ export class Transport {
    * @returns {Promise<{meta: Record<string, any>, tensors: Record<string, import("./tensor.js").Tensor>}>}
    */
   async frames(method, path, options = {}) {
-    const { response, chunks } = await this.#send(method, path, FRAMES_MEDIA_TYPE, options);
+    const { response, chunks, discard } = await this.#send(method, path, FRAMES_MEDIA_TYPE, options);
     const type = response.headers.get("content-type") ?? "";
     if (!type.startsWith(FRAMES_MEDIA_TYPE)) {
-      await response.body?.cancel();
+      await discard();
       throw new WireFormatError(`${method} ${path} answered ${type || "no content type"}, not ${FRAMES_MEDIA_TYPE}`);
     }
     return collectFrames(chunks, { maxFrameBytes: this.maxFrameBytes, status: response.status });
@@ -79,7 +79,8 @@ export class Transport {
   }
 
   /**
-   * Send a request; answer its response and its body as chunks once the status is a success.
+   * Send a request; answer its response and its body as chunks once the status is a success
+   * (and `discard`, to drop a body that will not be read).
    * The idle timer restarts at every chunk, so a long stream that keeps arriving never times
    * out; a cancelled `signal` throws its reason.
    */
@@ -123,7 +124,7 @@ export class Transport {
     } catch (error) {
       throw failure(error);
     }
-    async function* chunks() {
+    async function* read() {
       try {
         if (!response.body) return;
         for await (const chunk of response.body) {
@@ -136,7 +137,12 @@ export class Transport {
         clearTimeout(timer);
       }
     }
-    return { response, chunks: chunks() };
+    /** Drops a body that will not be read (read()'s cleanup runs only once it has started). */
+    const discard = async () => {
+      clearTimeout(timer);
+      await response.body?.cancel().catch(() => {});
+    };
+    return { response, chunks: read(), discard };
   }
 }
 
