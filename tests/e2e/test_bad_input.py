@@ -319,7 +319,7 @@ CASES: dict[str, Bad] = {
     "response_over_limit": Bad(
         {"input": [list(range(1, 31))] * 2, "names": None}, 413, "too_large",
         [r"\d+ bytes of response \(estimated\) exceed the limit of 150000", r"fewer hook points"],
-        path="/v1/run_with_cache",
+        path="/v1/run_with_cache", headers={"accept": "application/vnd.hooklab.frames+msgpack"},
     ),
     "body_over_limit": Bad(
         _big_body(), 413, "too_large", [r"bytes of request body exceed the limit of 16384"],

@@ -13,7 +13,7 @@ import torch
 import hooklab
 from hooklab import errors, hooks
 
-from .e2e_helpers import assert_close, edit, parse_frames, tensors_of
+from .e2e_helpers import FRAMES, assert_close, edit, parse_frames, tensors_of
 from .e2e_servers import Served, sample_tokens
 
 JSON = {"accept": "application/json"}
@@ -91,7 +91,7 @@ def test_stored_cache_get_patch_delete(server: Served) -> None:
     _, ref_cache = tl.run_with_cache(clean, names_filter=names)
 
     with httpx.Client(base_url=server.url, timeout=60) as http:
-        response = http.get(f"/v1/caches/{cache_id}")
+        response = http.get(f"/v1/caches/{cache_id}", headers={"accept": FRAMES})
         assert response.status_code == 200
         begin, stored, _ = parse_frames(response.content)
         assert begin.get("cache_id") == cache_id

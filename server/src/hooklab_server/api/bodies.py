@@ -205,8 +205,9 @@ async def parse(request: Request, model: type[Model]) -> Model:
 
 
 def wants_json(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return JSON_MEDIA_TYPE in accept and FRAMES_MEDIA_TYPE not in accept
+    """JSON unless the Accept header names the frames media type: what curl and other
+    languages read without a decoder; the Python client asks for frames."""
+    return FRAMES_MEDIA_TYPE not in request.headers.get("accept", "")
 
 
 def json_body(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
