@@ -14,6 +14,11 @@ EVENT_TOKEN = "token"  # one per step: GenerateStep
 EVENT_DONE = "done"  # last, on success: GenerateResponse
 EVENT_ERROR = "error"  # last, on failure: ErrorResponse
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # alternatives per step (OpenAI's chat allows 20)
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
 
 class GenerateRequest(Body):
     """TransformerLens ``generate`` arguments, plus hook specs active at every step.
@@ -41,15 +46,40 @@ class GenerateRequest(Body):
     padding_side: Literal["left", "right"] | None = None
     return_type: Literal["input", "str", "tokens", "embeds"] = "input"
     seed: int | None = Field(None, ge=0, le=2**64 - 1, description="seed for reproducible sampling")
+    stop: list[StopString] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_STRINGS,
+        description="a row ends once its new text holds one of these (beyond TransformerLens; "
+        "the text keeps it, and the row is padded from then on, as after eos)",
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="with each step, the new tokens' log-probabilities and this many most "
+        "likely alternatives (log-softmax of the logits, hooks applied, before temperature "
+        "and top-k/p); null: none",
+    )
     stream: bool = Field(False, description="send tokens as server-sent events as they come")
     hooks: HookSpecs = Field(default_factory=list)
     timeout_s: Timeout = None
+
+
+class TokenLogprobs(BaseModel):
+    """One row's new token: its log-probability and the most likely alternatives."""
+
+    logprob: float
+    top_ids: list[int] = Field(description="the most likely tokens, most likely first")
+    top_logprobs: list[float]
 
 
 class GenerateStep(BaseModel):
     step: int
     tokens: list[int] = Field(description="the new token of each batch row")
     text: list[str] = Field(description="each new token decoded")
+    logprobs: list[TokenLogprobs] | None = Field(
+        None, description="per batch row, when the request asked for logprobs"
+    )
 
 
 class GenerateStats(BaseModel):
@@ -70,3 +100,6 @@ class GenerateResponse(BaseModel):
         "token embeddings of prompt and new tokens, [batch, pos, d_model])"
     )
     stats: GenerateStats
+    logprobs: list[list[TokenLogprobs]] | None = Field(
+        None, description="[batch, new tokens], when the request asked for logprobs"
+    )

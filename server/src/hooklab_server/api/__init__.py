@@ -24,7 +24,7 @@ from ..quotas import MemoryQuotas, Quotas
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from . import accounts, callbacks, generate, gradients, patching, routes, service, stored
+from . import accounts, callbacks, generate, gradients, openai, patching, routes, service, stored
 from .edge import EdgeMiddleware, request_id_of
 from .errors import error_response
 from .openapi import openapi_schema
@@ -81,7 +81,7 @@ def create_app(
     app.state.hooklab = Service(
         models, store, settings, metrics, keys, quotas or MemoryQuotas(), callback_sessions
     )
-    modules = (service, routes, stored, accounts, generate, patching, gradients, callbacks)
+    modules = (service, routes, stored, accounts, generate, openai, patching, gradients, callbacks)
     routers = [module.router for module in modules]
     for router in routers:
         app.include_router(router)

@@ -28,6 +28,13 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A reference to ``model``'s schema, which joins the components (e.g. for a response
+    content type FastAPI does not describe itself, such as a stream's events)."""
+    _BODY_MODELS[model.__name__] = model
+    return {"schema": {"$ref": _REF.format(model=model.__name__)}}
+
+
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(

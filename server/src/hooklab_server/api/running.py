@@ -143,7 +143,9 @@ async def collect_generation(
     work: GenerateWork,
     token: CancelToken,
     admission: Admission,
+    on_step: Callable[[GenerateStep], None] | None = None,
 ) -> GenerateResponse:
+    """The generation's response; ``on_step`` sees each step on the way."""
     watcher = asyncio.create_task(_watch_disconnect(request, token))
     try:
         # Closed on the way out, so the tokens are settled and the slot freed before the
@@ -153,6 +155,8 @@ async def collect_generation(
             async for item in items:
                 if isinstance(item, GenerateResponse):
                     return item
+                if on_step is not None:
+                    on_step(item)
         raise AssertionError("a generation ends with its response")
     finally:
         watcher.cancel()

@@ -1,5 +1,6 @@
 """Autoregressive generation with a KV cache, hooks active at every step (steering), and
-TransformerLens's sampling rules (temperature, frequency penalty, top-k or top-p)."""
+TransformerLens's sampling rules (temperature, frequency penalty, top-k or top-p); beyond them,
+stop strings and each step's log-probabilities (what OpenAI-style completions report)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .completion_text import CONTEXT_TOKENS, completion_text, stop_position
 from .tokenization import attention_mask_for
 
 if TYPE_CHECKING:
@@ -45,11 +47,39 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class StoppingParams:
-    """When generation ends: after ``max_new_tokens``, or when every row produced a stop id."""
+    """When generation ends: after ``max_new_tokens``, or when every row produced a stop id or
+    new text holding one of ``stop_strings`` (a row that stopped is padded, as after eos)."""
 
     max_new_tokens: int = 10
     stop_at_eos: bool = True
     eos_token_id: int | list[int] | None = None
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """Log-probabilities of one step, from the logits the model gave (hooks applied; before
+    temperature, penalties and top-k/p): the chosen tokens' [batch], and the ``k`` most likely
+    tokens' ids and values [batch, k]."""
+
+    chosen: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+
+
+# What a log-probability below any float32 one reads as (OpenAI's floor): finite, for JSON.
+LOGPROB_FLOOR = -9999.0
+
+
+def step_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> StepLogprobs:
+    """The log-probabilities of ``chosen`` [batch] and the top ``k`` under ``logits``."""
+    logprobs = logits.float().log_softmax(-1)
+    logprobs = logprobs.nan_to_num(LOGPROB_FLOOR, LOGPROB_FLOOR, LOGPROB_FLOOR).clamp_min(
+        LOGPROB_FLOOR
+    )
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    picked = logprobs.gather(-1, chosen[:, None].to(logprobs.device))[:, 0]
+    return StepLogprobs(picked, top.indices, top.values)
 
 
 def sample_logits(
@@ -121,7 +151,10 @@ class GenerationState:
         tokens: torch.Tensor,
         sampling: SamplingParams = SamplingParams(),
         stopping: StoppingParams = StoppingParams(),
+        logprobs: int | None = None,
     ) -> None:
+        """``logprobs``: keep each step's :class:`StepLogprobs` with this many alternatives
+        (``last_logprobs``); None keeps none."""
         eos_token_id, stop_at_eos = stopping.eos_token_id, stopping.stop_at_eos
         if eos_token_id is None and stop_at_eos:
             if model.tokenizer is None or model.tokenizer.eos_token_id is None:
@@ -129,6 +162,12 @@ class GenerationState:
             eos_token_id = model.tokenizer.eos_token_id
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self.eos = torch.tensor(eos_ids, device=tokens.device) if stop_at_eos else None
+        self.stop_strings = stopping.stop_strings
+        if self.stop_strings and model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer = model.tokenizer
+        # Rows end by a stop id or a stop string; without either, only max_new_tokens ends them.
+        self.stops_rows = bool(self.stop_strings) or (self.eos is not None and bool(eos_ids))
         # Finished rows are padded (TransformerLens's rule) with the one stop id, or, for a list
         # of stop ids, with the tokenizer's eos when it has one, else the first listed id.
         tokenizer_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
@@ -141,23 +180,44 @@ class GenerationState:
             self.generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
         self.sampling, self.max_new_tokens = sampling, stopping.max_new_tokens
         self.tokens = tokens  # [batch, pos]: the prompt, then each step's tokens
+        self.prompt_width = int(tokens.shape[1])
         self.finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         self.steps = 0
+        self.logprobs = logprobs
+        self.last_logprobs: StepLogprobs | None = None
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token ids [batch] from the last logits [batch, d_vocab]."""
         next_tokens = sample_logits(logits, self.tokens, self.sampling, self.generator)
-        if self.eos is not None and self.eos.numel():
+        if self.stops_rows:
             next_tokens = torch.where(self.finished, self.pad_id, next_tokens)
+        if self.eos is not None and self.eos.numel():
             self.finished |= torch.isin(next_tokens, self.eos)
+        if self.logprobs is not None:
+            self.last_logprobs = step_logprobs(logits, next_tokens, self.logprobs)
         self.tokens = torch.cat((self.tokens, next_tokens[:, None]), dim=1)
         self.steps += 1
+        if self.stop_strings:
+            self._stop_rows_by_text()
         return next_tokens
+
+    def _stop_rows_by_text(self) -> None:
+        """Finish each row whose new text now holds a stop string. One that was not there a
+        step ago ends in the last token's text, so only the last tokens are decoded: a stop
+        string of L characters (at most 4L bytes) spans at most 4L tokens before the last."""
+        window = 4 * max(len(stop) for stop in self.stop_strings) + 1
+        start = max(self.prompt_width, int(self.tokens.shape[1]) - window)
+        for row in (~self.finished).nonzero()[:, 0].tolist():
+            tokens = self.tokens[row]
+            context = tokens[max(0, start - CONTEXT_TOKENS) : start].tolist()
+            text = completion_text(self.tokenizer, context, tokens[start:].tolist())
+            if stop_position(text, self.stop_strings) is not None:
+                self.finished[row] = True
 
     @property
     def done(self) -> bool:
-        """After ``max_new_tokens`` steps, or once every row produced a stop id."""
-        everyone_stopped = self.eos is not None and bool(self.finished.all())
+        """After ``max_new_tokens`` steps, or once every row produced a stop id or string."""
+        everyone_stopped = self.stops_rows and bool(self.finished.all())
         return self.steps >= self.max_new_tokens or everyone_stopped
 
 
@@ -170,10 +230,12 @@ def generate_tokens(
     use_past_kv_cache: bool = True,
     fwd_hooks: FwdHooks = (),
     interrupt: Callable[[], None] | None = None,
+    state: GenerationState | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [batch] step by step (callers may stop early). ``interrupt`` is
-    called before every block of every step; it stops the generation by raising."""
-    state = GenerationState(model, tokens, sampling, stopping)
+    called before every block of every step; it stops the generation by raising. ``state``: the
+    caller's own (made for ``tokens``, ``sampling`` and ``stopping``), to read what it keeps."""
+    state = state or GenerationState(model, tokens, sampling, stopping)
     hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
     cache = model.init_kv_cache() if use_past_kv_cache else None
     step_input, mask = tokens, attention_mask

@@ -16,11 +16,13 @@ from hooklab_proto import (
     GenerateResponse,
     GenerateStats,
     GenerateStep,
+    TokenLogprobs,
 )
 from hooklab_server.engine.generation import (
     GenerationState,
     NonFiniteLogits,
     SamplingParams,
+    StepLogprobs,
     StoppingParams,
     generate_tokens,
 )
@@ -73,6 +75,16 @@ def _stop_ids(ctx: OpsContext, request: GenerateRequest) -> int | list[int] | No
     return None
 
 
+def _stopping(ctx: OpsContext, request: GenerateRequest) -> StoppingParams:
+    if request.stop and ctx.model.tokenizer is None:
+        raise RequestError(
+            ErrorCode.VALIDATION, "stop strings need a tokenizer; this model has none"
+        )
+    stop_ids = _stop_ids(ctx, request)
+    new, at_eos, stops = request.max_new_tokens, request.stop_at_eos, tuple(request.stop)
+    return StoppingParams(new, at_eos, stop_ids, stops)
+
+
 def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWork:
     model, cfg = ctx.model, ctx.model.cfg
     new = request.max_new_tokens
@@ -89,7 +101,7 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
         ctx, request.input, "input", request.prepend_bos, request.padding_side,
         generation=True, extra=new,
     )  # fmt: skip
-    stopping = StoppingParams(new, request.stop_at_eos, _stop_ids(ctx, request))
+    stopping = _stopping(ctx, request)
     sampling = SamplingParams(
         request.do_sample, request.top_k, request.top_p, request.temperature,
         request.freq_penalty, request.seed,
@@ -112,6 +124,18 @@ def validate_generation(ctx: OpsContext, request: GenerateRequest) -> GenerateWo
     return GenerateWork(prompt, sampling, stopping, hooks, request, cost, ctx.caller)
 
 
+def _rows(logprobs: StepLogprobs) -> list[TokenLogprobs]:
+    return [
+        TokenLogprobs(logprob=chosen, top_ids=ids, top_logprobs=values)
+        for chosen, ids, values in zip(
+            logprobs.chosen.tolist(),
+            logprobs.top_ids.tolist(),
+            logprobs.top_values.tolist(),
+            strict=True,
+        )
+    ]
+
+
 def _cannot_sample(exc: NonFiniteLogits) -> RequestError:
     return RequestError(
         ErrorCode.VALIDATION,
@@ -129,13 +153,16 @@ class Generation:
         self.ctx, self.work, self.token = ctx, work, token
         self.model = ctx.model
         self.new: list[torch.Tensor] = []
+        self.logprobs: list[list[TokenLogprobs]] = []  # per step, when asked for
 
         def between_layers() -> None:
             token.check()
 
+        # Run alone, the engine's loop steps this state; in a decode pool, ``take`` makes one.
+        self.solo = self._new_state()
         self.steps = generate_tokens(
             self.model, work.prompt.tokens, work.prompt.mask, work.sampling, work.stopping,
-            work.request.use_past_kv_cache, work.hooks, between_layers,
+            work.request.use_past_kv_cache, work.hooks, between_layers, self.solo,
         )  # fmt: skip
         self.state: GenerationState | None = None  # when run in a decode pool
         self.started = time.perf_counter()
@@ -159,15 +186,18 @@ class Generation:
         """The step chosen from this generation's last logits [batch, d_vocab] (TransformerLens's
         sampling and stopping rules, as ``generate_tokens`` applies them)."""
         if self.state is None:
-            work = self.work
-            self.state = GenerationState(
-                self.model, work.prompt.tokens, work.sampling, work.stopping
-            )
+            self.state = self._new_state()
         try:
             next_tokens = self.state.choose(logits)
         except NonFiniteLogits as exc:
             raise _cannot_sample(exc) from None
         return self._record(next_tokens)
+
+    def _new_state(self) -> GenerationState:
+        work = self.work
+        return GenerationState(
+            self.model, work.prompt.tokens, work.sampling, work.stopping, work.request.logprobs
+        )
 
     @property
     def last_tokens(self) -> torch.Tensor:
@@ -181,8 +211,15 @@ class Generation:
         self.new.append(next_tokens)
         self.ctx.metrics.add("work_units", op=self.work.op)
         self.ctx.metrics.add("generated_tokens", next_tokens.numel())
+        state = self.state or self.solo
+        logprobs = None if state.last_logprobs is None else _rows(state.last_logprobs)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         return GenerateStep(
-            step=len(self.new) - 1, tokens=next_tokens.tolist(), text=self._decode_each(next_tokens)
+            step=len(self.new) - 1,
+            tokens=next_tokens.tolist(),
+            text=self._decode_each(next_tokens),
+            logprobs=logprobs,
         )
 
     def close(self) -> None:
@@ -223,6 +260,8 @@ class Generation:
         else:
             output = output_tokens.tolist()
         count = int(new.numel())
+        asked = request.logprobs is not None
+        by_row = [list(row) for row in zip(*self.logprobs, strict=True)] if self.logprobs else None
         return GenerateResponse(
             tokens=output_tokens.tolist(),
             text=texts,
@@ -230,4 +269,5 @@ class Generation:
             stats=GenerateStats(
                 new_tokens=count, seconds=seconds, tokens_per_s=count / max(seconds, 1e-9)
             ),
+            logprobs=(by_row or [[] for _ in range(prompt.shape[0])]) if asked else None,
         )
