@@ -19,6 +19,9 @@ the logits, exactly what a TransformerLens user gets from ``run_with_cache(token
   time of the call (target ≥ 0.8 GB/s). The call is also split at the moment the response
   headers arrive (an httpx response event hook): before it the server computes and prepares
   the frames; after it the body streams and the client decodes it ("streaming phase");
+* remote run_with_cache over httpx's transport: the same call from a second client made with
+  ``HOOKLAB_HTTP_TRANSPORT=httpx`` (httpx's chunks fed to the frame decoder, one more copy per
+  byte than the default socket transport's reads straight into frame buffers), split alike;
 * remote forward: ``model.forward(tokens, return_type="loss")`` — the server's forward pass
   with no hooks (unembed included) plus one HTTP round trip, a scalar to transfer;
 
@@ -82,7 +85,7 @@ from _table import print_table  # noqa: E402
 
 import hooklab  # noqa: E402
 from fixtures.oracle import load_tl_model  # noqa: E402
-from hooklab._transport import _read_frames  # noqa: E402
+from hooklab._transport import HTTP_TRANSPORT_ENV, _read_frames  # noqa: E402
 from hooklab_proto import FRAMES_MEDIA_TYPE  # noqa: E402
 
 THREADS = 1
@@ -109,6 +112,7 @@ class _StoredResponse:
         self._body = body
         self._chunk_size = chunk_size
         self.headers = {"content-length": str(len(body))}
+        self.extensions: dict[str, object] = {}  # no socket to read in place: chunks are fed
 
     def iter_raw(self) -> Iterator[bytes]:
         view = memoryview(self._body)
@@ -175,25 +179,45 @@ def curl_read(url: str, body_path: Path, splits: Splits) -> None:
     splits.add(first, total - first)
 
 
-def candidates_for(
-    remote: Any, tl: Any, raw_client: httpx.Client, url: str, tokens: torch.Tensor,
-    body: bytes, body_path: Path, captured: _StoredResponse, splits: dict[str, Splits],
-) -> dict[str, Callable[[], object]]:  # fmt: skip
+def connect_over_httpx(url: str) -> Any:
+    """A client on httpx's own transport (the client's escape hatch), for comparison."""
+    previous = os.environ.get(HTTP_TRANSPORT_ENV)
+    os.environ[HTTP_TRANSPORT_ENV] = "httpx"
+    try:
+        return hooklab.connect(url, timeout=REQUEST_TIMEOUT_S)
+    finally:
+        if previous is None:
+            del os.environ[HTTP_TRANSPORT_ENV]
+        else:
+            os.environ[HTTP_TRANSPORT_ENV] = previous
+
+
+def split_cache_call(model: Any, tokens: torch.Tensor, splits: Splits) -> Callable[[], None]:
+    """``model.run_with_cache(tokens)`` (the whole cache brought here), split at the moment
+    the response headers arrive."""
     headers_at: list[float] = []
-    remote._transport.client.event_hooks = {
+    model._transport.client.event_hooks = {
         "response": [lambda response: headers_at.append(time.perf_counter())]
     }
 
+    def call() -> None:
+        headers_at.clear()
+        start = time.perf_counter()
+        model.run_with_cache(tokens, lazy=False)
+        end = time.perf_counter()
+        splits.add(headers_at[0] - start, end - headers_at[0])
+
+    return call
+
+
+def candidates_for(
+    remote: Any, remote_httpx: Any, tl: Any, raw_client: httpx.Client, url: str,
+    tokens: torch.Tensor, body: bytes, body_path: Path, captured: _StoredResponse,
+    splits: dict[str, Splits],
+) -> dict[str, Callable[[], object]]:  # fmt: skip
     def tl_local() -> None:
         with torch.inference_mode():
             tl.run_with_cache(tokens)
-
-    def remote_cache() -> None:
-        headers_at.clear()
-        start = time.perf_counter()
-        remote.run_with_cache(tokens, lazy=False)  # the whole cache brought here
-        end = time.perf_counter()
-        splits["remote"].add(headers_at[0] - start, end - headers_at[0])
 
     def remote_forward() -> None:
         remote.forward(tokens, return_type="loss")
@@ -215,7 +239,8 @@ def candidates_for(
 
     candidates = {
         "tl": tl_local,
-        "remote": remote_cache,
+        "remote": split_cache_call(remote, tokens, splits["remote"]),
+        "remote_httpx": split_cache_call(remote_httpx, tokens, splits["remote_httpx"]),
         "forward": remote_forward,
         "server_cache": server_cache_only,
         "httpx_raw": httpx_raw,
@@ -279,8 +304,8 @@ def vs(seconds: float, reference: float) -> str:
 
 
 def bench_batch(
-    remote: Any, tl: Any, raw_client: httpx.Client, url: str, batch: int, runs: int, tmp: Path,
-    generator: torch.Generator,
+    remote: Any, remote_httpx: Any, tl: Any, raw_client: httpx.Client, url: str, batch: int,
+    runs: int, tmp: Path, generator: torch.Generator,
 ) -> list[list[str]]:  # fmt: skip
     label = f"{batch}x{SEQ}"
     vocab = min(tl.cfg.d_vocab, remote.cfg.d_vocab)
@@ -303,13 +328,14 @@ def bench_batch(
     del chunks
     gc.collect()
 
-    splits = {name: Splits() for name in ("remote", "httpx_raw", "curl")}
+    splits = {name: Splits() for name in ("remote", "remote_httpx", "httpx_raw", "curl")}
     candidates = candidates_for(
-        remote, tl, raw_client, url, tokens, body, body_path, captured, splits
+        remote, remote_httpx, tl, raw_client, url, tokens, body, body_path, captured, splits
     )
     print(f"[{label}] timing {', '.join(candidates)} ({runs} interleaved runs) …", flush=True)
     t = interleaved_medians(candidates, runs)
     remote._transport.client.event_hooks = {}
+    remote_httpx._transport.client.event_hooks = {}
     del captured
     gc.collect()
 
@@ -325,6 +351,16 @@ def bench_batch(
         [label, "remote run_with_cache, client throughput", ms(t["remote"]), mb(tensor_bytes),
          f"{rate:.2f}", vs(t["remote"], t["tl"]), f"≥ {TARGET_GBPS} GB/s",
          "yes" if rate >= TARGET_GBPS else "NO"],
+        [label, "  split: request → response headers", ms(before), "-", "-", vs(before, t["tl"]),
+         "-", "-"],
+        [label, "  split: headers → cache decoded (streaming)", ms(after), mb(tensor_bytes),
+         gbps(tensor_bytes, after), "-", "-", "-"],
+    ]  # fmt: skip
+    before, after = splits["remote_httpx"].medians(runs)
+    rows += [
+        [label, "remote run_with_cache over httpx's transport", ms(t["remote_httpx"]),
+         mb(tensor_bytes), gbps(tensor_bytes, t["remote_httpx"]), vs(t["remote_httpx"], t["tl"]),
+         "-", "-"],
         [label, "  split: request → response headers", ms(before), "-", "-", vs(before, t["tl"]),
          "-", "-"],
         [label, "  split: headers → cache decoded (streaming)", ms(after), mb(tensor_bytes),
@@ -398,14 +434,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server at {url} ready, TL loaded, in {time.perf_counter() - start:.0f} s",
                   flush=True)  # fmt: skip
             remote = hooklab.connect(url, timeout=REQUEST_TIMEOUT_S)
+            remote_httpx = connect_over_httpx(url)
             raw_client = httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S)
             generator = torch.Generator().manual_seed(SEED)
             try:
                 for batch in batches:
-                    rows += bench_batch(remote, tl, raw_client, url, batch, runs, tmp, generator)
+                    rows += bench_batch(
+                        remote, remote_httpx, tl, raw_client, url, batch, runs, tmp, generator
+                    )
             finally:
                 raw_client.close()
                 remote.close()
+                remote_httpx.close()
 
     print()
     print_table(HEADERS, rows)

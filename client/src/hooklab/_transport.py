@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -17,11 +18,14 @@ from hooklab_proto import (
     FRAMES_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
     ControlFrame,
+    Frame,
     StreamReader,
     TensorFrame,
     dtype_code,
 )
 
+from ._http1_body import ResponseBodyStream
+from ._socket_transport import READ_INTO, SocketTransport
 from .errors import ConnectionFailedError, RequestTimeoutError, server_error
 
 if TYPE_CHECKING:
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
 
 # A progress bar appears for downloads expected to take longer than this.
 PROGRESS_AFTER_S = 1.0
+# "httpx" sends requests through httpx's own transport instead of the socket transport.
+HTTP_TRANSPORT_ENV = "HOOKLAB_HTTP_TRANSPORT"
 
 
 def wire_tensor(tensor: torch.Tensor) -> dict[str, Any]:
@@ -77,10 +83,8 @@ class Transport:
         api_key = api_key or os.environ.get("HOOKLAB_API_KEY") or None
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
-        self.client = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0)),
+        self.client = _http_client(
+            self.url, headers, httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0))
         )
         self.received_bytes = 0  # frame-stream response bytes read so far (as on the wire)
 
@@ -213,49 +217,118 @@ class Transport:
             try:
                 return _read_frames(response, progress)
             finally:
-                self.received_bytes += response.num_bytes_downloaded
+                self.received_bytes += _body_bytes_read(response)
+
+
+def _http_client(url: str, headers: dict[str, str], timeout: httpx.Timeout) -> httpx.Client:
+    """An httpx client on the socket transport (bodies read in place), or on httpx's own
+    transport when httpx would send the requests through a proxy or HOOKLAB_HTTP_TRANSPORT
+    says ``httpx``."""
+    choice = os.environ.get(HTTP_TRANSPORT_ENV, "").strip().lower()
+    if choice not in ("", "socket", "httpx"):
+        raise ValueError(
+            f"{HTTP_TRANSPORT_ENV} is 'socket' (the default) or 'httpx', not {choice!r}"
+        )
+    if choice == "httpx" or _proxied(url):
+        return httpx.Client(base_url=url, headers=headers, timeout=timeout)
+    return httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=SocketTransport())
+
+
+def _proxied(url: str) -> bool:
+    """Whether a default httpx client (trusting the environment) sends ``url`` through a proxy.
+    httpx mounts a proxy transport per URL pattern from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY:
+    asking it keeps its exact rules."""
+    if not urllib.request.getproxies():  # where httpx reads them from: none at all
+        return False
+    with httpx.Client() as probe:
+        return probe._transport_for_url(httpx.URL(url)) is not probe._transport
+
+
+def _read_into_stream(response: httpx.Response) -> ResponseBodyStream | None:
+    stream = response.extensions.get(READ_INTO)
+    return stream if isinstance(stream, ResponseBodyStream) else None
+
+
+def _body_bytes_read(response: httpx.Response) -> int:
+    stream = _read_into_stream(response)
+    return stream.bytes_read if stream is not None else response.num_bytes_downloaded
 
 
 def _read_frames(
     response: httpx.Response, progress: bool
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    reader = StreamReader()
     meta: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
-    total = int(response.headers.get("content-length", 0)) or None
-    bar = None
-    started = time.perf_counter()
-    received = 0
-    for chunk in response.iter_raw():
-        received += len(chunk)
-        if (
-            progress
-            and bar is None
-            and total
-            and time.perf_counter() - started > PROGRESS_AFTER_S / 4
-        ):
-            rate = received / max(time.perf_counter() - started, 1e-9)
-            if total / rate > PROGRESS_AFTER_S:
-                bar = tqdm(
-                    total=total, initial=received, unit="B", unit_scale=True, desc="activations"
-                )
-        elif bar is not None:
-            bar.update(len(chunk))
-        for frame in reader.feed(chunk):
+    bar = _Progress(int(response.headers.get("content-length", 0)) or None, progress)
+    reader = StreamReader()
+    try:
+        for frame in _decoded_frames(response, reader, bar):
             if isinstance(frame, TensorFrame):
                 tensors[frame.name] = frame.tensor
             elif frame.kind == "begin":
                 meta = dict(frame.fields)
                 # A stream sent while the work runs has no Content-Length: its estimate is here.
-                total = total or frame.fields.get("expected_bytes")
+                bar.expect(frame.fields.get("expected_bytes"))
             elif frame.kind == "end":  # fields known only once the work ended (a cache's id)
                 meta.update(frame.fields)
             elif frame.kind == "error":
                 _raise_frame(frame)
-    if bar is not None:
+    finally:
         bar.close()
     reader.close()
     return meta, tensors
+
+
+def _decoded_frames(
+    response: httpx.Response, reader: StreamReader, bar: _Progress
+) -> Iterator[Frame]:
+    """The response's frames as their bytes arrive: received straight into each frame's buffer
+    when the socket transport carried the response, else fed from httpx's chunks."""
+    stream = _read_into_stream(response)
+    if stream is not None:
+        while n := stream.read_into(reader.writable()):
+            bar.advance(n)
+            yield from reader.wrote(n)
+        return
+    for chunk in response.iter_raw():
+        bar.advance(len(chunk))
+        yield from reader.feed(chunk)
+
+
+class _Progress:
+    """A tqdm bar of bytes and rate, shown once the rate so far says the download will take
+    longer than PROGRESS_AFTER_S (a total is needed: Content-Length or the expected bytes)."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self._total = total
+        self._enabled = enabled
+        self._started = time.perf_counter()
+        self._received = 0
+        self._bar: Any = None
+
+    def expect(self, total: int | None) -> None:
+        self._total = self._total or total
+
+    def advance(self, n: int) -> None:
+        self._received += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        if not (self._enabled and self._total):
+            return
+        elapsed = time.perf_counter() - self._started
+        if elapsed <= PROGRESS_AFTER_S / 4:
+            return
+        expected_s = self._total * elapsed / self._received  # at the rate so far
+        if expected_s > PROGRESS_AFTER_S:
+            self._bar = tqdm(
+                total=self._total, initial=self._received, unit="B", unit_scale=True,
+                desc="activations",
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _raise_frame(frame: ControlFrame) -> None:

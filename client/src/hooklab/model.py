@@ -147,7 +147,9 @@ class HookedTransformer(Circuits):
         """Connect to a hooklab server (e.g. ``http://gpu-box:8000``). ``api_key`` defaults to
         the ``HOOKLAB_API_KEY`` environment variable; a server without keys needs none.
         ``model`` picks one of the models the server serves (``GET /v1/models``); by default
-        the server's first."""
+        the server's first. ``HOOKLAB_HTTP_TRANSPORT=httpx`` makes requests go through httpx's
+        own transport rather than the client's socket transport (which reads tensors straight
+        into their buffers)."""
         return cls(Transport(url, api_key, timeout, model))
 
     def close(self) -> None:
