@@ -35,14 +35,17 @@ def _run(
     return state, list(generate_tokens(model, tokens, None, SAMPLED, stopping, state=state))
 
 
-def test_each_row_stops_where_its_text_first_holds_a_stop_string(gpt2_checkpoint: Path) -> None:
+@pytest.mark.parametrize("where", ["middle", "start"])
+def test_each_row_stops_where_its_text_first_holds_a_stop_string(
+    gpt2_checkpoint: Path, where: str
+) -> None:
     model = our_model(gpt2_checkpoint)
     tokens = model.to_tokens(["def f(x): return x + 1"] * 3)
     free, _ = _run(model, tokens, StoppingParams(24, stop_at_eos=False))
     width, tokenizer = tokens.shape[1], model.tokenizer
     texts = [completion_text(tokenizer, row[width - 4 : width], row[width:]) for row in
              free.tokens.tolist()]  # fmt: skip
-    stop = texts[0][len(texts[0]) // 2 :][:2]
+    stop = texts[0][len(texts[0]) // 2 if where == "middle" else 0 :][:2]
     stopped, steps = _run(model, tokens, StoppingParams(24, False, None, (stop,)))
     assert stop in texts[0]
     for row, text in enumerate(texts):

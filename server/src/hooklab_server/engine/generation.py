@@ -207,10 +207,11 @@ class GenerationState:
         string of L characters (at most 4L bytes) spans at most 4L tokens before the last."""
         window = 4 * max(len(stop) for stop in self.stop_strings) + 1
         start = max(self.prompt_width, int(self.tokens.shape[1]) - window)
+        first = max(0, start - CONTEXT_TOKENS)
+        tail = self.tokens[:, first:].tolist()  # one copy from the device for every row
         for row in (~self.finished).nonzero()[:, 0].tolist():
-            tokens = self.tokens[row]
-            context = tokens[max(0, start - CONTEXT_TOKENS) : start].tolist()
-            text = completion_text(self.tokenizer, context, tokens[start:].tolist())
+            context, new = tail[row][: start - first], tail[row][start - first :]
+            text = completion_text(self.tokenizer, context, new)
             if stop_position(text, self.stop_strings) is not None:
                 self.finished[row] = True
 
