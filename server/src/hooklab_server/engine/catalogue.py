@@ -18,7 +18,9 @@ from itertools import groupby
 from .config import HookedConfig
 
 # Axis names: batch, pos (the query position in scores/patterns), key_pos, head, kv_head,
-# d_head, d_model, d_mlp, d_vocab, and one (the size-1 axis of a norm's scale).
+# d_head, d_model, d_mlp, d_vocab, and one (the size-1 axis of a norm's scale). Per-head qk-norm
+# points are flattened as TransformerLens has them: head_row = batch * pos * head (kv_head_row
+# likewise); OLMo 2's qk-norm acts on q_width = head * d_head (kv_width = kv_head * d_head).
 Shape = tuple[str, ...]
 
 RESID: Shape = ("batch", "pos", "d_model")
@@ -30,6 +32,10 @@ SCORES: Shape = ("batch", "head", "pos", "key_pos")
 SCALE: Shape = ("batch", "pos", "one")
 NEURONS: Shape = ("batch", "pos", "d_mlp")
 LOGITS: Shape = ("batch", "pos", "d_vocab")
+HEAD_ROWS: Shape = ("head_row", "d_head")
+KV_HEAD_ROWS: Shape = ("kv_head_row", "d_head")
+Q_WIDE: Shape = ("batch", "pos", "q_width")
+KV_WIDE: Shape = ("batch", "pos", "kv_width")
 
 
 def always(cfg: HookedConfig) -> bool:
@@ -46,6 +52,26 @@ def rotary(cfg: HookedConfig) -> bool:
 
 def sequential(cfg: HookedConfig) -> bool:
     return not cfg.parallel_attn_mlp  # parallel blocks have no residual between attn and MLP
+
+
+def pre_norm(cfg: HookedConfig) -> bool:
+    return not cfg.post_norm
+
+
+def post_norm(cfg: HookedConfig) -> bool:
+    return cfg.post_norm
+
+
+def norms_after(cfg: HookedConfig) -> bool:
+    return cfg.use_normalization_before_and_after
+
+
+def qk_norm_per_head(cfg: HookedConfig) -> bool:
+    return cfg.use_qk_norm
+
+
+def qk_norm_all_heads(cfg: HookedConfig) -> bool:
+    return cfg.post_norm  # OLMo 2
 
 
 def gated(cfg: HookedConfig) -> bool:
@@ -88,25 +114,41 @@ HOOK_POINTS: tuple[HookPointSpec, ...] = (
     H("blocks.{layer}.hook_k_input", RESID_PER_KV_HEAD, grouped, flag=SPLIT_QKV, act="k_input"),
     H("blocks.{layer}.hook_v_input", RESID_PER_HEAD, ungrouped, flag=SPLIT_QKV, act="v_input"),
     H("blocks.{layer}.hook_v_input", RESID_PER_KV_HEAD, grouped, flag=SPLIT_QKV, act="v_input"),
-    H("blocks.{layer}.ln1.hook_scale", SCALE),
-    H("blocks.{layer}.ln1.hook_normalized", RESID),
+    H("blocks.{layer}.ln1.hook_scale", SCALE, pre_norm),
+    H("blocks.{layer}.ln1.hook_normalized", RESID, pre_norm),
     H("blocks.{layer}.attn.hook_q", PER_HEAD, act="q"),
     H("blocks.{layer}.attn.hook_k", PER_KV_HEAD, act="k"),
     H("blocks.{layer}.attn.hook_v", PER_KV_HEAD, act="v"),
+    H("blocks.{layer}.attn.q_norm.hook_scale", ("head_row", "one"), qk_norm_per_head),
+    H("blocks.{layer}.attn.q_norm.hook_scale", SCALE, qk_norm_all_heads),
+    H("blocks.{layer}.attn.q_norm.hook_normalized", HEAD_ROWS, qk_norm_per_head),
+    H("blocks.{layer}.attn.q_norm.hook_normalized", Q_WIDE, qk_norm_all_heads),
+    H("blocks.{layer}.attn.k_norm.hook_scale", ("kv_head_row", "one"), qk_norm_per_head),
+    H("blocks.{layer}.attn.k_norm.hook_scale", SCALE, qk_norm_all_heads),
+    H("blocks.{layer}.attn.k_norm.hook_normalized", KV_HEAD_ROWS, qk_norm_per_head),
+    H("blocks.{layer}.attn.k_norm.hook_normalized", KV_WIDE, qk_norm_all_heads),
     H("blocks.{layer}.attn.hook_rot_q", PER_HEAD, rotary, act="rot_q"),
     H("blocks.{layer}.attn.hook_rot_k", PER_KV_HEAD, rotary, act="rot_k"),
     H("blocks.{layer}.attn.hook_attn_scores", SCORES, act="attn_scores"),
     H("blocks.{layer}.attn.hook_pattern", SCORES, act="pattern"),
     H("blocks.{layer}.attn.hook_z", PER_HEAD, act="z"),
     H("blocks.{layer}.attn.hook_result", RESID_PER_HEAD, flag="use_attn_result", act="result"),
+    H("blocks.{layer}.ln1.hook_scale", SCALE, post_norm),  # OLMo 2: on the attention output
+    H("blocks.{layer}.ln1.hook_normalized", RESID, post_norm),
+    H("blocks.{layer}.ln1_post.hook_scale", SCALE, norms_after),
+    H("blocks.{layer}.ln1_post.hook_normalized", RESID, norms_after),
     H("blocks.{layer}.hook_attn_out", RESID, act="attn_out"),
     H("blocks.{layer}.hook_resid_mid", RESID, sequential, act="resid_mid"),
     H("blocks.{layer}.hook_mlp_in", RESID, flag="use_hook_mlp_in", act="mlp_in"),
-    H("blocks.{layer}.ln2.hook_scale", SCALE),
-    H("blocks.{layer}.ln2.hook_normalized", RESID),
+    H("blocks.{layer}.ln2.hook_scale", SCALE, pre_norm),
+    H("blocks.{layer}.ln2.hook_normalized", RESID, pre_norm),
     H("blocks.{layer}.mlp.hook_pre", NEURONS, act="pre"),
     H("blocks.{layer}.mlp.hook_pre_linear", NEURONS, gated, act="pre_linear"),
     H("blocks.{layer}.mlp.hook_post", NEURONS, act="post"),
+    H("blocks.{layer}.ln2.hook_scale", SCALE, post_norm),  # OLMo 2: on the MLP output
+    H("blocks.{layer}.ln2.hook_normalized", RESID, post_norm),
+    H("blocks.{layer}.ln2_post.hook_scale", SCALE, norms_after),
+    H("blocks.{layer}.ln2_post.hook_normalized", RESID, norms_after),
     H("blocks.{layer}.hook_mlp_out", RESID, act="mlp_out"),
     H("blocks.{layer}.hook_resid_post", RESID, act="resid_post"),
     H("ln_final.hook_scale", SCALE),
@@ -204,4 +246,8 @@ def axis_sizes(
         "d_mlp": cfg.d_mlp,
         "d_vocab": cfg.d_vocab_out,
         "one": 1,
+        "head_row": batch * pos * cfg.n_heads,
+        "kv_head_row": batch * pos * (cfg.n_key_value_heads or cfg.n_heads),
+        "q_width": cfg.n_heads * cfg.d_head,
+        "kv_width": (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head,
     }

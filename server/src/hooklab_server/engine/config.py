@@ -10,6 +10,9 @@ import torch
 
 NormalizationType = Literal["LN", "LNPre", "RMS", "RMSPre"]
 
+# Post-norm decoders (TransformerLens's POST_NORM_ARCHITECTURES, those the engine loads).
+POST_NORM_ARCHITECTURES = frozenset({"Olmo2ForCausalLM"})
+
 
 @dataclass
 class HookedConfig:
@@ -41,7 +44,20 @@ class HookedConfig:
     attn_only: bool = False
     use_attn_scale: bool = True
     attn_scale: float = -1.0
+    # Sliding-window attention: every layer (Mistral: attn_types None) or the "local" ones of
+    # attn_types (Gemma 2/3: ["local", "global", ...]); keys further back than the window are
+    # masked (key > query - window_size stays).
     window_size: int | None = None
+    use_local_attn: bool = False
+    attn_types: list[str] | None = None
+    rotary_base_local: float | None = None  # Gemma 3: the local layers' rotary base
+    # c * tanh(x / c) on the attention scores / the logits; -1: off (Gemma 2).
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    # Gemma 2/3: norms after attention and MLP too (ln1_post, ln2_post), before the residual add.
+    use_normalization_before_and_after: bool = False
+    # Qwen3, Gemma 3: an RMSNorm over d_head on each query and key head (attn.q_norm, k_norm).
+    use_qk_norm: bool = False
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool | None = None
     model_name: str = "custom"
@@ -69,6 +85,10 @@ class HookedConfig:
             self.rotary_dim = self.d_head
         if self.attn_scale == -1.0:
             self.attn_scale = self.d_head**0.5 if self.use_attn_scale else 1.0
+        if self.attn_types is not None and len(self.attn_types) != self.n_layers:
+            raise ValueError(
+                f"attn_types has {len(self.attn_types)} entries for {self.n_layers} layers"
+            )
         if self.n_heads % self.n_key_value_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads "
@@ -78,6 +98,24 @@ class HookedConfig:
     @property
     def grouped_query(self) -> bool:
         return self.n_key_value_heads != self.n_heads
+
+    @property
+    def post_norm(self) -> bool:
+        """OLMo 2: no norm before attention or MLP; ln1 and ln2 normalise their outputs before
+        the residual add, and q_norm/k_norm act on all heads at once (TransformerLens keys these
+        on the architecture too)."""
+        return self.original_architecture in POST_NORM_ARCHITECTURES
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of a layer; None: global attention."""
+        if self.attn_types is None or self.attn_types[layer] == "local":
+            return self.window_size
+        return None
+
+    def layer_rotary_base(self, layer: int) -> float:
+        if self.rotary_base_local is not None and self.layer_window(layer) is not None:
+            return self.rotary_base_local
+        return self.rotary_base
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly fields (dtype as its name)."""

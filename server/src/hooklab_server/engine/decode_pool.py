@@ -170,13 +170,15 @@ class DecodePool:
             tokens = torch.cat([next_tokens[group].reshape(group.size) for group in self.groups])
             rows, columns = self._rows[:n], self.lengths[:n].clone()
             self.valid[rows, columns] = True
-            allowed = self.valid[:n, :width]
-            window = model.cfg.window_size
-            if window is not None:
-                # Real tokens of a row sit in consecutive columns, so a window over columns is
-                # the same as one over position ids (and as the solo forward's mask).
-                allowed = allowed & (self._columns[:width] > (columns - window)[:, None])
-            mask = AttentionMask(allowed[:, None, None, :])  # [rows, 1, query, key]
+            valid = self.valid[:n, :width]
+            masks = {}  # by attention window (None: global), as the layers use them
+            for window in set(model.windows):
+                allowed = valid
+                if window is not None:
+                    # A row's columns are its positions in the solo forward, pads included, so
+                    # a window over columns is the solo forward's window.
+                    allowed = allowed & (self._columns[:width] > (columns - window)[:, None])
+                masks[window] = AttentionMask(allowed[:, None, None, :])  # [rows, 1, query, key]
             kv = [
                 PooledKV(self.kv[layer, 0], self.kv[layer, 1], rows, columns, width, spans)
                 for layer in range(model.cfg.n_layers)
@@ -186,7 +188,7 @@ class DecodePool:
                     max(group.length + 1, e) for e in self.extent[group.rows]
                 ]
             logits = model._decode_pooled(
-                tokens.to(self.kv.device), self.positions[:n], mask, kv, row_hooks
+                tokens.to(self.kv.device), self.positions[:n], masks, kv, row_hooks
             )
             self.lengths[:n] += 1
             self.positions[:n] += 1

@@ -106,6 +106,11 @@ class HookRun:
         """Whether a conditional hook point should fire: hooked, or captured by exact name."""
         return name in self.explicit
 
+    def flat_rows(self, batch: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """Hooks for an activation whose leading axis flattens ``batch`` rows with the axes
+        after them (TransformerLens's per-head qk-norm points, [batch * pos * heads, ...])."""
+        return self
+
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         fns = self.fns.get(name)
         if fns:
@@ -168,6 +173,28 @@ class RowHooks(HookRun):
         explicit = frozenset().union(*(run.explicit for _, run in parts))
         super().__init__(fns, capture, explicit, interrupt)
         self.parts = [(rows, run) for rows, run in parts if run.fns or run.capture]
+
+    def flat_rows(self, batch: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """Each request's hooks see the flattened activation of its own rows only."""
+
+        def fire(name: str, value: torch.Tensor) -> torch.Tensor:
+            if not self.wants(name):
+                return value
+            grid = value.view(batch, -1, *value.shape[1:])  # [batch, pos * heads, ...]
+            out = grid
+            for rows, run in self.parts:
+                if not run.wants(name):
+                    continue
+                piece = out[rows]
+                flat = piece.flatten(0, 1)
+                result = run(name, flat)
+                if result is not flat:
+                    if out is grid:  # a capture may hold value: write the result into a copy
+                        out = grid.clone()
+                    out[rows] = result.view_as(piece)
+            return out.flatten(0, 1)
+
+        return fire
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         if not self.wants(name):

@@ -69,8 +69,14 @@ def assign_weights(model: HookedTransformer, sd: StateDict) -> None:
     for layer in range(len(model.blocks)):
         block = model._block(layer)
         prefix = f"blocks.{layer}"
-        for norm, name in ((block.ln1, "ln1"), (block.ln2, "ln2")):
-            _assign_norm(norm, sd, f"{prefix}.{name}")
+        norms = (
+            (block.ln1, "ln1"), (block.ln2, "ln2"), (block.ln1_post, "ln1_post"),
+            (block.ln2_post, "ln2_post"), (block.attn.q_norm, "attn.q_norm"),
+            (block.attn.k_norm, "attn.k_norm"),
+        )  # fmt: skip
+        for norm, name in norms:
+            if norm is not None:
+                _assign_norm(norm, sd, f"{prefix}.{name}")
         attn = block.attn
         attn.w_q = _linear(sd[f"{prefix}.attn.W_Q"].transpose(1, 2).reshape(-1, cfg.d_model))
         attn.w_k = _linear(sd[f"{prefix}.attn.W_K"].transpose(1, 2).reshape(-1, cfg.d_model))

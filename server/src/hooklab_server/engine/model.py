@@ -6,7 +6,7 @@ each call, so one instance serves concurrent requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
@@ -113,18 +113,22 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             if cfg.positional_embedding_type == "standard"
             else None
         )
-        rotary = None
+        # One rotary table per base: Gemma 3's local layers have their own.
+        rotaries: dict[float, Rotary] = {}
         if cfg.positional_embedding_type == "rotary":
             assert cfg.rotary_dim is not None
-            rotary = Rotary(
-                cfg.rotary_dim, cfg.n_ctx, cfg.rotary_base, cfg.rotary_adjacent_pairs, cfg.dtype
-            )
-        self.rotary = rotary
+            for base in sorted({cfg.layer_rotary_base(layer) for layer in range(cfg.n_layers)}):
+                rotaries[base] = Rotary(
+                    cfg.rotary_dim, cfg.n_ctx, base, cfg.rotary_adjacent_pairs, cfg.dtype
+                )
+        self.rotary = rotaries.get(cfg.rotary_base)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg, layer, rotary) for layer in range(cfg.n_layers)
+            TransformerBlock(cfg, layer, rotaries.get(cfg.layer_rotary_base(layer)))
+            for layer in range(cfg.n_layers)
         )
+        self.windows = [cfg.layer_window(layer) for layer in range(cfg.n_layers)]
         self.ln_final = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, "ln_final", cfg.dtype)
-        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype, cfg.output_logits_soft_cap)
         self.hook_names: list[str] = hook_names(cfg)
         self.requires_grad_(False)
         self.eval()
@@ -287,10 +291,23 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, offset:]
         return positions, ~attention_mask[:, offset:].bool()
 
-    def _mask(
+    def _masks(
         self, length: int, attention_mask: torch.Tensor | None, offset: int, device: torch.device
+    ) -> dict[int | None, AttentionMask]:
+        """The attention mask of each window the layers use (None: global attention)."""
+        return {
+            window: self._mask(length, attention_mask, offset, device, window)
+            for window in set(self.windows)
+        }
+
+    def _mask(
+        self,
+        length: int,
+        attention_mask: torch.Tensor | None,
+        offset: int,
+        device: torch.device,
+        window: int | None,
     ) -> AttentionMask:
-        window = self.cfg.window_size
         total = offset + length
         needs_window = window is not None and total > window
         if attention_mask is None and not needs_window and (offset == 0 or length == 1):
@@ -327,12 +344,13 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         positions, padding = self._positions(batch, length, attention_mask, offset, resid.device)
         if start_at_layer is None and self.pos_embed is not None:
             resid = resid + self.pos_embed(positions, batch, padding, hooks)
-        mask = self._mask(length, attention_mask, offset, resid.device)
+        masks = self._masks(length, attention_mask, offset, resid.device)
         layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
         for layer in layers:
             if hooks.interrupt is not None:
                 hooks.interrupt()
             layer_past = past.layers[layer] if past is not None else None
+            mask = masks[self.windows[layer]]
             resid, present = self.blocks[layer](resid, hooks, positions, mask, layer_past)
             if past is not None:
                 past.layers[layer] = present
@@ -357,13 +375,14 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: AttentionMask,
+        masks: Mapping[int | None, AttentionMask],
         kv: Sequence[PooledKV],
         hooks: HookRun,
     ) -> torch.Tensor:
         """One step of a :class:`~.decode_pool.DecodePool`: a new token per row (``tokens`` and
         ``positions`` [rows]) against each layer's pooled keys and values, with the hook points
-        of a cached ``forward`` step. Returns the logits [rows, d_vocab]."""
+        of a cached ``forward`` step; ``masks`` by attention window (``self.windows``). Returns
+        the logits [rows, d_vocab]."""
         with torch.inference_mode():
             tokens, positions = tokens[:, None], positions[:, None]
             resid = self.embed(tokens, hooks)
@@ -372,6 +391,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             for layer in range(self.cfg.n_layers):
                 if hooks.interrupt is not None:
                     hooks.interrupt()
+                mask = masks[self.windows[layer]]
                 resid, _ = self.blocks[layer](resid, hooks, positions, mask, kv[layer])
             resid = self.ln_final(resid, hooks)
             return self.unembed(resid, hooks)[:, -1]  # [rows, d_vocab]

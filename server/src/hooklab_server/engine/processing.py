@@ -94,7 +94,16 @@ def process_weights(
     fold_value_biases_: bool = True,
 ) -> StateDict:
     """Apply TransformerLens's default processing in its order; updates ``cfg`` (norm type and
-    ``processing``) to describe the result."""
+    ``processing``) to describe the result.
+
+    As TransformerLens's ``from_pretrained``: a post-norm model (OLMo 2) is neither folded nor
+    centred (its norms act on sublayer outputs), and logits that are soft-capped (Gemma 2) are
+    not centred. Norms after a sublayer (Gemma's ln1_post/ln2_post) and q/k norms keep their
+    weights."""
+    if cfg.post_norm:
+        fold_ln = center_writing_weights_ = False
+    if cfg.output_logits_soft_cap > 0:
+        center_unembed_ = False
     dtypes = {key: value.dtype for key, value in sd.items()}
     sd = {key: value.float() for key, value in sd.items()}
     layer_norm = cfg.normalization_type in ("LN", "LNPre")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gpt2, llama, neox
+from . import gemma, gpt2, llama, neox, olmo2, phi3
 
 FAMILIES: dict[str, ModuleType] = {
     "GPT2LMHeadModel": gpt2,
@@ -16,6 +16,12 @@ FAMILIES: dict[str, ModuleType] = {
     "LlamaForCausalLM": llama,
     "MistralForCausalLM": llama,
     "Qwen2ForCausalLM": llama,
+    "Qwen3ForCausalLM": llama,
+    "Olmo2ForCausalLM": olmo2,
+    "GemmaForCausalLM": gemma,
+    "Gemma2ForCausalLM": gemma,
+    "Gemma3ForCausalLM": gemma,
+    "Phi3ForCausalLM": phi3,
 }
 
 

@@ -46,3 +46,26 @@ def unembed(model: Any, sd: StateDict, d_vocab_out: int) -> None:
     sd["unembed.b_U"] = (
         bias.detach() if bias is not None else torch.zeros(d_vocab_out, dtype=w_u.dtype)
     )
+
+
+def attention_windows(hf_config: Any) -> dict[str, Any]:
+    """``window_size``, ``use_local_attn`` and ``attn_types`` from a config's sliding window and
+    ``layer_types``: no window; a window on every layer (Mistral, Phi-3: no ``layer_types``); or
+    on the layers typed "sliding_attention" (Gemma 2/3, Qwen3)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not getattr(hf_config, "use_sliding_window", True):
+        window = None
+    if window is None:
+        return {}
+    layer_types = getattr(hf_config, "layer_types", None)
+    attn_types = None
+    if layer_types is not None:
+        attn_types = ["local" if kind == "sliding_attention" else "global" for kind in layer_types]
+    return dict(window_size=window, use_local_attn=True, attn_types=attn_types)
+
+
+def norm_weight(norm: Any, plus_one: bool = False) -> torch.Tensor:
+    """A norm's gain; Gemma's RMSNorm multiplies by ``1 + weight``, stored here as that sum (in
+    float32, as TransformerLens does)."""
+    weight = norm.weight.detach()
+    return weight.float() + 1.0 if plus_one else weight

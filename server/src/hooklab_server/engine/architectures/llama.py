@@ -1,5 +1,6 @@
-"""The Llama family (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, rotary, gated SiLU MLP and
-grouped-query attention; Qwen2 adds q/k/v biases."""
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2): RMSNorm, rotary, gated SiLU MLP and
+grouped-query attention; Qwen2 adds q/k/v biases, Qwen3 an RMSNorm on each query and key head
+(``use_qk_norm``) and no biases."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ from typing import Any
 import torch
 
 from ..config import HookedConfig
-from ._common import StateDict, bias_or_zeros, heads_in, heads_out, rope_theta, unembed
+from ._common import (
+    StateDict,
+    attention_windows,
+    bias_or_zeros,
+    heads_in,
+    heads_out,
+    rope_theta,
+    unembed,
+)
 
 
 def config_fields(hf: Any) -> dict[str, Any]:
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    window = getattr(hf, "sliding_window", None)
-    if not getattr(hf, "use_sliding_window", True):
-        window = None
     architecture = (getattr(hf, "architectures", None) or [""])[0]
     return dict(
         n_layers=hf.num_hidden_layers,
@@ -34,8 +40,9 @@ def config_fields(hf: Any) -> dict[str, Any]:
         rotary_dim=d_head,
         rotary_base=rope_theta(hf),
         gated_mlp=True,
-        window_size=window,
-        default_prepend_bos=not architecture.startswith("Qwen2"),
+        use_qk_norm=architecture.startswith("Qwen3"),
+        default_prepend_bos=not architecture.startswith(("Qwen2", "Qwen3")),
+        **attention_windows(hf),
     )
 
 
@@ -58,6 +65,9 @@ def weights(model: Any, cfg: HookedConfig) -> StateDict:
             sd[f"{prefix}.attn.b_{name}"] = bias_or_zeros(linear, count * cfg.d_head, embed).view(
                 count, -1
             )
+        if cfg.use_qk_norm:
+            sd[f"{prefix}.attn.q_norm.w"] = attn.q_norm.weight.detach()
+            sd[f"{prefix}.attn.k_norm.w"] = attn.k_norm.weight.detach()
         sd[f"{prefix}.attn.W_O"] = heads_out(attn.o_proj.weight.detach(), heads)
         sd[f"{prefix}.attn.b_O"] = bias_or_zeros(attn.o_proj, cfg.d_model, embed)
         sd[f"{prefix}.ln2.w"] = block.post_attention_layernorm.weight.detach()

@@ -3,12 +3,17 @@
 Weights are stored as ``F.linear`` wants them ([out, in]); ``W_Q`` [n_heads, d_model, d_head] and
 friends are views in TransformerLens's layout.
 
-Attention always runs TransformerLens's arithmetic: scores ``q @ k^T / attn_scale``, masked to
-``-inf``, softmax, NaN rows to zero, ``pattern @ v``. There is no fused path that a hook or a
-capture would switch off, so what a call captures or reads never changes its numbers: a plain
-forward, a ``run_with_cache`` of any names and a run with read-only hook functions give the same
-bits. Grouped-query heads share their key/value head through a reshape of the queries, not a copy
-of the keys and values.
+Attention always runs TransformerLens's arithmetic: scores ``q @ k^T / attn_scale`` (soft-capped
+as ``c * tanh(s / c)`` when ``attn_scores_soft_cap`` is set, Gemma 2), masked to ``-inf``,
+softmax, NaN rows to zero, ``pattern @ v``. There is no fused path that a hook or a capture would
+switch off, so what a call captures or reads never changes its numbers: a plain forward, a
+``run_with_cache`` of any names and a run with read-only hook functions give the same bits.
+Grouped-query heads share their key/value head through a reshape of the queries, not a copy of
+the keys and values.
+
+Qwen3 and Gemma 3 normalise each query and key head after ``hook_q``/``hook_k`` (``q_norm`` and
+``k_norm`` over d_head; their hooks see TransformerLens's flattened [batch * pos * heads, ...]);
+OLMo 2 normalises all heads at once ([batch, pos, heads * d_head]).
 
 Past keys and values come either from a :class:`LayerKV` (one generation, concatenated each step)
 or from a :class:`PooledKV` (a row of a preallocated pool per generation row, written in place;
@@ -28,6 +33,7 @@ from torch import nn
 from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
+from .norm import Norm
 from .rotary import Rotary
 
 
@@ -110,8 +116,20 @@ class Attention(nn.Module):
         self.b_v: nn.Parameter | None = None
         self.b_o: nn.Parameter | None = None
         self.rotary = rotary
+        self.soft_cap = cfg.attn_scores_soft_cap
         self.cfg = cfg
         self.names = module_hooks(f"blocks.{layer}.attn")  # "q" -> "blocks.3.attn.hook_q"
+        # Query/key norms (always RMS with weights; never folded): over each head's d_head
+        # (Qwen3, Gemma 3), or over all heads at once (OLMo 2).
+        self.q_norm: Norm | None = None
+        self.k_norm: Norm | None = None
+        if cfg.use_qk_norm or cfg.post_norm:
+            q_len, k_len = (d_head, d_head) if cfg.use_qk_norm else (
+                heads * d_head, kv_heads * d_head
+            )  # fmt: skip
+            prefix = f"blocks.{layer}.attn"
+            self.q_norm = Norm("RMS", q_len, cfg.eps, f"{prefix}.q_norm", dtype)
+            self.k_norm = Norm("RMS", k_len, cfg.eps, f"{prefix}.k_norm", dtype)
 
     # --- TransformerLens-layout views -----------------------------------------------------
 
@@ -161,6 +179,8 @@ class Attention(nn.Module):
         k = hooks(names["k"], self._project(k_in, self.w_k, self.b_k, self.n_kv_heads))
         v = hooks(names["v"], self._project(v_in, self.w_v, self.b_v, self.n_kv_heads))
         # q: [batch, pos, n_heads, d_head]; k, v: [batch, pos, n_kv_heads, d_head]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self._qk_norm(q, self.q_norm, hooks), self._qk_norm(k, self.k_norm, hooks)
         if self.rotary is not None:
             q = self.rotary(q, positions)
             k = self.rotary(k, positions)
@@ -170,6 +190,13 @@ class Attention(nn.Module):
             z, present = self._cached(q, k, v, hooks, mask, past)
         z = hooks(names["z"], z)  # [batch, pos, n_heads, d_head]
         return self._output(z, hooks), present
+
+    def _qk_norm(self, x: torch.Tensor, norm: Norm, hooks: HookRun) -> torch.Tensor:
+        """``x`` [batch, pos, heads, d_head] normalised per head (hooks see TransformerLens's
+        flattened [batch * pos * heads, ...]) or across heads (hooks see [batch, pos, width])."""
+        if self.cfg.use_qk_norm:
+            return norm(x.reshape(-1, x.shape[-1]), hooks.flat_rows(x.shape[0])).view_as(x)
+        return norm(x.flatten(-2), hooks).view_as(x)
 
     def _cached(
         self,
@@ -256,6 +283,9 @@ class Attention(nn.Module):
         scores = scores.view(batch, heads, query, key)
         # In place on the fresh product, before any hook sees it: same values, no copies.
         scores.div_(self.attn_scale)
+        if self.soft_cap > 0:
+            # tanh keeps its output for a backward: scale a new tensor, not that one
+            scores = torch.tanh(scores.div_(self.soft_cap)) * self.soft_cap
         blocked = mask.blocked(query, key, q.device)
         if blocked is not None:
             scores.masked_fill_(blocked, float("-inf"))

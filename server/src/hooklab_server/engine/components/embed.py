@@ -36,11 +36,20 @@ class PosEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    def __init__(self, d_model: int, d_vocab_out: int, dtype: torch.dtype) -> None:
+    """``x @ W_U + b_U``; with ``soft_cap`` > 0 (Gemma 2) the logits are ``c * tanh(l / c)``,
+    after ``unembed.hook_out`` (which sees them uncapped, as in TransformerLens)."""
+
+    def __init__(
+        self, d_model: int, d_vocab_out: int, dtype: torch.dtype, soft_cap: float = -1.0
+    ) -> None:
         super().__init__()
         # Stored as F.linear wants it, [d_vocab_out, d_model]; W_U is the transposed view.
         self.w_u = nn.Parameter(torch.empty(d_vocab_out, d_model, dtype=dtype))
         self.b_u: nn.Parameter | None = None
+        self.soft_cap = soft_cap
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.soft_cap * torch.tanh(logits / self.soft_cap) if self.soft_cap > 0 else logits
 
     @property
     def W_U(self) -> torch.Tensor:
@@ -48,7 +57,8 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
         x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
-        return hooks("unembed.hook_out", F.linear(x, self.w_u, self.b_u))  # [batch, pos, d_vocab]
+        logits = hooks("unembed.hook_out", F.linear(x, self.w_u, self.b_u))
+        return self._capped(logits)  # [batch, pos, d_vocab]
 
     def last_position(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
         """The last position's logits [batch, d_vocab] of ``x`` [batch, pos, d_model], with the
@@ -64,4 +74,4 @@ class Unembed(nn.Module):
             logits = F.linear(x, self.w_u, self.b_u)
             logits[:, -1:] = last
             last = hooks("unembed.hook_out", logits)[:, -1:]  # hooks see [batch, pos, d_vocab]
-        return last[:, -1]
+        return self._capped(last[:, -1])

@@ -12,11 +12,12 @@ a gpt2-small-sized model the fused kernels saved nothing worth that (bench/captu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..catalogue import module_hooks
-from ..hook_points import HookRun
 
 _WIDE = (torch.float32, torch.float64)
 
@@ -35,7 +36,9 @@ class Norm(nn.Module):
         names = module_hooks(prefix)
         self.scale_name, self.normalized_name = names["scale"], names["normalized"]
 
-    def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hooks: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         dtype = x.dtype
         if dtype not in _WIDE:
             x = x.float()
