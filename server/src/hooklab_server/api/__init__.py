@@ -24,7 +24,18 @@ from ..quotas import MemoryQuotas, Quotas
 from ..scheduler import SchedulerExecutor
 from ..settings import Settings
 from ..store import MemoryStore, Store
-from . import accounts, callbacks, generate, gradients, openai, patching, routes, service, stored
+from . import (
+    accounts,
+    callbacks,
+    generate,
+    gradients,
+    openai,
+    patching,
+    routes,
+    service,
+    stored,
+    web,
+)
 from .edge import EdgeMiddleware, request_id_of
 from .errors import error_response
 from .openapi import openapi_schema
@@ -81,8 +92,9 @@ def create_app(
     app.state.hooklab = Service(
         models, store, settings, metrics, keys, quotas or MemoryQuotas(), callback_sessions
     )
-    modules = (service, routes, stored, accounts, generate, openai, patching, gradients, callbacks)
-    routers = [module.router for module in modules]
+    modules = (service, routes, stored, accounts, generate, openai, patching, gradients)
+    # callbacks: the websocket; web: the teaching page (GET / and its files under /ui/).
+    routers = [module.router for module in (*modules, callbacks, web)]
     for router in routers:
         app.include_router(router)
 

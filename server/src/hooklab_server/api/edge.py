@@ -60,10 +60,12 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-# Routes anyone may call when keys are configured: probes, metrics and the API's description.
+# Routes anyone may call when keys are configured: probes, metrics, the API's description, and
+# the teaching page with its files (the page asks for a key itself).
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/v1/capabilities"}
+    {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/v1/capabilities", "/"}
 )
+OPEN_PREFIXES = ("/ui/",)
 access_log = logging.getLogger("hooklab_server.access")
 
 
@@ -114,7 +116,7 @@ class EdgeMiddleware:
         account = self.keys.authenticate(key.strip()) if scheme.lower() == "bearer" else None
         if account is not None:
             return account
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             return Account("anonymous")
         said = "no API key was sent" if not key else "the API key is not one of this server's"
         return RequestError(
