@@ -79,6 +79,9 @@ class CompiledGraph:
         # The output shares a constant's storage: copied, so a later hook editing the activation
         # in place cannot edit the constant (a stored tensor, a cache entry).
         self.copy_output = False
+        # A function of the logits: how many values it returns (from the replay on meta), which
+        # is what the response carries instead of the logits.
+        self.output_elements: int | None = None
 
     def matches(self, shape: Sequence[int]) -> bool:
         return len(shape) == len(self.shape) and all(
@@ -255,6 +258,8 @@ def compile_graph(
     compiled = CompiledGraph(shape, consts, nodes, output)
     compiled.cast_output = not any_output
     compiled.where = where
+    if any_output and output is not None:
+        compiled.output_elements = _resolve(output, x_meta, [], slots).numel()
     if output is not None and output.source != "in":
         output_root = {f"c{output.index}"} if output.source == "c" else roots[output.index]
         compiled.copy_output = any(source.startswith("c") for source in output_root)

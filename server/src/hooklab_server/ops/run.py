@@ -184,6 +184,8 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
         pass  # the logits or residual stay with the stored activations
     elif request.stop_at_layer is not None:
         returned += size * length * cfg.d_model
+    elif logits_graph is not None and logits_graph.output_elements is not None:
+        returned += logits_graph.output_elements  # the graph's result instead of the logits
     elif request.return_type in ("logits", "both"):
         returned += size * length * cfg.d_vocab_out
     itemsize = cfg.dtype.itemsize if request.wire_dtype is None else 2
