@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 # pip prints a warning per package for this machine's local index folders; keep logs readable.
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
-.PHONY: test lint serve bench clean
+.PHONY: test lint serve bench clean openapi
 
 # What .venv gets (the torch pin, the three packages with their test extras, the pinned lint
 # tools, the demo model) is declared in docker/install.sh, which docker/Dockerfile runs too
@@ -33,6 +33,11 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .
 	# Paths, plugins (pydantic) and strictness are in pyproject.toml's [tool.mypy].
 	$(VENV)/bin/mypy
+
+# proto/openapi.json: the contract other languages generate clients from, as the server serves
+# it (tests/e2e/test_openapi.py fails until this is rerun after a change to the API).
+openapi: $(INSTALLED)
+	$(PY) -m hooklab_server.api.export_openapi proto/openapi.json
 
 serve: $(INSTALLED)  # SERVE_ARGS="--model gpt2 --port 8001" to change
 	$(VENV)/bin/hooklab-server $(SERVE_ARGS)

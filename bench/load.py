@@ -136,7 +136,7 @@ class User:
         response.raise_for_status()
         body = response.json()
         assert body["shape"] == [12, SWEEP_POS], body["shape"]
-        assert body["tensors"]["patching.metric"]["shape"] == [12 * SWEEP_POS]
+        assert body["tensors"]["patching.metric"]["shape"] == [12, SWEEP_POS]
         stats: dict[str, Any] = body["scheduler"]
         return stats
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -14,6 +15,7 @@ import transformer_lens.patching as tl_patching
 from hooklab import metrics, patching
 from hooklab.errors import HooklabError
 
+from .e2e_helpers import parse_frames, tensors_of
 from .e2e_servers import Served, sample_tokens
 
 FUNCTIONS = [
@@ -248,3 +250,30 @@ def test_a_python_metric_is_traced_and_runs_on_the_server(
     assert sent and all(kind == "graph" for kind, _ in sent)
     assert all(positions == [gpt2.corrupted.shape[1] - 1] for _, positions in sent)
     assert all(names == {"patching.metric"} for names in received)
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/vnd.hooklab.frames+msgpack"])
+@pytest.mark.parametrize("method", ["activation", "attribution"])
+def test_the_metric_comes_back_shaped_as_the_sweep(gpt2: Setup, accept: str, method: str) -> None:
+    """Over raw HTTP (another language's view): ``patching.metric`` is shaped as ``shape``
+    ([layer, pos] for every combination), in JSON and in frames; the activation sweep's values
+    are TransformerLens's; explicit index rows stay flat."""
+    tl = gpt2.served.tl
+    body = {
+        "corrupted": gpt2.corrupted.tolist(), "clean": gpt2.clean.tolist(),
+        "activation": "resid_pre", "axes": ["layer", "pos"], "method": method,
+        "metric": {"kind": "logit_diff", "answer": ANSWER, "wrong": WRONG},
+    }  # fmt: skip
+    with httpx.Client(base_url=gpt2.served.url, timeout=60) as http:
+        response = http.post("/v1/patching", json=body, headers={"accept": accept})
+        assert response.status_code == 200, response.text
+        explicit = http.post(
+            "/v1/patching", json={**body, "index": [[1, 2], [0, 4]]}, headers={"accept": accept}
+        )
+    fields = response.json() if accept == "application/json" else parse_frames(response.content)[0]
+    metric = tensors_of(response)["patching.metric"]
+    assert fields["shape"] == [tl.cfg.n_layers, gpt2.corrupted.shape[1]]
+    assert list(metric.shape) == fields["shape"]
+    assert list(tensors_of(explicit)["patching.metric"].shape) == [2]
+    if method == "activation":
+        check(metric, gpt2.tl("get_act_patch_resid_pre"))

@@ -151,7 +151,7 @@ export interface PatchingRequest extends CallOptions {
 }
 
 export interface PatchingResult {
-  /** The metric per index row, shaped as `meta.shape` when the server sends one. */
+  /** The metric per index row, shaped as the sweep (`meta.shape`: [layer, pos, …], or [rows]). */
   metric?: Tensor;
   /** [rows, batch, positions, d_vocab] for the metric kind "logits". */
   logits?: Tensor;

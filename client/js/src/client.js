@@ -9,7 +9,7 @@
 
 import { TruncatedStreamError, serverError } from "./errors.js";
 import { HookSpec } from "./hooks.js";
-import { Tensor, numel, wireTensor } from "./tensor.js";
+import { Tensor, wireTensor } from "./tensor.js";
 import { Transport } from "./transport.js";
 
 const OUTPUT_PREFIX = "output.";
@@ -157,19 +157,15 @@ export class HooklabClient {
 
   /**
    * `POST /v1/patching`, one TransformerLens `generic_activation_patch` sweep, batched on the
-   * server: `metric` (the metric per index row, shaped as the begin frame's `shape` when it
-   * has one: e.g. [layer, pos]) or `logits` (metric kind "logits").
+   * server: `metric` (the metric per index row, shaped by the server as the sweep, `meta.shape`:
+   * e.g. [layer, pos], or [rows] for explicit index rows) or `logits` (metric kind "logits").
    * @param {object} request PatchingRequest fields: `corrupted`, one of `clean` /
    *   `clean_cache` / `clean_activations`, `activation`, `axes`, `metric` (see `metrics`), …
    */
   async patching(request) {
     const { signal, ...fields } = request;
     const { meta, tensors } = await this.transport.frames("POST", "/v1/patching", { body: this.#body(fields), signal });
-    let metric = tensors["patching.metric"];
-    if (metric && Array.isArray(meta.shape) && numel(meta.shape) === metric.size) {
-      metric = new Tensor(metric.dtype, meta.shape, metric.data, metric.name);
-    }
-    return { metric, logits: tensors["patching.logits"], meta, tensors };
+    return { metric: tensors["patching.metric"], logits: tensors["patching.logits"], meta, tensors };
   }
 
   /**

@@ -221,8 +221,13 @@ def _attribution(
     if explicit:
         request["index"] = [list(row) for row in rows]
     _, tensors = model._transport.frames("POST", "/v1/patching", request, progress=False)
-    values: torch.Tensor = tensors["patching.metric"]
-    return values
+    return _per_row(tensors)
+
+
+def _per_row(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``patching.metric`` as one value per index row, in row order (the server shapes it as
+    the sweep: [layer, pos, …] for every combination, [rows] for explicit rows)."""
+    return tensors["patching.metric"].reshape(-1)
 
 
 def _chunks(rows: list[tuple[int, ...]], size: int) -> list[list[tuple[int, ...]]]:
@@ -258,7 +263,7 @@ def _declarative(
         )
         body["metric"] = {**body["metric"], "baselines": meta["baselines"]}
     answers = _sweep(model, body, _chunks(rows, size), progress)
-    return torch.cat([tensors["patching.metric"] for _, tensors in answers])
+    return torch.cat([_per_row(tensors) for _, tensors in answers])
 
 
 def _callable(
@@ -279,7 +284,7 @@ def _callable(
         traced = {**body, "metric": {"kind": "graph", "graph": graph, "positions": positions}}
         size = max(MIN_ROWS_PER_REQUEST, math.ceil(len(rows) / 20))
         answers = _sweep(model, traced, _chunks(rows, size), progress)
-        return torch.cat([tensors["patching.metric"] for _, tensors in answers])
+        return torch.cat([_per_row(tensors) for _, tensors in answers])
     per_row = tokens.shape[0] * len(positions) * base.shape[-1] * 4
     limit = min(MAX_LOGITS_BYTES, int(model.info["limits"]["max_response_bytes"]) // 2)
     body = {**body, "metric": {"kind": "logits", "positions": positions}}

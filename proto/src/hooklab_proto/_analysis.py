@@ -40,8 +40,9 @@ class SliceRange(Body):
     step: int | None = None
 
 
+# A list of ints stays a list of indices; other lists are tensors (plain arrays).
 AnalysisArg = Annotated[
-    bool | int | float | str | SliceRange | TensorValue | list[int] | None,
+    bool | int | float | str | SliceRange | list[int] | TensorValue | None,
     Field(union_mode="left_to_right"),
 ]
 

@@ -12,7 +12,7 @@ from ._graph import Graph
 from ._limits import bounded_ids, bounded_length
 from ._metrics import PatchMetric
 from ._specs import HookSpec
-from ._tensor_values import InlineTensor, TensorValue
+from ._tensor_values import DtypeCode, InlineTensor, TensorValue
 
 JSON_MEDIA_TYPE = "application/json"
 MSGPACK_MEDIA_TYPE = "application/msgpack"
@@ -196,7 +196,7 @@ class StoredObject(BaseModel):
     kind: Literal["tensor", "cache"]
     nbytes: int
     expires_at: float = Field(description="Unix time after which the object is gone")
-    dtype: str | None = None
+    dtype: DtypeCode | None = None
     shape: list[int] | None = None
     names: list[str] | None = None
     owner: str = Field(description="the name of the key that stored it")

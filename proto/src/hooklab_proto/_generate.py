@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
-from ._api import HookSpecs, ModelName, Timeout, TokenInput
+from ._api import ErrorResponse, HookSpecs, ModelName, Timeout, TokenInput
 from ._base import Body
 from ._limits import bounded_length
 
@@ -103,3 +103,38 @@ class GenerateResponse(BaseModel):
     logprobs: list[list[TokenLogprobs]] | None = Field(
         None, description="[batch, new tokens], when the request asked for logprobs"
     )
+
+
+# --- the server-sent events of a streamed generation ----------------------------------------
+
+
+class TokenEvent(BaseModel):
+    """``event: token``, one per step."""
+
+    event: Literal["token"] = "token"  # EVENT_TOKEN
+    data: GenerateStep
+
+
+class DoneEvent(BaseModel):
+    """``event: done``, the last on success."""
+
+    event: Literal["done"] = "done"  # EVENT_DONE
+    data: GenerateResponse
+
+
+class ErrorEvent(BaseModel):
+    """``event: error``, the last on a failure after the stream started."""
+
+    event: Literal["error"] = "error"  # EVENT_ERROR
+    data: ErrorResponse
+
+
+class GenerateEvent(
+    RootModel[Annotated[TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="event")]]
+):
+    """One server-sent event of ``POST /v1/generate`` with ``stream``: ``event: {event}`` then
+    ``data: {data as one line of JSON}`` and a blank line."""
+
+    def encoded(self) -> bytes:
+        event = self.root
+        return f"event: {event.event}\ndata: {event.data.model_dump_json()}\n\n".encode()

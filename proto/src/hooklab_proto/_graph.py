@@ -16,10 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from ._base import Body
-from ._dtypes import DTYPE_CODES
 from ._limits import bounded_length
 from ._opset import OPSET
-from ._tensor_values import MAX_AXIS, TensorValue
+from ._tensor_values import MAX_AXIS, DtypeCode, TensorValue
 
 
 class InputRef(Body):
@@ -36,7 +35,7 @@ class GraphInput(Body):
     holds for every step of a generation)."""
 
     shape: list[Annotated[int, Field(ge=0, le=MAX_AXIS)] | None] = Field(max_length=8)
-    dtype: str = Field(description=f"one of {', '.join(DTYPE_CODES)}")
+    dtype: DtypeCode
 
 
 class CacheEntry(Body):

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from hooklab_proto import ErrorCode
+from hooklab_proto import ErrorCode, dtype_code
 
 from .auth import Account
 from .ops.errors import QuotaExceeded, RequestError
@@ -65,7 +65,7 @@ def new_info(kind: str, value: Value, owner: str, expires_at: float) -> StoredIn
         nbytes=nbytes,
         charged_bytes=nbytes + OBJECT_OVERHEAD * (1 + len(tensors)),
         expires_at=expires_at,
-        dtype=str(tensor.dtype).removeprefix("torch.") if tensor is not None else None,
+        dtype=dtype_code(tensor.dtype) if tensor is not None else None,  # the wire's codes
         shape=list(tensor.shape) if tensor is not None else None,
         names=list(value) if isinstance(value, dict) else None,
     )

@@ -9,11 +9,13 @@ from collections.abc import AsyncGenerator
 from fastapi import APIRouter, Request, Response
 
 from hooklab_proto import (
-    EVENT_DONE,
-    EVENT_ERROR,
-    EVENT_TOKEN,
+    DoneEvent,
+    ErrorEvent,
+    ErrorResponse,
+    GenerateEvent,
     GenerateRequest,
     GenerateResponse,
+    TokenEvent,
 )
 
 from ..models import ModelEntry
@@ -21,8 +23,8 @@ from ..ops import CancelToken, GenerateWork, RequestError
 from ..quotas import Admission
 from .bodies import ClosingStream, parse
 from .edge import request_id_of
-from .errors import ClientGone, error_json, internal_error
-from .openapi import request_body
+from .errors import ClientGone, error_body, internal_error
+from .openapi import request_body, schema_of
 from .routes import ERRORS
 from .running import (
     HooklabRoute,
@@ -38,14 +40,15 @@ logger = logging.getLogger("hooklab_server")
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
-def _event(name: str, data: str) -> bytes:
-    return f"event: {name}\ndata: {data}\n\n".encode()
+def _error_event(error: RequestError, request_id: str | None) -> bytes:
+    envelope = ErrorResponse.model_validate(error_body(error, request_id))
+    return GenerateEvent(ErrorEvent(data=envelope)).encoded()
 
 
 @router.post(
     "/v1/generate",
     response_model=GenerateResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": schema_of(GenerateEvent)}}},
     tags=["run"],
     openapi_extra=request_body(GenerateRequest),
 )
@@ -83,14 +86,18 @@ async def _events(
         steps = generation(request, entry, work, token, admission)
         async with contextlib.aclosing(steps) as items:
             async for item in items:
-                name = EVENT_DONE if isinstance(item, GenerateResponse) else EVENT_TOKEN
-                yield _event(name, item.model_dump_json())
+                event = (
+                    DoneEvent(data=item)
+                    if isinstance(item, GenerateResponse)
+                    else TokenEvent(data=item)
+                )
+                yield GenerateEvent(event).encoded()
     except RequestError as error:
-        yield _event(EVENT_ERROR, error_json(error, request_id))
+        yield _error_event(error, request_id)
     except ClientGone:
         return
     except Exception as exc:
         logger.exception("generation failed")
-        yield _event(EVENT_ERROR, error_json(internal_error(exc), request_id))
+        yield _error_event(internal_error(exc), request_id)
     finally:
         token.cancel("disconnect")  # no-op once finished; stops the work if we are cancelled

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from hooklab_proto import IntegratedGradientsRequest
+from hooklab_proto import IntegratedGradientsRequest, IntegratedGradientsResult
 
-from .openapi import request_body
-from .routes import ERRORS, STREAM, tensor_route
+from .openapi import request_body, tensor_responses
+from .routes import ERRORS, tensor_route
 from .running import HooklabRoute
 
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
 @router.post(
-    "/v1/integrated_gradients", responses=STREAM, tags=["gradients"],
+    "/v1/integrated_gradients", responses=tensor_responses(IntegratedGradientsResult),
+    tags=["gradients"],
     openapi_extra=request_body(IntegratedGradientsRequest),
 )  # fmt: skip
 async def integrated_gradients(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -11,37 +11,34 @@ from hooklab_proto import (
     AnalysisRequest,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ForwardRequest,
+    ForwardResult,
     IntegratedGradientsRequest,
     ModelInfo,
     ModelsResponse,
+    NamedTensors,
     PatchingRequest,
+    RunResult,
     RunWithCacheRequest,
     RunWithHooksRequest,
     ServedModel,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerFiles,
 )
 
 from ..models import ModelEntry
 from ..ops.describe import describe_model, detokenize_ids, tokenize_text
 from .bodies import parse, result_response, wants_json
 from .edge import account_of
-from .openapi import request_body
+from .openapi import error_responses, request_body, tensor_responses
 from .running import HooklabRoute, cancel_token, run, validate
 from .state import model_entry, service
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 408, 413, 415, 422, 503, 504, 507)
-}
+ERRORS = error_responses()
 # Not length-checked here: FastAPI's own 422 would bypass the error envelope, and the lookup
 # answers any unknown name (cut to 100 characters) the same way.
 ModelQuery = Annotated[str | None, Query(description="which served model (default: the first)")]
-STREAM: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/vnd.hooklab.frames+msgpack": {}, "application/json": {}}}
-}
-
 router = APIRouter(route_class=HooklabRoute, responses=ERRORS)
 
 
@@ -67,10 +64,10 @@ async def model_info(request: Request, model: ModelQuery = None) -> ModelInfo:
     return _described(request, await model_entry(request, model))
 
 
-@router.get("/v1/tokenizer", tags=["model"])
-async def tokenizer(request: Request, model: ModelQuery = None) -> dict[str, dict[str, str]]:
+@router.get("/v1/tokenizer", response_model=TokenizerFiles, tags=["model"])
+async def tokenizer(request: Request, model: ModelQuery = None) -> TokenizerFiles:
     """The tokenizer's files, so clients can tokenise locally."""
-    return {"files": (await model_entry(request, model)).tokenizer_files}
+    return TokenizerFiles(files=(await model_entry(request, model)).tokenizer_files)
 
 
 @router.post(
@@ -106,15 +103,16 @@ async def tensor_route(request: Request, model: type[TensorRequest]) -> Response
 
 
 @router.post(
-    "/v1/forward", responses=STREAM, tags=["run"], openapi_extra=request_body(ForwardRequest)
-)
+    "/v1/forward", responses=tensor_responses(ForwardResult), tags=["run"],
+    openapi_extra=request_body(ForwardRequest),
+)  # fmt: skip
 async def forward(request: Request) -> Response:
     """TransformerLens ``forward`` with optional hook specs; returns logits / loss / residual."""
     return await tensor_route(request, ForwardRequest)
 
 
 @router.post(
-    "/v1/run_with_cache", responses=STREAM, tags=["run"],
+    "/v1/run_with_cache", responses=tensor_responses(RunResult), tags=["run"],
     openapi_extra=request_body(RunWithCacheRequest),
 )  # fmt: skip
 async def run_with_cache(request: Request) -> Response:
@@ -124,7 +122,7 @@ async def run_with_cache(request: Request) -> Response:
 
 
 @router.post(
-    "/v1/run_with_hooks", responses=STREAM, tags=["run"],
+    "/v1/run_with_hooks", responses=tensor_responses(RunResult), tags=["run"],
     openapi_extra=request_body(RunWithHooksRequest),
 )  # fmt: skip
 async def run_with_hooks(request: Request) -> Response:
@@ -132,7 +130,7 @@ async def run_with_hooks(request: Request) -> Response:
     return await tensor_route(request, RunWithHooksRequest)
 
 
-@router.get("/v1/weights/{name:path}", responses=STREAM, tags=["model"])
+@router.get("/v1/weights/{name:path}", responses=tensor_responses(NamedTensors), tags=["model"])
 async def weight(name: str, request: Request, model: ModelQuery = None) -> Response:
     """Any parameter by TransformerLens name: W_E, W_U, W_Q (stacked), blocks.0.attn.W_O, …"""
     entry = await model_entry(request, model)

@@ -8,7 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from hooklab_proto import AnalysisRequest, StoredObject, StoredObjects, StoreTensorRequest
+from hooklab_proto import (
+    AnalysisRequest,
+    AnalysisResult,
+    NamedTensors,
+    StoredCacheResult,
+    StoredObject,
+    StoredObjects,
+    StoreTensorRequest,
+)
 
 from ..auth import Account
 from ..ops import objects
@@ -16,8 +24,8 @@ from ..settings import Settings
 from ..store import Store, StoredInfo
 from .bodies import parse, tensors_response, wants_json
 from .edge import account_of
-from .openapi import request_body
-from .routes import ERRORS, STREAM, tensor_route
+from .openapi import request_body, tensor_responses
+from .routes import ERRORS, tensor_route
 from .running import HooklabRoute
 from .state import service
 
@@ -77,13 +85,13 @@ async def _listing(request: Request, kind: str) -> StoredObjects:
     return StoredObjects(objects=[_described(info) for info in found])
 
 
-@router.get("/v1/tensors/{object_id}", responses=STREAM)
+@router.get("/v1/tensors/{object_id}", responses=tensor_responses(NamedTensors))
 async def get_tensor(object_id: str, request: Request) -> Response:
     value = await run_in_threadpool(objects.stored_tensor, *_read(request, object_id))
     return await tensors_response(request, {object_id: value})
 
 
-@router.get("/v1/caches/{object_id}", responses=STREAM)
+@router.get("/v1/caches/{object_id}", responses=tensor_responses(StoredCacheResult))
 async def get_cache(
     object_id: str,
     request: Request,
@@ -116,7 +124,7 @@ async def delete_cache(object_id: str, request: Request) -> Response:
 
 
 @router.post(
-    "/v1/analysis", responses=STREAM, tags=["analysis"],
+    "/v1/analysis", responses=tensor_responses(AnalysisResult), tags=["analysis"],
     openapi_extra=request_body(AnalysisRequest),
 )  # fmt: skip
 async def analysis(request: Request) -> Response:

@@ -13,10 +13,11 @@ the two sweeps compare cell by cell.
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from hooklab_proto import PatchingFields
 from hooklab_server.engine import autograd_on
 
 from .cancel import CancelToken
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 def attribution_steps(
     ctx: OpsContext, work: PatchingWork, token: CancelToken
-) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor | None]]:
+) -> Generator[None, None, tuple[torch.Tensor, PatchingFields, torch.Tensor, torch.Tensor | None]]:
     """Runs the clean forward (when needed) and the corrupted forward and backward; returns the
     estimated metric per row, the response's meta fields, and the corrupted and clean logits
     (for baselines)."""
@@ -65,15 +66,11 @@ def attribution_steps(
         members = [i for i, row in enumerate(plan.rows) if row[0] == layer]
         estimate[members] = _summed_by_row(plan, contribution, [plan.rows[i] for i in members])
     estimate = estimate + value.detach().float().cpu()
-    meta: dict[str, Any] = {
-        "shape": plan.shape,
-        "axes": plan.axes,
-        "rows": len(plan.rows),
-        "forwards": 1 + (work.clean_tokens is not None),
-        "backwards": 1,
-        "copies_per_forward": 1,
-    }
-    return estimate, meta, logits.detach(), clean_logits
+    fields = PatchingFields(
+        shape=plan.shape, axes=plan.axes, rows=len(plan.rows),
+        forwards=1 + (work.clean_tokens is not None), backwards=1, copies_per_forward=1,
+    )  # fmt: skip
+    return estimate, fields, logits.detach(), clean_logits
 
 
 def _summed_by_row(

@@ -13,6 +13,7 @@ from hooklab_proto import (
     ErrorCode,
     JsonTensor,
     MsgpackTensor,
+    NumberArray,
     TensorRef,
     TensorValue,
     WireFormatError,
@@ -30,10 +31,13 @@ if TYPE_CHECKING:  # callbacks imports ops: a type-only import breaks the cycle
     from ..callbacks import CallbackRelay
 
 
-def decoded_tensor(value: JsonTensor | MsgpackTensor, what: str) -> torch.Tensor:
-    """An inline tensor's value; 400 naming ``what`` when its bytes and shape disagree."""
+def decoded_tensor(
+    value: NumberArray | JsonTensor | MsgpackTensor, what: str, ids: bool = False
+) -> torch.Tensor:
+    """An inline tensor's value (``ids``: the field holds token ids); 422 naming ``what`` when
+    it is malformed."""
     try:
-        return inline_tensor(value)
+        return inline_tensor(value, ids)
     except WireFormatError as exc:
         raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor in {what}: {exc}") from None
 
@@ -50,13 +54,14 @@ class OpsContext:
     def as_caller(self, caller: Account) -> OpsContext:
         return dataclasses.replace(self, caller=caller)
 
-    def tensor(self, value: TensorValue, what: str) -> torch.Tensor:
-        """The tensor a request field gives, inline or by reference."""
+    def tensor(self, value: TensorValue, what: str, ids: bool = False) -> torch.Tensor:
+        """The tensor a request field gives, inline or by reference; a plain array is float32,
+        or int64 when ``ids`` (the field holds token ids) and its elements are integers."""
         if isinstance(value, TensorRef):
             stored = self.store.get("tensor", value.ref, self.caller).value
             assert isinstance(stored, torch.Tensor)
             return stored
-        return decoded_tensor(value, what)
+        return decoded_tensor(value, what, ids)
 
     def finite_tensor(self, value: TensorValue, what: str) -> torch.Tensor:
         """A tensor that enters the computation: floating point values must be finite."""

@@ -55,7 +55,7 @@ def ids(ctx: OpsContext, value: Any, what: str) -> torch.Tensor:
     """Integer ids [batch, pos] from nested lists or a tensor value."""
     if isinstance(value, list):
         return ids_tensor(value, what)
-    tensor = ctx.tensor(value, what)
+    tensor = ctx.tensor(value, what, ids=True)  # a plain array of integers: int64
     if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() not in (1, 2):
         raise RequestError(
             ErrorCode.BAD_SHAPE,

@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from hooklab_proto import IG_ATTRIBUTIONS, ErrorCode, IntegratedGradientsRequest
+from hooklab_proto import (
+    IG_ATTRIBUTIONS,
+    ErrorCode,
+    IntegratedGradientsFields,
+    IntegratedGradientsRequest,
+)
 from hooklab_server.engine import HookPoint, autograd_on
 from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 
@@ -198,15 +202,12 @@ def integrated_gradients_steps(
     )
     ends = ends.view(2, batch, *ends.shape[1:])
     value, baseline_value = (float(v) for v in metric.normalized(metric.of_copies(ends)))
-    meta: dict[str, Any] = {
-        "hook": hook,
-        "steps": len(work.alphas),
-        "value": value,
-        "baseline_value": baseline_value,
-        "convergence_delta": float(attributions.sum()) - (value - baseline_value),
-        "forwards": work.cost.forwards,
-    }
-    return TensorsResult({IG_ATTRIBUTIONS: attributions.cpu()}, meta)
+    fields = IntegratedGradientsFields(
+        hook=hook, steps=len(work.alphas), value=value, baseline_value=baseline_value,
+        convergence_delta=float(attributions.sum()) - (value - baseline_value),
+        forwards=work.cost.forwards,
+    )  # fmt: skip
+    return TensorsResult({IG_ATTRIBUTIONS: attributions.cpu()}, fields.model_dump())
 
 
 def _placing(points: torch.Tensor) -> Callable[..., torch.Tensor]:

@@ -7,7 +7,14 @@ import functools
 
 import torch
 
-from hooklab_proto import WIRE_DTYPES, ErrorCode, StoreTensorRequest, dtype_code, for_the_wire
+from hooklab_proto import (
+    WIRE_DTYPES,
+    CacheEntryInfo,
+    ErrorCode,
+    StoreTensorRequest,
+    dtype_code,
+    for_the_wire,
+)
 from hooklab_server.engine import HookedTransformer
 
 from ..auth import Account
@@ -80,11 +87,11 @@ def stored_cache(
     return value
 
 
-def cache_entries(cache: dict[str, torch.Tensor]) -> dict[str, dict[str, object]]:
+def cache_entries(cache: dict[str, torch.Tensor]) -> dict[str, CacheEntryInfo]:
     """What a client needs to index a stored cache without its bytes: each entry's shape and
     dtype code."""
     return {
-        name: {"shape": list(value.shape), "dtype": dtype_code(value.dtype)}
+        name: CacheEntryInfo(shape=list(value.shape), dtype=dtype_code(value.dtype))
         for name, value in cache.items()
     }
 

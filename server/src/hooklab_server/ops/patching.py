@@ -15,7 +15,6 @@ import itertools
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -24,6 +23,8 @@ from hooklab_proto import (
     PATCHING_LOGITS,
     PATCHING_METRIC,
     ErrorCode,
+    PatchAxis,
+    PatchingFields,
     PatchingRequest,
     PatchMetric,
 )
@@ -50,7 +51,7 @@ class _Plan:
 
     template: str  # the hook name, with {layer}
     activation: str
-    axes: list[str]
+    axes: list[PatchAxis]
     ranges: list[int]
     rows: list[tuple[int, ...]]
     shape: list[int]  # the result's shape (flat when the rows were explicit)
@@ -89,7 +90,7 @@ def _plan(model: HookedTransformer, request: PatchingRequest, pos: int, max_rows
         axis_of = {"pos": 1, "head": 2, "head_index": 2}
     else:  # [batch, pos, …]
         axis_of = {"pos": 1}
-    axes: list[str] = list(request.axes)
+    axes = list(request.axes)
     for axis in axes[1:]:
         if axis not in axis_of:
             raise RequestError(
@@ -347,30 +348,28 @@ def patching_steps(
             for slot, i in enumerate(chunk):
                 values[i] = result[slot]
             yield
-    meta: dict[str, Any] = {
-        "shape": plan.shape,
-        "axes": plan.axes,
-        "rows": len(plan.rows),
-        "forwards": forwards,
-        "copies_per_forward": work.per_forward,
-    }
+    fields = PatchingFields(
+        shape=plan.shape, axes=plan.axes, rows=len(plan.rows), forwards=forwards,
+        copies_per_forward=work.per_forward,
+    )  # fmt: skip
     stacked = torch.stack(values)  # type: ignore[arg-type]
     if request.metric.kind == "logits":
-        meta["positions"] = metric.positions
-        return TensorsResult({PATCHING_LOGITS: stacked}, meta)
-    return _metric_result(ctx, work, stacked, meta, corrupted_logits, clean_logits, token)
+        fields.positions = metric.positions
+        return TensorsResult({PATCHING_LOGITS: stacked}, fields.model_dump(exclude_none=True))
+    return _metric_result(ctx, work, stacked, fields, corrupted_logits, clean_logits, token)
 
 
 def _metric_result(
     ctx: OpsContext,
     work: PatchingWork,
     values: torch.Tensor,
-    meta: dict[str, Any],
+    fields: PatchingFields,
     corrupted_logits: torch.Tensor,
     clean_logits: torch.Tensor | None,
     token: CancelToken,
 ) -> TensorsResult:
-    """The metric per row, normalized when asked (measuring the baselines if needed)."""
+    """The metric per row shaped as the sweep, normalized when asked (measuring the baselines
+    if needed)."""
     spec = work.request.metric
     if spec.normalize:
         if clean_logits is None and spec.baselines is None:
@@ -379,11 +378,13 @@ def _metric_result(
                 work.clean_start, start_at_layer=0, attention_mask=work.corrupted.mask,
                 interrupt=token.check,
             )  # fmt: skip
-            meta["forwards"] += 1
+            fields.forwards += 1
         clean_value, corrupted_value = _baselines(spec, work.metric, clean_logits, corrupted_logits)
-        meta["baselines"] = [clean_value, corrupted_value]
+        fields.baselines = [clean_value, corrupted_value]
         values = (values - corrupted_value) / (clean_value - corrupted_value)
-    return TensorsResult({PATCHING_METRIC: values.float().cpu()}, meta)
+    # Shaped as the index axes (flat for explicit rows), as TransformerLens returns it.
+    metric = values.float().cpu().reshape(fields.shape)
+    return TensorsResult({PATCHING_METRIC: metric}, fields.model_dump(exclude_none=True))
 
 
 def _baselines(

@@ -23,6 +23,7 @@ from hooklab_proto import (
     ForwardRequest,
     RunWithCacheRequest,
     RunWithHooksRequest,
+    StoredCacheFields,
     for_the_wire,
 )
 from hooklab_server.engine import Output
@@ -278,10 +279,9 @@ def finish_forward(
         cache = {**cache, **kept}
     if caching.store or caching.lazy:  # stored with its batch axis: a patch source too
         info = ctx.store.put("cache", cache, work.caller)
-        result.meta["cache_id"] = info.id
-        result.meta["expires_at"] = info.expires_at
-        if caching.lazy or not caching.return_cache:
-            result.meta["entries"] = cache_entries(cache)
+        index = cache_entries(cache) if caching.lazy or not caching.return_cache else None
+        stored = StoredCacheFields(cache_id=info.id, expires_at=info.expires_at, entries=index)
+        result.meta.update(stored.model_dump(exclude_none=True))
     if caching.return_cache and not caching.lazy:
         stream = work.stream
         result.tensors.update(
