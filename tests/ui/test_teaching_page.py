@@ -18,6 +18,8 @@ import torch
 from e2e.e2e_servers import Served, serve
 from hostile.server_process import Metrics
 
+from fixtures.redis_server import running_redis
+from fixtures.scaled_out import ScaledOut
 from hooklab_server.auth import KeyRecord, new_key, write_keys
 from hooklab_server.engine import load_model
 from hooklab_server.settings import Settings
@@ -373,3 +375,58 @@ def test_keys_quotas_and_validation_errors_are_said_in_words(
     page.reload()
     page.wait_for_selector("#run:not([disabled])")
     assert page.is_hidden("#key-dialog")
+
+
+# ---- any served model: the picker --------------------------------------------------------------
+
+
+@pytest.fixture
+def two_models(ui_checkpoint: Path, llama_checkpoint: Path, tmp_path: Path) -> Iterator[str]:
+    """Two models served scaled out (a redis-server, one worker each): the API's url."""
+    (tmp_path / "redis").mkdir()
+    with running_redis(tmp_path / "redis") as redis_server:
+        deployment = ScaledOut(
+            redis_server.url, [ui_checkpoint, llama_checkpoint], tmp_path, workers=1
+        )
+        try:
+            yield deployment.start().url
+        finally:
+            deployment.stop()
+
+
+def test_the_model_picker_runs_any_served_model(
+    page: Any, two_models: str, llama_checkpoint: Path, screenshots: Path
+) -> None:
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda request: (
+            sent.append(request.post_data_json)
+            if request.method == "POST" and "/v1/" in request.url
+            else None
+        ),
+    )
+    page.goto(two_models + "/")
+    page.wait_for_selector("#run:not([disabled])")
+    names = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+    assert sorted(names) == sorted(["ckpt-page0", llama_checkpoint.name])  # GET /v1/models
+    page.select_option("#model", llama_checkpoint.name)
+    page.wait_for_selector("#model-info:has-text('2 layers · 4 heads')")
+    page.fill("#prompt", PROMPT)
+    page.click("#run")
+    page.wait_for_selector('body[data-runs="1"]', state="attached")
+    page.screenshot(path=screenshots / "picked-model.png", full_page=True)
+    assert sent and all(body["model"] == llama_checkpoint.name for body in sent)
+
+    with httpx.Client(base_url=two_models, timeout=60) as http:
+        body = {"model": llama_checkpoint.name, "input": PROMPT}
+        logits = tensor(post(http, "/v1/forward", body), "output.logits")[0, -1]
+    top = page.locator("#topk li").first
+    assert int(top.get_attribute("data-token-id")) == int(logits.argmax())
+    assert float(top.get_attribute("data-prob")) == pytest.approx(
+        float(logits.softmax(-1).max()), abs=1e-5
+    )
+    # The choice is remembered for the next visit.
+    page.reload()
+    page.wait_for_selector("#run:not([disabled])")
+    assert page.input_value("#model") == llama_checkpoint.name
