@@ -45,7 +45,11 @@ export async function runAblation(ids, pair, heads) {
 export function headButtons(cfg, heads, onToggle) {
   const grid = h("div", { class: "head-grid", role: "group", "aria-label": "attention heads" });
   for (let layer = 0; layer < cfg.n_layers; layer++) {
-    const row = h("div", { class: "head-row" }, h("span", { class: "row-label", text: `L${layer}` }));
+    const row = h(
+      "div",
+      { class: "head-row" },
+      h("span", { class: "row-label", text: `L${layer}` }),
+    );
     for (let head = 0; head < cfg.n_heads; head++) {
       const key = `${layer}.${head}`;
       const off = heads.has(key);
@@ -55,7 +59,9 @@ export function headButtons(cfg, heads, onToggle) {
           class: off ? "head off" : "head",
           "aria-pressed": off ? "true" : "false",
           "data-head": key,
-          title: off ? `L${layer}H${head} is zero-ablated: click to restore` : `zero-ablate L${layer}H${head}`,
+          title: off
+            ? `L${layer}H${head} is zero-ablated: click to restore`
+            : `zero-ablate L${layer}H${head}`,
           text: off ? `✕ H${head}` : `H${head}`,
           onclick: () => onToggle(key),
         }),

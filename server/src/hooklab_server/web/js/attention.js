@@ -13,13 +13,15 @@ export function patternView(pattern, layer, head, strTokens) {
   return heatmap({
     caption:
       `Layer ${layer}, head ${head}: how much each token (row) attends to each earlier token ` +
-      "(column). Rows add up to 100%." + (printed ? "" : " Hover a cell for its weight."),
+      "(column). Rows add up to 100%." +
+      (printed ? "" : " Hover a cell for its weight."),
     corner: "query \\ key",
     rowLabels: labels,
     columnLabels: labels,
     className: printed ? "pattern" : "pattern dense",
     cell: (q, k) => {
-      if (k > q) return { text: "", title: "masked: a token cannot see later tokens", data: { masked: 1 } };
+      if (k > q)
+        return { text: "", title: "masked: a token cannot see later tokens", data: { masked: 1 } };
       const weight = pattern.at(head, q, k);
       return {
         text: printed ? percent(weight) : "",
@@ -33,9 +35,17 @@ export function patternView(pattern, layer, head, strTokens) {
 
 /** Every head of the layer, small: darker is more attention; click one to see it large. */
 export function headGrid(pattern, layer, selected, onPick) {
-  const grid = h("div", { class: "multiples", role: "list", "aria-label": `heads of layer ${layer}` });
+  const grid = h("div", {
+    class: "multiples",
+    role: "list",
+    "aria-label": `heads of layer ${layer}`,
+  });
   for (let head = 0; head < pattern.heads; head++) {
-    const canvas = h("canvas", { width: pattern.keys, height: pattern.queries, "aria-hidden": "true" });
+    const canvas = h("canvas", {
+      width: pattern.keys,
+      height: pattern.queries,
+      "aria-hidden": "true",
+    });
     draw(canvas, pattern, head);
     const strongest = strongestOffDiagonal(pattern, head);
     const button = h(
@@ -56,7 +66,9 @@ export function headGrid(pattern, layer, selected, onPick) {
   return h(
     "figure",
     { class: "chart" },
-    h("figcaption", { text: `All heads of layer ${layer} (rows: query, columns: key; darker is more attention)` }),
+    h("figcaption", {
+      text: `All heads of layer ${layer} (rows: query, columns: key; darker is more attention)`,
+    }),
     grid,
   );
 }

@@ -54,7 +54,13 @@ export function heatmap({ caption, corner = "", rowLabels, columnLabels, cell, c
   return h(
     "div",
     { class: "scroll" },
-    h("table", { class: `heatmap ${className}` }, h("caption", { text: caption }), h("thead", {}, head), body),
+    h(
+      "table",
+      { class: `heatmap ${className}` },
+      h("caption", { text: caption }),
+      h("thead", {}, head),
+      body,
+    ),
   );
 }
 

@@ -25,7 +25,10 @@ function logitsRef(dtype) {
 }
 
 function column(of, id) {
-  return { op: "getitem", args: { self: of, index: [{ ellipsis: true }, { slice: [id, id + 1, null] }] } };
+  return {
+    op: "getitem",
+    args: { self: of, index: [{ ellipsis: true }, { slice: [id, id + 1, null] }] },
+  };
 }
 
 /**

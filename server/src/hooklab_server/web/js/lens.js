@@ -53,7 +53,12 @@ export async function runLens(ids, pair) {
   const limits = model.limits;
   const chunk = Math.max(
     1,
-    Math.min(total, limits.max_batch, Math.floor(limits.max_tokens / pos), Math.floor(GRAPH_BYTES / perRow)),
+    Math.min(
+      total,
+      limits.max_batch,
+      Math.floor(limits.max_tokens / pos),
+      Math.floor(GRAPH_BYTES / perRow),
+    ),
   );
   const width = 2 * TOP_K + (pair ? 1 : 0);
   const values = new Float64Array(total * pos * width);
@@ -106,7 +111,10 @@ export function lensHeatmap(lens, strTokens, texts) {
       const id = lens.id(r, p);
       const prob = lens.prob(r, p);
       const top3 = [0, 1, 2]
-        .map((j) => `${models.shown(texts.get(lens.id(r, p, j)) ?? `#${lens.id(r, p, j)}`)} ${percent(lens.prob(r, p, j))}`)
+        .map(
+          (j) =>
+            `${models.shown(texts.get(lens.id(r, p, j)) ?? `#${lens.id(r, p, j)}`)} ${percent(lens.prob(r, p, j))}`,
+        )
         .join(", ");
       const token = texts.get(id) ?? `#${id}`;
       return {
@@ -151,8 +159,18 @@ export function topList(lens, texts, onPick) {
       h("span", { class: "meter-track" }, meter),
       h("span", { class: "prob", text: percent(prob) }),
       h("span", { class: "id", text: `id ${id}` }),
-      h("button", { type: "button", class: "small", text: "answer", onclick: () => onPick("answer", id) }),
-      h("button", { type: "button", class: "small", text: "vs", onclick: () => onPick("wrong", id) }),
+      h("button", {
+        type: "button",
+        class: "small",
+        text: "answer",
+        onclick: () => onPick("answer", id),
+      }),
+      h("button", {
+        type: "button",
+        class: "small",
+        text: "vs",
+        onclick: () => onPick("wrong", id),
+      }),
     );
     list.append(item);
   }

@@ -58,7 +58,10 @@ async function connect() {
   const select = $("model");
   select.replaceChildren(
     ...list.map((m) =>
-      h("option", { value: m.model_name, text: `${m.model_name}${m.workers ? "" : " (no workers)"}` }),
+      h("option", {
+        value: m.model_name,
+        text: `${m.model_name}${m.workers ? "" : " (no workers)"}`,
+      }),
     ),
   );
   const wanted = localStorage.getItem(MODEL_STORAGE);
@@ -82,13 +85,23 @@ function modelChanged() {
   }
   $("steer-layer").value = String(Math.floor(cfg.n_layers / 2));
   $("attn-head").replaceChildren(
-    ...[...Array(cfg.n_heads).keys()].map((head) => h("option", { value: head, text: String(head) })),
+    ...[...Array(cfg.n_heads).keys()].map((head) =>
+      h("option", { value: head, text: String(head) }),
+    ),
   );
   cache.release();
   Object.assign(state, { ids: null, strTokens: null, pair: null, lens: null, steer: null });
   state.patterns.clear();
   state.ablated.clear();
-  for (const id of ["tokens", "topk", "pair", "lens-diff", "attn-grid", "ablation-result", "steer-info"]) {
+  for (const id of [
+    "tokens",
+    "topk",
+    "pair",
+    "lens-diff",
+    "attn-grid",
+    "ablation-result",
+    "steer-info",
+  ]) {
     $(id).replaceChildren();
   }
   placeholder("lens-heatmap", "Run a prompt to see the logit lens.");
@@ -113,7 +126,8 @@ async function showUsage() {
     const limit = usage.limits?.tokens_per_minute;
     const used = usage.usage?.tokens_last_minute ?? 0;
     $("usage").textContent =
-      `key: ${usage.key}` + (limit ? ` · ${used.toLocaleString()} of ${limit.toLocaleString()} tokens this minute` : "");
+      `key: ${usage.key}` +
+      (limit ? ` · ${used.toLocaleString()} of ${limit.toLocaleString()} tokens this minute` : "");
   } catch {
     $("usage").textContent = "";
   }
@@ -128,10 +142,15 @@ async function tokenOf(input, label) {
   const match = text.trim().match(/^#(\d+)$/);
   if (match) {
     const id = Number(match[1]);
-    if (id >= models.cfg().d_vocab) throw new status.InputError(`${label}: token id ${id} is not below ${models.cfg().d_vocab}`);
+    if (id >= models.cfg().d_vocab)
+      throw new status.InputError(`${label}: token id ${id} is not below ${models.cfg().d_vocab}`);
     return id;
   }
-  const answer = await api.post("/v1/tokenize", { model: models.name(), input: text, prepend_bos: false });
+  const answer = await api.post("/v1/tokenize", {
+    model: models.name(),
+    input: text,
+    prepend_bos: false,
+  });
   const ids = answer.tokens[0];
   if (ids.length !== 1) {
     const parts = answer.str_tokens[0].map(models.shown).join(" | ");
@@ -149,7 +168,8 @@ async function readPair() {
   const wrong = $("wrong");
   const empty = (input) => !input.value && input.dataset.tokenId === undefined;
   if (empty(answer) && empty(wrong)) return null;
-  if (empty(answer) || empty(wrong)) throw new status.InputError("give both tokens of the answer pair, or neither");
+  if (empty(answer) || empty(wrong))
+    throw new status.InputError("give both tokens of the answer pair, or neither");
   const ids = [await tokenOf(answer, "Answer"), await tokenOf(wrong, "vs.")];
   if (ids[0] === ids[1]) throw new status.InputError("the answer pair needs two different tokens");
   const texts = await models.tokenTexts(ids);
@@ -172,12 +192,20 @@ function showTokens() {
   const chips = state.strTokens.map((token, p) =>
     h(
       "span",
-      { class: "chip", "data-pos": p, "data-token-id": state.ids[p], title: `position ${p}, id ${state.ids[p]}` },
+      {
+        class: "chip",
+        "data-pos": p,
+        "data-token-id": state.ids[p],
+        title: `position ${p}, id ${state.ids[p]}`,
+      },
       h("span", { class: "token", text: models.shown(token) }),
       h("span", { class: "id", text: String(state.ids[p]) }),
     ),
   );
-  $("tokens").replaceChildren(h("span", { class: "muted", text: `${state.ids.length} tokens: ` }), ...chips);
+  $("tokens").replaceChildren(
+    h("span", { class: "muted", text: `${state.ids.length} tokens: ` }),
+    ...chips,
+  );
 }
 
 async function analyse(event) {
@@ -255,7 +283,10 @@ async function showAttention() {
   const head = Number($("attn-head").value);
   try {
     if (!state.patterns.has(layer)) {
-      state.patterns.set(layer, await status.track(`Attention of layer ${layer}`, cache.pattern(layer)));
+      state.patterns.set(
+        layer,
+        await status.track(`Attention of layer ${layer}`, cache.pattern(layer)),
+      );
     }
     const pattern = state.patterns.get(layer);
     show("attn-pattern", patternView(pattern, layer, head, state.strTokens));
@@ -320,7 +351,11 @@ function lines(id) {
 }
 
 function steeringInputs() {
-  return { layer: Number($("steer-layer").value), towards: lines("steer-towards"), away: lines("steer-away") };
+  return {
+    layer: Number($("steer-layer").value),
+    towards: lines("steer-towards"),
+    away: lines("steer-away"),
+  };
 }
 
 async function makeVector() {
@@ -452,7 +487,9 @@ function wire() {
   $("steer-coeff").addEventListener("input", () => {
     $("steer-coeff-value").textContent = $("steer-coeff").value;
   });
-  $("steer-make").addEventListener("click", () => makeVector().catch((error) => handle(error, "Steering")));
+  $("steer-make").addEventListener("click", () =>
+    makeVector().catch((error) => handle(error, "Steering")),
+  );
   $("gen-start").addEventListener("click", generateBoth);
   $("gen-stop").addEventListener("click", stopGenerating);
 }
@@ -472,7 +509,12 @@ async function start() {
     );
     if (!saved) {
       status.showError(
-        new api.ApiError({ status: 401, code: "unauthorized", message: "no API key was given", hint: "use the API key… button" }),
+        new api.ApiError({
+          status: 401,
+          code: "unauthorized",
+          message: "no API key was given",
+          hint: "use the API key… button",
+        }),
         "Connecting",
       );
       return;

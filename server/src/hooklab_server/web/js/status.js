@@ -70,8 +70,7 @@ async function pollQueue() {
     const waiting = metric(text, "hooklab_queue_depth");
     const busy = metric(text, "hooklab_running_jobs");
     if (waiting === null) return;
-    queueText =
-      `server queue: ${waiting} waiting` + (busy === null ? "" : `, ${busy} running`);
+    queueText = `server queue: ${waiting} waiting` + (busy === null ? "" : `, ${busy} running`);
     render();
   } catch {
     // the queue line is a courtesy; the step's own answer or error still comes
@@ -128,7 +127,11 @@ export function describe(error) {
   }
   const parts = [error.message];
   if (error.hint) parts.push(`Hint: ${error.hint}.`);
-  if (error.retryAfter !== null && error.retryAfter !== undefined && !Number.isNaN(error.retryAfter)) {
+  if (
+    error.retryAfter !== null &&
+    error.retryAfter !== undefined &&
+    !Number.isNaN(error.retryAfter)
+  ) {
     parts.push(`Try again in ${error.retryAfter} s.`);
   }
   if (error.requestId) parts.push(`(request ${error.requestId})`);

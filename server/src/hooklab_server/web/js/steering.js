@@ -15,7 +15,11 @@ export async function steeringVector(layer, towards, away) {
   const hook = `blocks.${layer}.hook_resid_pre`;
   const body = { model: models.name(), input: texts, padding_side: "right" };
   const tokens = await api.post("/v1/tokenize", body);
-  const answer = await api.post("/v1/run_with_cache", { ...body, names: [hook], return_type: null });
+  const answer = await api.post("/v1/run_with_cache", {
+    ...body,
+    names: [hook],
+    return_type: null,
+  });
   const resid = view(answer.tensors[hook]);
   const [, positions, dModel] = resid.shape;
   const bos = models.model().tokenizer?.bos_token_id;
@@ -30,7 +34,8 @@ export async function steeringVector(layer, towards, away) {
       counts[side] += 1;
     }
   });
-  if (!counts[0] || !counts[1]) throw new InputError("each side needs a prompt with at least one token");
+  if (!counts[0] || !counts[1])
+    throw new InputError("each side needs a prompt with at least one token");
   const vector = new Float64Array(dModel);
   for (let d = 0; d < dModel; d++) vector[d] = sums[0][d] / counts[0] - sums[1][d] / counts[1];
   let squares = 0;
@@ -70,8 +75,18 @@ export async function generate(settings, hooks, signal, onToken) {
     else if (event === "done") return data;
     else if (event === "error") {
       const e = data.error ?? {};
-      throw new api.ApiError({ status: 200, code: e.code, message: e.message, hint: e.hint, requestId: e.request_id });
+      throw new api.ApiError({
+        status: 200,
+        code: e.code,
+        message: e.message,
+        hint: e.hint,
+        requestId: e.request_id,
+      });
     }
   }
-  throw new api.ApiError({ status: 200, code: "network", message: "the stream ended before its done event" });
+  throw new api.ApiError({
+    status: 200,
+    code: "network",
+    message: "the stream ended before its done event",
+  });
 }
