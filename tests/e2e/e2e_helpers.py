@@ -152,7 +152,7 @@ def parse_frames(body: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
             frame, dtype=np.dtype(_NUMPY[fields["dtype"]]).newbyteorder("<"), offset=start
         ).reshape(fields["shape"])
         tensors[fields["name"]] = torch.from_numpy(array.astype(array.dtype.newbyteorder("=")))
-    assert decoded[0].get("n_tensors", len(tensors)) == len(tensors)
+    assert decoded[0].get("n_frames", len(tensors)) == len(tensors)
     return decoded[0], tensors, decoded[-1]
 
 

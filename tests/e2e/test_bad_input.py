@@ -69,6 +69,56 @@ def _chunked() -> Iterator[bytes]:
 
 
 CASES: dict[str, Bad] = {
+    # --- what a person without the Python client gets told (issue 15)
+    "token_id_not_an_integer": Bad(
+        {"input": [[5, 1.5]]}, 422, "bad_value",
+        [r"input holds token ids, which are integers; got F32 with fractional values"],
+        path="/v1/forward",
+    ),
+    "token_ids_of_a_float_dtype": Bad(
+        {"input": {"dtype": "F32", "shape": [1, 2], "data": [5, 6]}}, 422, "bad_dtype",
+        [r"token ids, which are integers; got F32\n", r"I64"], path="/v1/forward",
+    ),
+    "token_ids_neither_text_nor_ids": Bad(
+        {"input": [[5, "x"]]}, 422, "validation_error",
+        [r"input: expected text .*a list of texts.*token ids"], path="/v1/forward",
+    ),
+    "spec_without_op": Bad(
+        run({"hook": "hook_embed"}), 422, "validation_error",
+        [r"hooks\.0: expected a hook spec", r"ablate, patch, steer, scale, clamp, set"],
+    ),
+    "spec_unknown_op": Bad(
+        run({"hook": "hook_embed", "op": "zap"}), 422, "validation_error",
+        [r"whose op is one of ablate, patch"],
+    ),
+    "every_problem_listed": Bad(
+        {"input": TOKENS, "return_type": "x", "prepend_bos": "yes", "stop_at_layer": "3",
+         "zzz": 1, "padding_side": 3},
+        422, "validation_error",
+        [r"^5 problems in the request body: ", r"return_type: ", r"prepend_bos: ",
+         r"stop_at_layer: ", r"padding_side: ", r"zzz: Extra inputs"],
+        path="/v1/forward",
+    ),
+    "number_as_string": Bad(
+        run({"hook": "hook_embed", "op": "scale", "factor": "0.5"}), 422, "validation_error",
+        [r"hooks\.0\.scale\.factor: Input should be a valid number"],
+    ),
+    "unknown_dtype_msgpack": Bad(
+        msgpack.packb(
+            run({"hook": "hook_embed", "op": "steer", "vector": {
+                "kind": "tensor", "dtype": "F99", "shape": [D_MODEL], "data": bytes(4 * D_MODEL)}}),
+            use_bin_type=True,
+        ),
+        422, "bad_dtype", [r"unknown dtype 'F99'", r"F32"], content_type="application/msgpack",
+    ),
+    "fractional_token_id_tensor": Bad(
+        {"input": {"dtype": "I64", "shape": [1, 2], "data": [5, 2.5]}}, 422,
+        {"bad_value", "validation_error"}, [r"2\.5"], path="/v1/forward",
+    ),
+    "outputs_and_return_type": Bad(
+        {"input": TOKENS, "outputs": ["loss"], "return_type": "loss"}, 422, "validation_error",
+        [r"give 'outputs' or 'return_type', not both"], path="/v1/forward",
+    ),
     # --- hook names
     "hook_name_typo": Bad(
         run({"hook": "blocks.0.hook_resid_pots", "op": "ablate"}), 422, "unknown_hook",
@@ -77,7 +127,7 @@ CASES: dict[str, Bad] = {
     ),
     "hook_layer_out_of_range": Bad(
         run({"hook": "blocks.7.hook_resid_post", "op": "ablate"}), 422, "unknown_hook",
-        [r"blocks\.7\.hook_resid_post", r"blocks\.[01]\.hook_resid_post"],
+        [r"blocks\.7\.hook_resid_post", r"this model has 2 layers: blocks\.0 … blocks\.1"],
     ),
     "glob_matches_nothing": Bad(
         run({"hook": "blocks.*.hook_nothing", "op": "scale", "factor": 2}), 422, "unknown_hook",
@@ -158,7 +208,7 @@ CASES: dict[str, Bad] = {
     ),
     "unknown_dtype": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer", "vector": vec(D_MODEL, "F33")}),
-        422, {"bad_shape", "validation_error"}, [r"unknown dtype 'F33'", r"F32"],
+        422, {"bad_dtype", "validation_error"}, [r"unknown dtype 'F33'", r"F32"],
     ),
     "data_count_mismatch": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer",
@@ -178,7 +228,7 @@ CASES: dict[str, Bad] = {
     "string_in_float_data": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer",
              "vector": {"dtype": "F32", "shape": [2], "data": [1.0, "one"]}}),
-        422, "bad_shape", [r"'one' is not a valid F32"],
+        422, "bad_value", [r"'one' is not a valid F32"],
     ),
     "unknown_tensor_ref": Bad(
         run({"hook": "blocks.0.hook_resid_pre", "op": "steer", "vector": {"ref": "t_nope"}}),
@@ -202,7 +252,7 @@ CASES: dict[str, Bad] = {
     ),
     "huge_id_in_json_i64_tensor": Bad(
         {"input": {"dtype": "I64", "shape": [1, 2], "data": [1, 2**70]}}, 422,
-        {"bad_shape", "validation_error"}, [r"I64"], path="/v1/forward",
+        {"bad_value", "validation_error"}, [r"I64"], path="/v1/forward",
     ),
     "huge_attention_mask_value": Bad(
         {"input": TOKENS, "attention_mask": [[2**70] * 6] * 2}, 422,
@@ -232,7 +282,7 @@ CASES: dict[str, Bad] = {
     ),
     "empty_input": Bad({"input": []}, 422, "bad_shape", [r"non-empty"], path="/v1/forward"),
     "float_token_tensor": Bad(
-        {"input": {"dtype": "F32", "shape": [1, 2], "data": [[1.0, 2.0]]}}, 422, "bad_shape",
+        {"input": {"dtype": "F32", "shape": [1, 2], "data": [[1.0, 2.0]]}}, 422, "bad_dtype",
         [r"integers"], path="/v1/forward",
     ),
     "missing_input": Bad({}, 422, "validation_error", [r"'input'"], path="/v1/forward"),

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import hooklab
+from fixtures.checkpoints import build_checkpoint
 from hooklab_server.settings import Settings
 
 from .e2e_helpers import assert_close
@@ -143,3 +144,47 @@ def test_one_requests_specs_never_reach_another_requests_rows(gathering_server: 
         b.close()
     assert (steered[0] - plain[0]).abs().max() > 1.0, "A's steer did nothing"
     assert_close(steered[1], plain[1], "B's logits beside A's steer", atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[Served]:
+    """Qwen3: its per-head q/k norms' hook points flatten batch, position and head into rows."""
+    folder = tmp_path_factory.mktemp("ckpt-f0-batching")  # a neutral name for TL
+    checkpoint = build_checkpoint("qwen3", folder, tokenizer_dir=tokenizer_dir)
+    with served_checkpoint(checkpoint, Settings(gather_window_ms=400.0)) as served:
+        yield served
+
+
+def test_requests_on_flattened_head_rows_run_alone_and_get_their_own_rows(
+    qwen3_server: Served,
+) -> None:
+    """A capture or a hook on a point whose rows flatten batch, position and head cannot take a
+    box of a merged forward: such requests run alone, and each gets exactly its solo result."""
+    served, name = qwen3_server, "blocks.0.attn.q_norm.hook_normalized"
+    prompts = [
+        sample_tokens(served.tl, batch=b, pos=p, seed=s) for b, p, s in ((1, 7, 1), (2, 9, 2))
+    ]
+    clients = [hooklab.connect(served.url) for _ in prompts]
+
+    def at_once(names: list[str]) -> list[Any]:
+        return _concurrently(
+            [
+                lambda c=client, t=tokens: c.run_with_cache(t, names_filter=names)
+                for client, tokens in zip(clients, prompts, strict=True)
+            ]
+        )
+
+    try:
+        before = _batched_requests(served.url)
+        at_once(["blocks.0.hook_resid_post"])  # the control: these do share a forward
+        merged = _batched_requests(served.url) - before
+        results = at_once([name])
+        merged_flattened = _batched_requests(served.url) - before - merged
+    finally:
+        for client in clients:
+            client.close()
+    assert merged == len(prompts) and merged_flattened == 0, (merged, merged_flattened)
+    for (logits, cache), tokens in zip(results, prompts, strict=True):
+        ref_logits, ref_cache = served.tl.run_with_cache(tokens, names_filter=[name])
+        assert_close(logits, ref_logits, "logits")
+        assert_close(cache[name], ref_cache[name], name)

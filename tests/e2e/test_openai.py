@@ -101,6 +101,11 @@ def chat_server(serve_in: ServeIn, chat_checkpoint: Path) -> Iterator[Served]:
 # --- completions ----------------------------------------------------------------------------
 
 
+def test_the_sdk_lists_the_served_models(gpt2_server: Served) -> None:
+    listed = [card.id for card in _client(gpt2_server).models.list()]
+    assert listed == [_model(gpt2_server)]
+
+
 def test_greedy_completion_equals_generate(gpt2_server: Served, tokenizer: Any) -> None:
     client = _client(gpt2_server)
     completion = client.completions.create(

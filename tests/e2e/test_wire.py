@@ -141,6 +141,27 @@ def test_curl_text_input_loss_and_ablation(gpt2_server: Served, http: httpx.Clie
     assert_close(out["output.loss"], loss, "loss")
 
 
+def test_outputs_lists_what_comes_back(gpt2_server: Served, http: httpx.Client) -> None:
+    tokens = sample_tokens(gpt2_server.tl)
+    logits, loss = gpt2_server.tl(tokens, return_type="both")
+    for outputs, expected in (
+        ([], {}),
+        (["loss"], {"output.loss": loss}),
+        (["logits"], {"output.logits": logits}),
+        (["loss", "logits"], {"output.loss": loss, "output.logits": logits}),
+    ):
+        body = {"input": tokens.tolist(), "outputs": outputs}
+        out = tensors_of(post(http, "/v1/forward", body, accept="application/json"))
+        assert set(out) == set(expected), outputs
+        for name, reference in expected.items():
+            assert_close(out[name], reference, name)
+    cached = tensors_of(
+        post(http, "/v1/run_with_cache", {"input": tokens.tolist(), "names": ["hook_embed"],
+             "outputs": []}, accept="application/json")
+    )  # fmt: skip
+    assert set(cached) == {"hook_embed"}
+
+
 def test_curl_tokenize_and_detokenize(gpt2_server: Served, http: httpx.Client) -> None:
     tl = gpt2_server.tl
     texts = ["a = 1", "def g(): pass"]

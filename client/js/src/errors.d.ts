@@ -34,6 +34,8 @@ export class InvalidRequestError extends ServerError {}
 export class UnknownHookError extends InvalidRequestError {}
 export class BadIndexError extends InvalidRequestError {}
 export class BadShapeError extends InvalidRequestError {}
+export class BadDtypeError extends InvalidRequestError {}
+export class BadValueError extends InvalidRequestError {}
 export class ConflictingSpecsError extends InvalidRequestError {}
 export class TooLargeError extends ServerError {}
 export class NotFoundError extends ServerError {}

@@ -54,6 +54,8 @@ export class InvalidRequestError extends ServerError {}
 export class UnknownHookError extends InvalidRequestError {}
 export class BadIndexError extends InvalidRequestError {}
 export class BadShapeError extends InvalidRequestError {}
+export class BadDtypeError extends InvalidRequestError {}
+export class BadValueError extends InvalidRequestError {}
 export class ConflictingSpecsError extends InvalidRequestError {}
 /** Over one of the server's limits (tokens, batch, body or response size). */
 export class TooLargeError extends ServerError {}
@@ -95,6 +97,8 @@ export const ERROR_CLASSES = {
   unknown_hook: UnknownHookError,
   bad_index: BadIndexError,
   bad_shape: BadShapeError,
+  bad_dtype: BadDtypeError,
+  bad_value: BadValueError,
   conflicting_specs: ConflictingSpecsError,
   too_large: TooLargeError,
   not_found: NotFoundError,

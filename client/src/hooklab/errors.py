@@ -65,8 +65,24 @@ class BadShapeError(InvalidRequestError):
     pass
 
 
+class BadDtypeError(InvalidRequestError):
+    pass
+
+
+class BadValueError(InvalidRequestError):
+    pass
+
+
 class ConflictingSpecsError(InvalidRequestError):
     pass
+
+
+class UnavailableError(ServerError):
+    """A part the server needs (Redis, a model's workers) is down; retry later."""
+
+
+class CallbackFailedError(ServerError):
+    """One of this client's hook callbacks raised, timed out or disconnected."""
 
 
 class TooLargeError(ServerError):
@@ -128,6 +144,10 @@ _BY_CODE: dict[str, type[ServerError]] = {
     "unknown_hook": UnknownHookError,
     "bad_index": BadIndexError,
     "bad_shape": BadShapeError,
+    "bad_dtype": BadDtypeError,
+    "bad_value": BadValueError,
+    "unavailable": UnavailableError,
+    "callback_failed": CallbackFailedError,
     "conflicting_specs": ConflictingSpecsError,
     "too_large": TooLargeError,
     "not_found": NotFoundError,
@@ -148,11 +168,14 @@ def server_error(
 
 
 __all__ = [
+    "BadDtypeError",
     "BadHostError",
     "BadIndexError",
     "BadRequestError",
     "BadShapeError",
+    "BadValueError",
     "BodyTimeoutError",
+    "CallbackFailedError",
     "ConflictingSpecsError",
     "ConnectionFailedError",
     "DeadlineExceededError",
@@ -169,6 +192,7 @@ __all__ = [
     "TooLargeError",
     "TruncatedStreamError",
     "UnauthorizedError",
+    "UnavailableError",
     "UnknownHookError",
     "UnsupportedMediaTypeError",
     "WireFormatError",

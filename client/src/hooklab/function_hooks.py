@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from hooklab_proto import axis_sizes as wire_axis_sizes
+
 from .tracing import TracedGraph, Untraceable, trace
 
 HookMode = Literal["auto", "traced", "callback"]
@@ -70,18 +72,11 @@ def axis_sizes(
     cfg: dict[str, Any], batch: int, pos: int, key_pos: int | None = None
 ) -> dict[str, int]:
     """The size of each named axis (the names of ``/v1/model``'s hook shapes)."""
-    return {
-        "batch": batch,
-        "pos": pos,
-        "key_pos": pos if key_pos is None else key_pos,
-        "head": cfg["n_heads"],
-        "kv_head": cfg.get("n_key_value_heads") or cfg["n_heads"],
-        "d_head": cfg["d_head"],
-        "d_model": cfg["d_model"],
-        "d_mlp": cfg.get("d_mlp") or 0,
-        "d_vocab": cfg.get("d_vocab_out") or cfg["d_vocab"],
-        "one": 1,
-    }
+    return wire_axis_sizes(
+        batch, pos, key_pos, n_heads=cfg["n_heads"], n_kv_heads=cfg.get("n_key_value_heads"),
+        d_head=cfg["d_head"], d_model=cfg["d_model"], d_mlp=cfg.get("d_mlp"),
+        d_vocab=cfg.get("d_vocab_out") or cfg["d_vocab"],
+    )  # fmt: skip
 
 
 class FunctionHooks:

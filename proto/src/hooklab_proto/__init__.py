@@ -32,6 +32,7 @@ from ._api import (
     HookPointInfo,
     KeyUsage,
     Limits,
+    ModelCard,
     ModelInfo,
     ModelsResponse,
     RunWithCacheRequest,
@@ -46,6 +47,7 @@ from ._api import (
     UsageResponse,
     WireDtype,
 )
+from ._axes import axis_sizes
 from ._dtypes import DTYPE_CODES, WIRE_DTYPES, dtype_code, for_the_wire, torch_dtype
 from ._frames import CONTROL_KINDS, ControlFrame, Frame, TensorFrame, decode_frame, encode_control
 from ._generate import (
@@ -169,7 +171,7 @@ from ._tensor_values import (
     TensorValue,
     inline_tensor,
 )
-from .errors import TruncatedStreamError, WireFormatError
+from .errors import BadElementError, TruncatedStreamError, UnknownDtypeError, WireFormatError
 
 __all__ = [
     "ANALYSIS_METHODS",
@@ -214,6 +216,7 @@ __all__ = [
     "AnalysisResult",
     "AnalysisTensors",
     "AssistantMessage",
+    "BadElementError",
     "BatchSource",
     "CacheEntry",
     "CacheEntryInfo",
@@ -273,6 +276,7 @@ __all__ = [
     "KeyUsage",
     "Kind",
     "Limits",
+    "ModelCard",
     "ModelInfo",
     "ModelsResponse",
     "MsgpackTensor",
@@ -321,10 +325,12 @@ __all__ = [
     "TokenizerInfo",
     "TopLogprob",
     "TruncatedStreamError",
+    "UnknownDtypeError",
     "Usage",
     "UsageResponse",
     "WireDtype",
     "WireFormatError",
+    "axis_sizes",
     "decode_frame",
     "decode_tensor",
     "dtype_code",

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ._api import ModelName, Timeout
 from ._base import Body
+from ._forms import one_of
 from ._limits import bounded_length
 from ._tensor_values import TensorValue
 
@@ -54,7 +55,8 @@ class AnalysisRequest(Body):
     args: Annotated[dict[str, AnalysisArg], bounded_length("max_names", "arguments")] = Field(
         default_factory=dict, description="the method's arguments by name"
     )
-    rows: int | Annotated[list[int], bounded_length("max_batch", "rows")] | None = Field(
-        None, description="batch rows read (an int drops the batch axis); null: all"
-    )
+    rows: Annotated[
+        int | Annotated[list[int], bounded_length("max_batch", "rows")] | None,
+        one_of("a batch row (0), a list of rows ([0, 2]), or null"),
+    ] = Field(None, description="batch rows read (an int drops the batch axis); null: all")
     timeout_s: Timeout = None

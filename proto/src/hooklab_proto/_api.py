@@ -5,9 +5,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ._base import Body
+from ._forms import one_of
 from ._graph import Graph
 from ._limits import bounded_ids, bounded_length
 from ._metrics import PatchMetric
@@ -28,9 +30,15 @@ GRAD_SUFFIX = "_grad"  # a gradient's name: its hook point's plus this (Transfor
 
 WireDtype = Literal["float16", "bfloat16"]  # what floating-point tensors may travel as
 TokenInput = Annotated[
-    str | list[str] | list[int] | list[list[int]] | TensorValue, bounded_ids("max_tokens")
+    str | list[str] | list[int] | list[list[int]] | TensorValue,
+    bounded_ids("max_tokens"),
+    one_of('text ("Hello"), a list of texts, or token ids ([[464, 2068]], or a tensor)'),
 ]
-TokenIds = Annotated[list[list[int]] | TensorValue, bounded_ids("max_tokens")]
+TokenIds = Annotated[
+    list[list[int]] | TensorValue,
+    bounded_ids("max_tokens"),
+    one_of("token ids [batch, pos] ([[464, 2068]], or a tensor)"),
+]
 HookSpecs = Annotated[list[HookSpec], bounded_length("max_specs", "hook specs")]
 HookNames = Annotated[list[str], bounded_length("max_names", "hook names")]
 
@@ -43,7 +51,9 @@ class ErrorCode(StrEnum):
     VALIDATION = "validation_error"  # well-formed but a field is invalid
     UNKNOWN_HOOK = "unknown_hook"
     BAD_INDEX = "bad_index"
-    BAD_SHAPE = "bad_shape"
+    BAD_SHAPE = "bad_shape"  # a tensor's shape or byte count does not fit
+    BAD_DTYPE = "bad_dtype"  # a dtype code that is not one of the wire's
+    BAD_VALUE = "bad_value"  # an element its dtype cannot hold (1.5 as I64)
     CONFLICT = "conflicting_specs"
     TOO_LARGE = "too_large"  # over a size limit: body, tokens, specs, rows, response …
     NOT_FOUND = "not_found"
@@ -95,7 +105,18 @@ class ForwardRequest(Body):
     tokens: TokenIds | None = Field(
         None, description="token ids for the loss when starting from a residual"
     )
-    return_type: Literal["logits", "loss", "both"] | None = "logits"
+    return_type: Literal["logits", "loss", "both"] | None = Field(
+        "logits",
+        description="TransformerLens's: 'logits' [batch, pos, d_vocab] (output.logits), 'loss' "
+        "(output.loss), 'both', or null for neither (e.g. a cache alone). The logits of even "
+        "a short prompt are large (d_vocab floats per token): ask for what you read",
+    )
+    outputs: list[Literal["logits", "loss"]] | None = Field(
+        None,
+        max_length=2,
+        description="the outputs wanted, as a list ([] none, ['loss'], ['logits', 'loss']): "
+        "another way to say return_type; give one or the other",
+    )
     loss_per_token: bool = False
     prepend_bos: bool | None = None
     padding_side: Literal["left", "right"] | None = None
@@ -127,6 +148,22 @@ class ForwardRequest(Body):
         "bfloat16 rounds to 8 bits and keeps float32's range. Null: as computed",
     )
     timeout_s: Timeout = None
+
+    @model_validator(mode="after")
+    def _outputs_as_return_type(self) -> ForwardRequest:
+        """``outputs`` said as ``return_type`` (what the rest reads); ``outputs`` is then
+        cleared, so the request re-validates the same (a worker validates it again)."""
+        if self.outputs is None:
+            return self
+        if "return_type" in self.model_fields_set:
+            raise PydanticCustomError("conflict", "give 'outputs' or 'return_type', not both")
+        wanted = set(self.outputs)
+        self.return_type = (
+            "both" if wanted == {"logits", "loss"} else "logits" if "logits" in wanted
+            else "loss" if wanted else None
+        )  # fmt: skip
+        self.outputs = None
+        return self
 
     @property
     def wants_gradients(self) -> bool:
@@ -161,7 +198,11 @@ class RunWithCacheRequest(ForwardRequest):
 class RunWithHooksRequest(RunWithCacheRequest):
     """``run_with_hooks``: a forward with hook specs; caches nothing unless ``names`` is given."""
 
-    names: HookNames | None = Field(default_factory=list)
+    names: HookNames | None = Field(
+        default_factory=list,
+        description="hook names or globs ('blocks.*.hook_resid_post') whose activations come "
+        "back too; null: every hook point that fires",
+    )
 
 
 class TokenizeRequest(Body):
@@ -179,7 +220,11 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(Body):
     model: ModelName = None
-    tokens: Annotated[list[int] | list[list[int]], bounded_ids("max_tokens")]
+    tokens: Annotated[
+        list[int] | list[list[int]],
+        bounded_ids("max_tokens"),
+        one_of("token ids: a list ([464, 2068]) or a list of lists ([[464], [2068]])"),
+    ]
 
 
 class DetokenizeResponse(BaseModel):
@@ -196,7 +241,7 @@ class StoredObject(BaseModel):
     kind: Literal["tensor", "cache"]
     nbytes: int
     expires_at: float = Field(description="Unix time after which the object is gone")
-    dtype: DtypeCode | None = None
+    dtype: DtypeCode | None = Field(None, description="a tensor's wire dtype code (F32, I64, …)")
     shape: list[int] | None = None
     names: list[str] | None = None
     owner: str = Field(description="the name of the key that stored it")
@@ -276,11 +321,22 @@ class ServedModel(ModelInfo):
     workers: int = Field(description="processes running it now (0: none, requests get 503)")
 
 
+class ModelCard(BaseModel):
+    """A served model as OpenAI's ``GET /v1/models`` lists one (OpenAI SDKs read these)."""
+
+    id: str = Field(description="the model's name, as requests name it")
+    object: Literal["model"] = "model"
+    created: int = Field(0, description="not tracked: 0")
+    owned_by: str = "hooklab"
+
+
 class ModelsResponse(BaseModel):
     """``GET /v1/models``: every model served, the default (what a request naming no model
-    gets) first."""
+    gets) first — in full under ``models``, and as OpenAI lists them under ``data``."""
 
     models: list[ServedModel]
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class Capabilities(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import WireFormatError
+from .errors import UnknownDtypeError, WireFormatError
 
 # One table serves both directions; the codes are safetensors' so any language can map them.
 _CODE_TO_TORCH: dict[str, torch.dtype] = {
@@ -34,7 +34,7 @@ def torch_dtype(code: str) -> torch.dtype:
     try:
         return _CODE_TO_TORCH[code]
     except (KeyError, TypeError):
-        raise WireFormatError(
+        raise UnknownDtypeError(
             f"unknown dtype {code!r}; expected one of {', '.join(DTYPE_CODES)}"
         ) from None
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._dtypes import dtype_code, torch_dtype
-from .errors import WireFormatError
+from .errors import BadElementError, WireFormatError
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -85,7 +85,7 @@ def _element(value: Any, dtype: torch.dtype) -> Any:
             return float(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise WireFormatError(f"element {value!r} is not a valid {dtype_code(dtype)} value")
+    raise BadElementError(f"element {value!r} is not a valid {dtype_code(dtype)} value")
 
 
 def tensor_from_json(obj: Any) -> torch.Tensor:
@@ -109,5 +109,5 @@ def tensor_from_json(obj: Any) -> torch.Tensor:
     try:
         tensor = torch.tensor(values, dtype=build_dtype)
     except (RuntimeError, OverflowError, ValueError) as exc:
-        raise WireFormatError(f"'data' does not fit {obj['dtype']}: {exc}") from None
+        raise BadElementError(f"'data' does not fit {obj['dtype']}: {exc}") from None
     return tensor.to(dtype).reshape(shape)

@@ -8,11 +8,16 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ._base import Body
+from ._forms import one_of
 from ._graph import Graph
 from ._limits import bounded_length
 
 MetricKind = Literal["logit_diff", "logit", "prob", "logprob", "loss", "logits", "graph"]
-TokenIds = Annotated[int | list[int], bounded_length("max_batch", "token ids")]
+TokenIds = Annotated[
+    int | list[int],
+    bounded_length("max_batch", "token ids"),
+    one_of("a token id (464) or one per batch row ([464, 2068])"),
+]
 
 
 class PatchMetric(Body):
@@ -33,9 +38,11 @@ class PatchMetric(Body):
     kind: MetricKind
     answer: TokenIds | None = Field(None, description="token id, or one per batch row")
     wrong: TokenIds | None = Field(None, description="logit_diff: the wrong token id(s)")
-    pos: Annotated[int | list[int], bounded_length("max_batch", "positions")] = Field(
-        -1, description="position read, or one per batch row"
-    )
+    pos: Annotated[
+        int | list[int],
+        bounded_length("max_batch", "positions"),
+        one_of("a position (-1) or one per batch row ([3, 5])"),
+    ] = Field(-1, description="position read, or one per batch row")
     reduce: Literal["mean", "sum"] = "mean"
     normalize: bool = False
     baselines: list[float] | None = Field(

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ._base import Body
+from ._forms import one_of
 from ._graph import CallbackSpec, GraphSpec
 from ._limits import bounded_length
 from ._tensor_values import TensorValue
@@ -112,13 +113,20 @@ DeclarativeSpec = (
     AblateSpec | PatchSpec | SteerSpec | ScaleSpec | ClampSpec | SetSpec | ProjectOutSpec
 )
 
-# Beside the declarative ops: Python hook functions, traced into graphs or called back.
-HookSpec = Annotated[DeclarativeSpec | GraphSpec | CallbackSpec, Field(discriminator="op")]
-
 SPEC_OPS: tuple[str, ...] = tuple(
     spec.model_fields["op"].default
     for spec in (AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec)
 )
+
+# Beside the declarative ops: Python hook functions, traced into graphs or called back.
+HookSpec = Annotated[
+    DeclarativeSpec | GraphSpec | CallbackSpec,
+    Field(discriminator="op"),
+    one_of(
+        'a hook spec {"hook": "blocks.0.hook_resid_pre", "op": "ablate"} whose op is one of '
+        + ", ".join([*SPEC_OPS, "graph", "callback"])
+    ),
+]
 
 # Operations that replace values; two of them on the same hook point conflict.
 REPLACING_OPS = frozenset({"ablate", "patch", "set"})

@@ -12,5 +12,13 @@ class WireFormatError(ValueError):
     """
 
 
+class UnknownDtypeError(WireFormatError):
+    """A dtype code that is not one of the wire's."""
+
+
+class BadElementError(WireFormatError):
+    """An element its dtype cannot hold (1.5 as I64, 2 as BOOL, 1e40 as F16)."""
+
+
 class TruncatedStreamError(WireFormatError):
     """A frame stream that stopped before its ``end`` or ``error`` frame."""

@@ -27,14 +27,14 @@ from .ops import CaptureStream, RequestError, TensorsResult, failure_error
 
 SMALL_BYTES = 64 * 1024  # chunks below this are gathered (headers, small tensors)
 # Fields of the begin and end frames about the stream itself, not the result.
-_STREAM_FIELDS = frozenset({"n_tensors", "expected_bytes", "stats"})
+_STREAM_FIELDS = frozenset({"n_frames", "expected_bytes", "stats"})
 
 
 def encode_frames(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[EncodedFrame]:
     """begin, one frame per tensor (payloads are views, no copy on the CPU), end."""
     started = time.perf_counter()
     frames = [
-        encode_control("begin", n_tensors=len(tensors), **meta),
+        encode_control("begin", n_frames=len(tensors), **meta),
         *(encode_tensor(tensor, name) for name, tensor in tensors.items()),
     ]
     total_bytes = sum(frame.payload.nbytes for frame in frames)

@@ -15,6 +15,7 @@ from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from starlette.requests import ClientDisconnect
 from starlette.types import Send
 
@@ -174,15 +175,29 @@ def validate_body(data: dict[str, Any], model: type[Model], settings: Settings) 
         raise validation_error(exc) from None
 
 
+MAX_PROBLEMS_LISTED = 10
+
+
 def validation_error(exc: ValidationError) -> RequestError:
-    """The first problem (a size refusal first of all), with its field's location."""
+    """Every problem with its field's location (up to a bound); a size refusal alone, first."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = next((e for e in errors if e["type"] == TOO_LARGE_ERROR), errors[0])
-    location = ".".join(str(part) for part in first["loc"])
-    message = f"{location}: {first['msg']}" if location else first["msg"]
-    code = ErrorCode.TOO_LARGE if first["type"] == TOO_LARGE_ERROR else ErrorCode.VALIDATION
-    hint = f"{len(errors)} problems in the request body" if len(errors) > 1 else None
-    return RequestError(code, message, hint)
+    refusal = next((error for error in errors if error["type"] == TOO_LARGE_ERROR), None)
+    if refusal is not None:
+        return RequestError(ErrorCode.TOO_LARGE, _problem(refusal))
+    if len(errors) == 1:
+        return RequestError(ErrorCode.VALIDATION, _problem(errors[0]))
+    listed = "; ".join(_problem(error) for error in errors[:MAX_PROBLEMS_LISTED])
+    more = len(errors) - MAX_PROBLEMS_LISTED
+    return RequestError(
+        ErrorCode.VALIDATION,
+        f"{len(errors)} problems in the request body: {listed}"
+        + (f"; and {more} more" if more > 0 else ""),
+    )
+
+
+def _problem(error: ErrorDetails) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {error['msg']}" if location else error["msg"]
 
 
 def _media_type(request: Request) -> str:

@@ -20,6 +20,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_HOOK: 422,
     ErrorCode.BAD_INDEX: 422,
     ErrorCode.BAD_SHAPE: 422,
+    ErrorCode.BAD_DTYPE: 422,
+    ErrorCode.BAD_VALUE: 422,
     ErrorCode.CONFLICT: 422,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.NOT_FOUND: 404,

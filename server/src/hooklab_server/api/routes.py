@@ -14,6 +14,7 @@ from hooklab_proto import (
     ForwardRequest,
     ForwardResult,
     IntegratedGradientsRequest,
+    ModelCard,
     ModelInfo,
     ModelsResponse,
     NamedTensors,
@@ -51,12 +52,11 @@ def _described(request: Request, entry: ModelEntry) -> ModelInfo:
 async def models(request: Request) -> ModelsResponse:
     """Every served model with its config and live workers, the default first."""
     served = await service(request).models.listing()
-    return ModelsResponse(
-        models=[
-            ServedModel(**_described(request, entry).model_dump(), workers=entry.workers)
-            for entry in served
-        ]
-    )
+    models = [
+        ServedModel(**_described(request, entry).model_dump(), workers=entry.workers)
+        for entry in served
+    ]
+    return ModelsResponse(models=models, data=[ModelCard(id=m.model_name) for m in models])
 
 
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"])

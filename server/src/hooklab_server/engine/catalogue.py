@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
 
+from hooklab_proto import axis_sizes as wire_axis_sizes
+
 from .config import HookedConfig
 
 # Axis names: batch, pos (the query position in scores/patterns), key_pos, head, kv_head,
@@ -235,19 +237,7 @@ def module_hooks(module: str) -> dict[str, str]:
 def axis_sizes(
     cfg: HookedConfig, batch: int, pos: int, key_pos: int | None = None
 ) -> dict[str, int]:
-    return {
-        "batch": batch,
-        "pos": pos,
-        "key_pos": pos if key_pos is None else key_pos,
-        "head": cfg.n_heads,
-        "kv_head": cfg.n_key_value_heads or cfg.n_heads,
-        "d_head": cfg.d_head,
-        "d_model": cfg.d_model,
-        "d_mlp": cfg.d_mlp,
-        "d_vocab": cfg.d_vocab_out,
-        "one": 1,
-        "head_row": batch * pos * cfg.n_heads,
-        "kv_head_row": batch * pos * (cfg.n_key_value_heads or cfg.n_heads),
-        "q_width": cfg.n_heads * cfg.d_head,
-        "kv_width": (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head,
-    }
+    return wire_axis_sizes(
+        batch, pos, key_pos, n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads,
+        d_head=cfg.d_head, d_model=cfg.d_model, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab_out,
+    )  # fmt: skip

@@ -266,8 +266,22 @@ def build_hook_run(
 
 
 def unknown_hook_message(name: str, hook_names: Sequence[str]) -> str:
+    advice = hook_name_advice(name, hook_names)
+    return f"unknown hook point {name!r}" + (f"; {advice}" if advice else "")
+
+
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def hook_name_advice(name: str, hook_names: Sequence[str]) -> str | None:
+    """What to say about a name that is no hook point: the layers there are, when it names a
+    block past the last; else the nearest names."""
     import difflib
 
+    block = _BLOCK_NAME.match(name)
+    if block is not None and f"blocks.0.{block.group(2)}" in hook_names:
+        indices = (_BLOCK_NAME.match(hook) for hook in hook_names)
+        layers = 1 + max(int(found.group(1)) for found in indices if found is not None)
+        return f"this model has {layers} layers: blocks.0 … blocks.{layers - 1}"
     near = difflib.get_close_matches(name, hook_names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    return f"unknown hook point {name!r}{hint}"
+    return f"did you mean {', '.join(near)}?" if near else None

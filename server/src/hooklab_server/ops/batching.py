@@ -31,14 +31,21 @@ from .run import ForwardWork, TensorsResult, finish_forward
 
 def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
     """Works with equal keys may share a forward; None: this one runs alone (it starts from a
-    residual, or runs a backward pass: a batch-reduced objective would mix rows' gradients)."""
+    residual, or runs a backward pass: a batch-reduced objective would mix rows' gradients, or
+    hooks a point whose rows flatten batch, position and head together — a work's part of it
+    is no box of the merged activation)."""
     request = work.request
     if request.start_at_layer is not None or work.tokens is None or work.backward is not None:
         return None
     named = {name for name, _ in work.hooks} | set(work.names)
+    if any(_FLATTENED_ROWS & set(hook_shape(name, ctx.model.cfg)) for name in named):
+        return None
     conditional = frozenset(n for n in named if not fires_by_default(n, ctx.model.cfg))
     wants_logits = request.stop_at_layer is None and request.return_type is not None
     return (request.stop_at_layer, wants_logits, conditional)
+
+
+_FLATTENED_ROWS = frozenset({"head_row", "kv_head_row"})
 
 
 def padded_tokens(works: list[ForwardWork]) -> int:

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from hooklab_proto import (
+    BadElementError,
     ErrorCode,
     JsonTensor,
     MsgpackTensor,
     NumberArray,
     TensorRef,
     TensorValue,
+    UnknownDtypeError,
     WireFormatError,
     inline_tensor,
 )
@@ -39,7 +41,12 @@ def decoded_tensor(
     try:
         return inline_tensor(value, ids)
     except WireFormatError as exc:
-        raise RequestError(ErrorCode.BAD_SHAPE, f"bad tensor in {what}: {exc}") from None
+        code = (
+            ErrorCode.BAD_DTYPE if isinstance(exc, UnknownDtypeError)
+            else ErrorCode.BAD_VALUE if isinstance(exc, BadElementError)
+            else ErrorCode.BAD_SHAPE
+        )  # fmt: skip
+        raise RequestError(code, f"bad tensor in {what}: {exc}") from None
 
 
 @dataclass(eq=False)  # hashed by identity: one per server

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hooklab_proto import ErrorCode
+from hooklab_proto import ErrorCode, dtype_code
 from hooklab_server.engine.generation import prompt_tokens
 
 from .context import OpsContext
@@ -56,11 +56,18 @@ def ids(ctx: OpsContext, value: Any, what: str) -> torch.Tensor:
     if isinstance(value, list):
         return ids_tensor(value, what)
     tensor = ctx.tensor(value, what, ids=True)  # a plain array of integers: int64
-    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() not in (1, 2):
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        fractional = tensor.is_floating_point() and bool((tensor != tensor.round()).any())
+        raise RequestError(
+            ErrorCode.BAD_VALUE if fractional else ErrorCode.BAD_DTYPE,
+            f"{what} holds token ids, which are integers; got {dtype_code(tensor.dtype)}"
+            + (" with fractional values" if fractional else ""),
+            "send integers, e.g. [[464, 2068]] (or a tensor of dtype I64 / I32)",
+        )
+    if tensor.dim() not in (1, 2):
         raise RequestError(
             ErrorCode.BAD_SHAPE,
-            f"{what} must be integers of shape [pos] or [batch, pos], got "
-            f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}",
+            f"{what} must be token ids of shape [pos] or [batch, pos], got {list(tensor.shape)}",
         )
     if tensor.numel() == 0:
         raise RequestError(ErrorCode.BAD_SHAPE, f"{what} must be a non-empty rectangle of ids")

@@ -7,7 +7,6 @@ bad request fails fast with a message saying what was expected.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from hooklab_proto import (
     TensorValue,
 )
 from hooklab_server.engine import HookedTransformer
+from hooklab_server.engine.hook_points import hook_name_advice
 from hooklab_server.engine.shapes import axis_sizes, fires_by_default, hook_shape
 
 from .context import OpsContext
@@ -67,11 +67,10 @@ def resolve_hook_names(
             )
         return matched
     if pattern not in hook_names:
-        near = difflib.get_close_matches(pattern, hook_names, n=3, cutoff=0.5)
         raise RequestError(
             ErrorCode.UNKNOWN_HOOK,
             f"unknown hook point {pattern!r}",
-            f"did you mean {', '.join(near)}?" if near else "GET /v1/model lists the hook points",
+            hook_name_advice(pattern, hook_names) or "GET /v1/model lists the hook points",
         )
     return [pattern]
 
