@@ -105,3 +105,11 @@ def test_the_readme_lists_every_setting() -> None:
     assert settings_markdown() in readme
     for name in FIELDS:
         assert f"`{flag_name(name)}` · `{env_name(name)}`" in readme, name
+
+
+def test_sae_flag_repeats_and_env_separates_with_commas() -> None:
+    settings = load_settings(["--sae", "/a@blocks.0.hook_resid_pre", "--sae", "/b@x"], environ={})
+    assert settings.sae == ("/a@blocks.0.hook_resid_pre", "/b@x")
+    from_env = load_settings([], environ={"HOOKLAB_SAE": "/a@h1,/b@h2"})
+    assert from_env.sae == ("/a@h1", "/b@h2")
+    assert load_settings([], environ={}).sae == ()

@@ -109,6 +109,8 @@ def load_configured_model(settings: Settings, program: str) -> HookedTransformer
     except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
         print(f"{program}: cannot load {settings.model!r}: {exc}", file=sys.stderr)
         return None
+    if not attach_configured_saes(model, settings, program):
+        return None
     cfg = model.cfg
     logging.getLogger("hooklab_server").info(
         "loaded %s in %.1f s: %d layers, d_model %d, %d hook points, %s on %s",
@@ -116,6 +118,20 @@ def load_configured_model(settings: Settings, program: str) -> HookedTransformer
         len(model.hook_names), settings.dtype, cfg.device,
     )  # fmt: skip
     return model
+
+
+def attach_configured_saes(model: HookedTransformer, settings: Settings, program: str) -> bool:
+    """Attach the SAEs of ``--sae PATH@HOOK``; False (said on stderr) when one cannot be."""
+    from .engine.saes import SaeLoadError, attach_sae, load_sae, parse_sae_flag
+
+    for flag in settings.sae:
+        try:
+            path, hook = parse_sae_flag(flag)
+            attach_sae(model, hook, load_sae(path, model.cfg.dtype, model.cfg.device))
+        except (SaeLoadError, ValueError) as exc:
+            print(f"{program}: cannot serve the SAE {flag!r}: {exc}", file=sys.stderr)
+            return False
+    return True
 
 
 if __name__ == "__main__":

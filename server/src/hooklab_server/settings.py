@@ -46,6 +46,13 @@ class Settings:
         "(--no-processing: from_pretrained_no_processing)",
         "model",
     )
+    sae: tuple[str, ...] = _setting(
+        (),
+        "a sparse autoencoder to serve at a hook point, PATH@HOOK (a folder in SAELens's saved "
+        "format: cfg.json + sae_weights.safetensors); repeat the flag (or separate with commas) "
+        "for several",
+        "model",
+    )
     host: str = _setting("127.0.0.1", "interface to bind", "server")
     port: int = _setting(8000, "port to bind", "server")
     allowed_hosts: tuple[str, ...] = _setting(
@@ -265,6 +272,9 @@ class Settings:
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
+            if isinstance(value, list):  # a repeated flag
+                object.__setattr__(self, spec.name, tuple(value))
+                continue
             # port 0: any free port; memory budget 0: derived from the machine
             smallest = 0 if spec.name in ("port", "memory_budget_bytes") else 1e-9
             if isinstance(value, int | float) and not isinstance(value, bool) and value < smallest:
@@ -335,6 +345,9 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (true/false, 1/0, yes/no)")
 
 
+_EMPTY_IS_NONE = frozenset({"sae"})  # tuple settings whose empty default means none
+
+
 def _parse_hosts(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -391,7 +404,8 @@ def build_parser(prog: str = "hooklab-server", description: str = "") -> argpars
         )
         default = spec.default
         shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{spec.metadata['help']} (default: {'derived' if default == () else shown}; "
+        empty = "none" if spec.name in _EMPTY_IS_NONE else "derived"
+        help_text = f"{spec.metadata['help']} (default: {empty if default == () else shown}; "
         help_text += f"env {env_name(spec.name)})"
         help_text = help_text.replace("%", "%%")
         if str(spec.type) == "bool":
@@ -401,6 +415,7 @@ def build_parser(prog: str = "hooklab-server", description: str = "") -> argpars
             continue
         group.add_argument(
             flag_name(spec.name),
+            action="extend" if str(spec.type) == "tuple[str, ...]" else "store",
             type=_parser_for(spec.type),
             choices=spec.metadata["choices"],
             metavar=None if spec.metadata["choices"] else spec.name.upper(),
@@ -413,6 +428,8 @@ def _shown(value: Any, name: str) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if value == () or value == "" or (name == "memory_budget_bytes" and value == 0):
+        if name in _EMPTY_IS_NONE:
+            return "(none)"
         return "derived" if value == () or value == 0 else "(none)"
     if isinstance(value, int) and value >= _MiB and "bytes" in name:
         for unit, factor in (("GiB", _GiB), ("MiB", _MiB)):

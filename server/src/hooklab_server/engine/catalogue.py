@@ -177,7 +177,41 @@ def _present(cfg: HookedConfig) -> list[HookPointSpec]:
     return [point for point in HOOK_POINTS if point.exists(cfg)]
 
 
+# An attached SAE's points (engine/saes.py): "{host}.hook_sae_input" … "hook_sae_output".
+SAE_POINT_NAMES = (
+    "hook_sae_input",
+    "hook_sae_acts_pre",
+    "hook_sae_acts_post",
+    "hook_sae_recons",
+    "hook_sae_error",
+    "hook_sae_output",
+)
+_SAE_POINT = re.compile(r"^(.+)\.(hook_sae_[a-z_]+)$")
+
+
+def sae_axis(host: str) -> str:
+    """The axis of an SAE's features: one name per attached SAE, sized by its d_sae."""
+    return f"d_sae[{host}]"
+
+
+def sae_host(name: str, cfg: HookedConfig) -> tuple[str, str] | None:
+    """(host, point) for a point of an SAE attached in this config, else None."""
+    match = _SAE_POINT.match(name)
+    if match is None or match.group(1) not in cfg.sae_widths:
+        return None
+    if match.group(2) not in SAE_POINT_NAMES:
+        return None
+    return match.group(1), match.group(2)
+
+
 def _spec(name: str, cfg: HookedConfig) -> HookPointSpec:
+    found = sae_host(name, cfg)
+    if found is not None:
+        host, sae_point = found
+        shape = _spec(host, cfg).shape
+        if sae_point in ("hook_sae_acts_pre", "hook_sae_acts_post"):
+            shape = (*shape[:-1], sae_axis(host))
+        return HookPointSpec(name, shape)
     for point in _DECLARED.get(_template(name), ()):
         if point.exists(cfg):
             return point
@@ -193,6 +227,16 @@ def hook_names(cfg: HookedConfig) -> list[str]:
             names += [name.format(layer=layer) for layer in range(cfg.n_layers) for name in group]
         else:
             names += group
+    if cfg.sae_widths:
+        names = [
+            attached
+            for name in names
+            for attached in (
+                [name, *(f"{name}.{point}" for point in SAE_POINT_NAMES)]
+                if name in cfg.sae_widths
+                else [name]
+            )
+        ]
     return names
 
 
@@ -237,7 +281,10 @@ def module_hooks(module: str) -> dict[str, str]:
 def axis_sizes(
     cfg: HookedConfig, batch: int, pos: int, key_pos: int | None = None
 ) -> dict[str, int]:
-    return wire_axis_sizes(
+    sizes = wire_axis_sizes(
         batch, pos, key_pos, n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads,
         d_head=cfg.d_head, d_model=cfg.d_model, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab_out,
     )  # fmt: skip
+    for host, width in cfg.sae_widths.items():
+        sizes[sae_axis(host)] = width
+    return sizes

@@ -73,6 +73,8 @@ class HookedConfig:
     use_attn_in: bool = False
     # Processing applied to the weights when they were loaded.
     processing: dict[str, bool] = field(default_factory=dict)
+    # Sparse autoencoders attached (not in TransformerLens): d_sae by the hook point they read.
+    sae_widths: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.d_vocab_out == -1:

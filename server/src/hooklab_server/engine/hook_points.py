@@ -15,11 +15,14 @@ arrived.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .saes import SparseAutoencoder
 
 HookFn = Callable[..., torch.Tensor | None]
 NameOrPredicate = str | Callable[[str], bool]
@@ -62,7 +65,7 @@ class HookRun:
 
     __slots__ = (
         "bwd_fns", "cache", "capture", "capture_grad", "explicit", "fns", "gradients",
-        "interrupt", "points",
+        "interrupt", "points", "saes",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +78,7 @@ class HookRun:
         bwd_fns: dict[str, list[HookFn]] | None = None,
         capture_grad: Iterable[str] = (),
         gradients: bool = False,
+        saes: Mapping[str, SparseAutoencoder] | None = None,
     ) -> None:
         self.fns = fns or {}
         self.bwd_fns = bwd_fns or {}
@@ -88,9 +92,13 @@ class HookRun:
         self.explicit = frozenset(explicit) | self.fns.keys() | self.bwd_fns.keys()
         self.cache: dict[str, torch.Tensor] = {}
         self.points: dict[str, HookPoint] = {}
+        # The attached SAEs this forward runs: those with a point hooked or captured.
+        self.saes = _active_saes(
+            saes or {}, (*self.fns, *self.capture, *self.bwd_fns, *self.capture_grad)
+        )
 
     def wants(self, name: str) -> bool:
-        return self.gradients or name in self.fns or name in self.capture
+        return self.gradients or name in self.fns or name in self.capture or name in self.saes
 
     def runs_per_call(self, name: str) -> bool:
         """Whether something at this point sees each call of a module used several times
@@ -132,6 +140,9 @@ class HookRun:
                 # leaves the later one, as TransformerLens's separate modules do.
                 value = value.view_as(value)
                 value.register_hook(self._backward(name))
+        sae = self.saes.get(name)
+        if sae is not None:
+            value = sae.run(self, name, value)
         return value
 
     def _backward(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
@@ -149,6 +160,15 @@ class HookRun:
             return passed
 
         return on_gradient
+
+
+def _active_saes(
+    saes: Mapping[str, SparseAutoencoder], names: Iterable[str]
+) -> dict[str, SparseAutoencoder]:
+    if not saes:
+        return {}
+    hosts = {name.partition(".hook_sae_")[0] for name in names if ".hook_sae_" in name}
+    return {host: sae for host, sae in saes.items() if host in hosts}
 
 
 NO_HOOKS = HookRun()
@@ -172,6 +192,7 @@ class RowHooks(HookRun):
         capture = frozenset().union(*(run.capture for _, run in parts))
         explicit = frozenset().union(*(run.explicit for _, run in parts))
         super().__init__(fns, capture, explicit, interrupt)
+        self.saes = {host: sae for _, run in parts for host, sae in run.saes.items()}
         self.parts = [(rows, run) for rows, run in parts if run.fns or run.capture]
 
     def flat_rows(self, batch: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -232,6 +253,7 @@ def build_hook_run(
     interrupt: Callable[[], None] | None = None,
     bwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
     incl_bwd: bool = False,
+    saes: Mapping[str, SparseAutoencoder] | None = None,
 ) -> HookRun:
     """Resolve TransformerLens-style ``fwd_hooks``, ``bwd_hooks`` and ``names_filter`` against
     ``hook_names``; ``incl_bwd`` captures the gradients of the names captured.
@@ -241,7 +263,7 @@ def build_hook_run(
     fns = _hook_fns(hook_names, fwd_hooks)
     bwd_fns = _hook_fns(hook_names, bwd_hooks)
     if not capture:
-        return HookRun(fns, interrupt=interrupt, bwd_fns=bwd_fns)
+        return HookRun(fns, interrupt=interrupt, bwd_fns=bwd_fns, saes=saes)
     if isinstance(names_filter, str) and names_filter not in hook_names:
         raise KeyError(unknown_hook_message(names_filter, hook_names))
     explicit = [names_filter] if isinstance(names_filter, str) else []
@@ -262,6 +284,7 @@ def build_hook_run(
         interrupt,
         bwd_fns=bwd_fns,
         capture_grad=captured if incl_bwd else (),
+        saes=saes,
     )
 
 

@@ -24,6 +24,7 @@ from .components.norm import Norm
 from .components.rotary import Rotary
 from .config import HookedConfig
 from .hook_points import HookFn, HookRun, NameOrPredicate, build_hook_run
+from .saes import SparseAutoencoder
 from .tokenization import PaddingSide, Tokenization, attention_mask_for
 from .weights import WeightViews
 
@@ -130,6 +131,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         self.ln_final = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, "ln_final", cfg.dtype)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype, cfg.output_logits_soft_cap)
         self.hook_names: list[str] = hook_names(cfg)
+        self.saes: dict[str, SparseAutoencoder] = {}  # by the hook point each reads (saes.py)
         self.requires_grad_(False)
         self.eval()
 
@@ -145,8 +147,9 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         incl_bwd: bool = False,
     ) -> HookRun:
         return build_hook_run(
-            self.hook_names, fwd_hooks, names_filter, capture, interrupt, bwd_hooks, incl_bwd
-        )
+            self.hook_names, fwd_hooks, names_filter, capture, interrupt, bwd_hooks, incl_bwd,
+            self.saes,
+        )  # fmt: skip
 
     # --- forward --------------------------------------------------------------------------
 

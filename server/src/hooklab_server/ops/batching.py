@@ -133,7 +133,7 @@ def run_forward_batch(
         return_type="logits" if request.stop_at_layer is None else None,
         stop_at_layer=request.stop_at_layer,
         attention_mask=mask,
-        hooks=HookRun(fns, interrupt=between_layers),
+        hooks=HookRun(fns, interrupt=between_layers, saes=model.saes),
     )
     for work in works:
         if work.stream is not None:

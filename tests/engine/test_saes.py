@@ -1,0 +1,195 @@
+"""Sparse autoencoders attached beside the model (issue 17): SAELens's saved format, its hook
+points, the error term, and steering by a decoder row against TransformerLens.
+
+``sae_lens`` itself cannot be installed beside this torch, so the reference is written here from
+SAELens's documented math (``SAE.encode``/``decode`` of the standard, JumpReLU and TopK
+architectures), independently of the engine's code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hooklab_server.engine import load_model
+from hooklab_server.engine.catalogue import axis_sizes, hook_shape
+from hooklab_server.engine.saes import SaeLoadError, attach_sae, load_sae, parse_sae_flag
+
+HOOK = "blocks.0.hook_resid_post"
+D_SAE = 48
+POINTS = (
+    "hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
+    "hook_sae_error", "hook_sae_output",
+)  # fmt: skip
+
+
+def write_sae(
+    folder: Path, d_in: int, architecture: str = "standard", seed: int = 0, **extra: object
+) -> Path:
+    """A random SAE in SAELens's saved layout (cfg.json + sae_weights.safetensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
+        "b_enc": torch.randn(D_SAE, generator=gen) * 0.1,
+        "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
+        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+    }
+    if architecture == "jumprelu":
+        tensors["threshold"] = torch.rand(D_SAE, generator=gen) * 0.3
+    save_file(tensors, folder / "sae_weights.safetensors")
+    cfg = {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": HOOK, "model_name": "tiny"},
+        **extra,
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def reference_encode(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens's encode, from its documentation: (hidden_pre, feature_acts)."""
+    from safetensors.torch import load_file
+
+    w = load_file(folder / "sae_weights.safetensors")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    hidden_pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "jumprelu":
+        acts = torch.relu(hidden_pre) * (hidden_pre > w["threshold"]).float()
+    elif cfg["architecture"] == "topk":
+        values, indices = torch.topk(hidden_pre, cfg["k"], dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, indices, torch.relu(values))
+    else:
+        acts = torch.relu(hidden_pre)
+    return hidden_pre, acts
+
+
+def reference_decode(folder: Path, acts: torch.Tensor) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    w = load_file(folder / "sae_weights.safetensors")
+    return acts @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize(
+    ("architecture", "extra"),
+    [("standard", {}), ("relu", {}), ("jumprelu", {}), ("topk", {"k": 5})],
+)
+def test_sae_points_equal_saelens_encode_decode(
+    gpt2_checkpoint: Path, tmp_path: Path, architecture: str, extra: dict[str, object]
+) -> None:
+    model = load_model(str(gpt2_checkpoint))
+    plain_logits, plain = model.run_with_cache("The cat sat on the mat")
+    folder = write_sae(tmp_path / "sae", model.cfg.d_model, architecture, **extra)
+    attach_sae(model, HOOK, load_sae(folder))
+    names = [f"{HOOK}.{point}" for point in POINTS]
+    assert (
+        model.hook_names[model.hook_names.index(HOOK) + 1 : model.hook_names.index(HOOK) + 7]
+        == names
+    )
+    logits, cache = model.run_with_cache("The cat sat on the mat")
+    # The error term keeps the forward exactly as it was.
+    assert torch.equal(logits, plain_logits)
+    x = plain[HOOK]
+    hidden_pre, acts = reference_encode(folder, x)
+    recons = reference_decode(folder, acts)
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_input"], x)
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_pre"], hidden_pre)
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], acts)
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_recons"], recons)
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_error"], x - recons)
+    assert torch.equal(cache[f"{HOOK}.hook_sae_output"], x)
+    if architecture == "topk":
+        assert int((cache[f"{HOOK}.hook_sae_acts_post"] != 0).sum(-1).max()) <= 5
+    assert hook_shape(f"{HOOK}.hook_sae_acts_post", model.cfg) == ("batch", "pos", f"d_sae[{HOOK}]")
+    assert axis_sizes(model.cfg, 1, 3)[f"d_sae[{HOOK}]"] == D_SAE
+
+
+def test_editing_features_changes_the_forward_by_the_decoder_change(
+    gpt2_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Zeroing a feature at acts_post changes the host activation by -act * W_dec[f] (the error
+    term stays that of the clean reconstruction), as SAELens's HookedSAETransformer does."""
+    model = load_model(str(gpt2_checkpoint))
+    folder = write_sae(tmp_path / "sae", model.cfg.d_model)
+    attach_sae(model, HOOK, load_sae(folder))
+    _, cache = model.run_with_cache("The cat sat", names_filter=[f"{HOOK}.hook_sae_acts_post"])
+    acts = cache[f"{HOOK}.hook_sae_acts_post"]
+    feature = int(acts[0].sum(0).argmax())
+
+    def ablate(value: torch.Tensor, hook: object) -> torch.Tensor:
+        value = value.clone()
+        value[..., feature] = 0
+        return value
+
+    _, edited = model.run_with_cache(
+        "The cat sat",
+        fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", ablate)],
+        names_filter=[HOOK, f"{HOOK}.hook_sae_output", "blocks.1.hook_resid_pre"],
+    )
+    w_dec = load_sae(folder).W_dec
+    expected = edited[HOOK] - acts[..., feature, None] * w_dec[feature]
+    torch.testing.assert_close(edited[f"{HOOK}.hook_sae_output"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(edited["blocks.1.hook_resid_pre"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_steering_by_a_decoder_row_equals_transformer_lens(
+    gpt2_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Adding coeff to a feature's activation equals adding coeff * W_dec[f] at the hook point
+    in TransformerLens."""
+    from fixtures.oracle import load_tl_model
+
+    model = load_model(str(gpt2_checkpoint))
+    folder = write_sae(tmp_path / "sae", model.cfg.d_model)
+    sae = load_sae(folder)
+    attach_sae(model, HOOK, sae)
+    feature, coeff = 7, 4.0
+
+    def steer(value: torch.Tensor, hook: object) -> torch.Tensor:
+        value = value.clone()
+        value[..., feature] += coeff
+        return value
+
+    ours = model.run_with_hooks("The cat sat", fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", steer)])
+    tl = load_tl_model(gpt2_checkpoint)
+    row = sae.W_dec[feature]
+    theirs = tl.run_with_hooks(
+        "The cat sat", fwd_hooks=[(HOOK, lambda value, hook: value + coeff * row)]
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_saes_are_refused(gpt2_checkpoint: Path, tmp_path: Path) -> None:
+    model = load_model(str(gpt2_checkpoint))
+    wrong_width = write_sae(tmp_path / "wide", model.cfg.d_model + 1)
+    with pytest.raises(SaeLoadError, match="does not fit"):
+        attach_sae(model, HOOK, load_sae(wrong_width))
+    with pytest.raises(SaeLoadError, match="no hook point"):
+        attach_sae(model, "blocks.9.hook_resid_post", load_sae(write_sae(tmp_path / "ok", 64)))
+    bad = write_sae(tmp_path / "bad", model.cfg.d_model)
+    (bad / "cfg.json").write_text(json.dumps({"d_in": -1, "d_sae": D_SAE}))
+    with pytest.raises(SaeLoadError, match="invalid SAE config"):
+        load_sae(bad)
+    topk = write_sae(tmp_path / "topk", model.cfg.d_model, "topk")
+    with pytest.raises(SaeLoadError, match="k between"):
+        load_sae(topk)
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "cfg.json").write_text((bad.parent / "ok" / "cfg.json").read_text())
+    (tmp_path / "pickle" / "sae_weights.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(SaeLoadError, match="cannot read"):
+        load_sae(tmp_path / "pickle")
+    assert parse_sae_flag("/a/b@c@blocks.0.hook_resid_pre") == ("/a/b@c", "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="PATH@HOOK"):
+        parse_sae_flag("/a/b")
