@@ -111,13 +111,7 @@ class DecodePool:
         model = self.model
         hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
         cache = model.init_kv_cache()
-        resid = model.forward(
-            tokens, attention_mask=attention_mask, past_kv_cache=cache, hooks=hooks,
-            stop_at_layer=model.cfg.n_layers,
-        )  # fmt: skip
-        with torch.inference_mode():
-            x = model.ln_final(resid, hooks)  # every position: its hooks see the solo shapes
-            logits = model.unembed.last_position(x, hooks)
+        logits = model.last_logits(tokens, attention_mask, cache, hooks=hooks)
         group = RowGroup(self.active_rows, batch, width, hooks)
         rows = group.rows
         with torch.inference_mode():

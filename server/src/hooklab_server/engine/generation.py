@@ -241,8 +241,10 @@ def generate_tokens(
     cache = model.init_kv_cache() if use_past_kv_cache else None
     step_input, mask = tokens, attention_mask
     while not state.done:
-        logits = model.forward(step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks)
-        next_tokens = state.choose(logits[:, -1, :])
+        logits = model.last_logits(
+            step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks
+        )
+        next_tokens = state.choose(logits)
         if attention_mask is not None:
             attention_mask = torch.cat(
                 (attention_mask, torch.ones_like(next_tokens[:, None])), dim=1

@@ -374,6 +374,26 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         )
         return loss if return_type == "loss" else Output(logits, loss)
 
+    def last_logits(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_kv_cache: KVCache | None = None,
+        *,
+        hooks: HookRun,
+    ) -> torch.Tensor:
+        """The last position's logits [batch, d_vocab] of a ``forward`` of ``tokens``, with
+        every hook point of that forward (``unembed.hook_out`` still sees every position), but
+        the unembedding multiplies the last position only: what generation and a decode pool's
+        prefill need (the other positions' logits would be a quarter of a short prefill)."""
+        resid = self.forward(
+            tokens, attention_mask=attention_mask, past_kv_cache=past_kv_cache, hooks=hooks,
+            stop_at_layer=self.cfg.n_layers,
+        )  # fmt: skip
+        with autograd_on() if hooks.gradients else torch.inference_mode():
+            x = self.ln_final(resid, hooks)  # every position: its hooks see the full shapes
+            return self.unembed.last_position(x, hooks)
+
     def _decode_pooled(
         self,
         tokens: torch.Tensor,
