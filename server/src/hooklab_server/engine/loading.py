@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .architectures import family
+from .components.fused import share_rows
 from .components.norm import Norm
 from .config import HookedConfig
 from .default_model import resolve_model_source
@@ -94,6 +95,10 @@ def assign_weights(model: HookedTransformer, sd: StateDict) -> None:
             _bias(sd.get(f"{prefix}.mlp.b_in")),
             _bias(sd.get(f"{prefix}.mlp.b_out")),
         )
+        share_rows(attn, ("w_q", "w_k", "w_v"))  # the fused q/k/v weight is a view
+        share_rows(attn, ("b_q", "b_k", "b_v"))
+        if cfg.gated_mlp:
+            share_rows(mlp, ("w_gate", "w_in"))
     _assign_norm(model.ln_final, sd, "ln_final")
     model.unembed.w_u = _linear(sd["unembed.W_U"].T)
     model.unembed.b_u = _bias(sd.get("unembed.b_U"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from torch import nn
 from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
+from .fused import RowConcat, fused_bias
 from .norm import Norm
 from .rotary import Rotary
 
@@ -97,6 +98,9 @@ class PooledKV:
 
 
 class Attention(nn.Module):
+    # q/k/v through one matmul (components/fused.py); False runs three (tests compare them).
+    fuse: ClassVar[bool] = True
+
     def __init__(self, cfg: HookedConfig, layer: int, rotary: Rotary | None) -> None:
         super().__init__()
         heads, kv_heads, d_head, d_model = (
@@ -115,6 +119,7 @@ class Attention(nn.Module):
         self.b_k: nn.Parameter | None = None
         self.b_v: nn.Parameter | None = None
         self.b_o: nn.Parameter | None = None
+        self._qkv_weight, self._qkv_bias = RowConcat(), RowConcat()
         self.rotary = rotary
         self.soft_cap = cfg.attn_scores_soft_cap
         self.cfg = cfg
@@ -163,6 +168,30 @@ class Attention(nn.Module):
             return out if bias is None else out + bias.view(heads, self.d_head)
         return F.linear(x, weight, bias).unflatten(-1, (heads, self.d_head))
 
+    def _project_fused(
+        self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, hooks: HookRun
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [batch, pos, heads, d_head] from [batch, pos, d_model] inputs through the
+        fused q/k/v weight: views of one product when the three inputs are one tensor (or equal
+        and no gradient must tell them apart), else the matching columns of one product per
+        input, so the bits never depend on which path ran."""
+        heads, kv_heads, d_head = self.n_heads, self.n_kv_heads, self.d_head
+        sizes = (heads * d_head, kv_heads * d_head, kv_heads * d_head)
+        weight = self._qkv_weight((self.w_q, self.w_k, self.w_v))
+        bias = fused_bias(self._qkv_bias, (self.b_q, self.b_k, self.b_v), sizes)
+        inputs = [q_in, k_in, v_in]
+        if not hooks.gradients:
+            for i in (1, 2):
+                if inputs[i] is not q_in and torch.equal(inputs[i], q_in):
+                    inputs[i] = q_in
+        products: dict[int, tuple[torch.Tensor, ...]] = {}
+        out = []
+        for i, x in enumerate(inputs):
+            if id(x) not in products:
+                products[id(x)] = F.linear(x, weight, bias).split(sizes, dim=-1)
+            out.append(products[id(x)][i].unflatten(-1, (-1, d_head)))
+        return out[0], out[1], out[2]
+
     def forward(
         self,
         q_in: torch.Tensor,
@@ -175,9 +204,15 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, LayerKV | None]:
         """Returns the output and this call's keys and values (None when written to a pool)."""
         names = self.names
-        q = hooks(names["q"], self._project(q_in, self.w_q, self.b_q, self.n_heads))
-        k = hooks(names["k"], self._project(k_in, self.w_k, self.b_k, self.n_kv_heads))
-        v = hooks(names["v"], self._project(v_in, self.w_v, self.b_v, self.n_kv_heads))
+        if q_in.dim() == 3 and self.fuse:  # one matmul per input; hooks see views of it
+            q_raw, k_raw, v_raw = self._project_fused(q_in, k_in, v_in, hooks)
+        else:
+            q_raw = self._project(q_in, self.w_q, self.b_q, self.n_heads)
+            k_raw = self._project(k_in, self.w_k, self.b_k, self.n_kv_heads)
+            v_raw = self._project(v_in, self.w_v, self.b_v, self.n_kv_heads)
+        q = hooks(names["q"], q_raw)
+        k = hooks(names["k"], k_raw)
+        v = hooks(names["v"], v_raw)
         # q: [batch, pos, n_heads, d_head]; k, v: [batch, pos, n_kv_heads, d_head]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self._qk_norm(q, self.q_norm, hooks), self._qk_norm(k, self.k_norm, hooks)

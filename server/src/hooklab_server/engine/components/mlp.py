@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..catalogue import module_hooks
 from ..hook_points import HookRun
+from .fused import RowConcat
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -31,6 +33,9 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class MLP(nn.Module):
     """``post = act(x @ W_in + b_in)``; gated: ``post = act(x @ W_gate) * (x @ W_in) + b_in``."""
 
+    # Gated: gate and up through one matmul (components/fused.py); False runs two (for tests).
+    fuse: ClassVar[bool] = True
+
     def __init__(
         self, d_model: int, d_mlp: int, act_fn: str, gated: bool, layer: int, dtype: torch.dtype
     ) -> None:
@@ -40,6 +45,7 @@ class MLP(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(d_mlp, d_model, dtype=dtype)) if gated else None
         self.w_out = nn.Parameter(torch.empty(d_model, d_mlp, dtype=dtype))
         self.b_in: nn.Parameter | None = None
+        self._gate_up = RowConcat()
         self.b_out: nn.Parameter | None = None
         names = module_hooks(f"blocks.{layer}.mlp")
         self.pre_name, self.post_name = names["pre"], names["post"]
@@ -62,8 +68,13 @@ class MLP(nn.Module):
             pre = hooks(self.pre_name, F.linear(x, self.w_in, self.b_in))  # [batch, pos, d_mlp]
             post = self.act(pre)
         else:
-            pre = hooks(self.pre_name, F.linear(x, self.w_gate))  # [batch, pos, d_mlp]
-            linear = hooks(self.pre_linear_name, F.linear(x, self.w_in))  # [batch, pos, d_mlp]
+            if self.fuse:  # one matmul for gate and up; the hooks see views of its columns
+                gate_up = F.linear(x, self._gate_up((self.w_gate, self.w_in)))
+                gate, up = gate_up.split(self.w_in.shape[0], dim=-1)
+            else:
+                gate, up = F.linear(x, self.w_gate), F.linear(x, self.w_in)
+            pre = hooks(self.pre_name, gate)  # [batch, pos, d_mlp]
+            linear = hooks(self.pre_linear_name, up)  # [batch, pos, d_mlp]
             post = self.act(pre) * linear
             if self.b_in is not None:
                 post = post + self.b_in
