@@ -1,9 +1,9 @@
 """Sparse autoencoders attached beside the model (issue 17): SAELens's saved format, its hook
 points, the error term, and steering by a decoder row against TransformerLens.
 
-``sae_lens`` itself cannot be installed beside this torch, so the reference is written here from
-SAELens's documented math (``SAE.encode``/``decode`` of the standard, JumpReLU and TopK
-architectures), independently of the engine's code.
+The oracle is SAELens 6.54 itself (``SAE.load_from_disk`` on the same folder, its ``encode``
+and ``decode``); a reference written here from SAELens's documented math checks the same, and
+the folders are written in SAELens's saved layout by hand and by SAELens's own ``save_model``.
 """
 
 from __future__ import annotations
@@ -82,9 +82,28 @@ def reference_decode(folder: Path, acts: torch.Tensor) -> torch.Tensor:
     return acts @ w["W_dec"] + w["b_dec"]
 
 
+def saelens_sae(folder: Path):  # type: ignore[no-untyped-def]
+    """SAELens's own SAE from the folder (the oracle environment has sae_lens)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    return sae_lens.SAE.load_from_disk(str(folder), device="cpu").eval()
+
+
+def test_a_folder_saelens_saved_is_served(gpt2_checkpoint: Path, tmp_path: Path) -> None:
+    """SAELens's save_model writes a folder the server loads, and both encode alike."""
+    sae = saelens_sae(write_sae(tmp_path / "ours", 64, "jumprelu"))
+    saved = tmp_path / "saved"
+    sae.save_model(str(saved))
+    model = load_model(str(gpt2_checkpoint))
+    attach_sae(model, HOOK, load_sae(saved))
+    _, cache = model.run_with_cache("The cat", names_filter=[HOOK, f"{HOOK}.hook_sae_acts_post"])
+    with torch.no_grad():
+        expected = sae.encode(cache[HOOK])
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], expected)
+
+
 @pytest.mark.parametrize(
     ("architecture", "extra"),
-    [("standard", {}), ("relu", {}), ("jumprelu", {}), ("topk", {"k": 5})],
+    [("standard", {}), ("jumprelu", {}), ("topk", {"k": 5})],
 )
 def test_sae_points_equal_saelens_encode_decode(
     gpt2_checkpoint: Path, tmp_path: Path, architecture: str, extra: dict[str, object]
@@ -110,6 +129,11 @@ def test_sae_points_equal_saelens_encode_decode(
     torch.testing.assert_close(cache[f"{HOOK}.hook_sae_recons"], recons)
     torch.testing.assert_close(cache[f"{HOOK}.hook_sae_error"], x - recons)
     assert torch.equal(cache[f"{HOOK}.hook_sae_output"], x)
+    saelens = saelens_sae(folder)
+    with torch.no_grad():
+        feature_acts = saelens.encode(x)
+        torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], feature_acts)
+        torch.testing.assert_close(cache[f"{HOOK}.hook_sae_recons"], saelens.decode(feature_acts))
     if architecture == "topk":
         assert int((cache[f"{HOOK}.hook_sae_acts_post"] != 0).sum(-1).max()) <= 5
     assert hook_shape(f"{HOOK}.hook_sae_acts_post", model.cfg) == ("batch", "pos", f"d_sae[{HOOK}]")
