@@ -118,3 +118,49 @@ def test_last_logits_are_a_full_forwards_last_position(any_checkpoint: Path) -> 
     assert torch.allclose(last, full[:, -1], atol=FUSED_ATOL, rtol=0)
     assert seen and seen[0].shape == full.shape  # the hook sees every position
     assert torch.allclose(seen[0], full, atol=FUSED_ATOL, rtol=0)
+
+
+def test_preallocated_cache_is_written_in_place_and_matches_a_full_forward(
+    any_checkpoint: Path,
+) -> None:
+    model = our_model(any_checkpoint)
+    tokens = sample_tokens(any_checkpoint, batch=2, length=12)
+    prompt, rest = tokens[:, :8], tokens[:, 8:]
+    cache = model.init_kv_cache(reserve=tokens.shape[1])
+    steps = [model(prompt, past_kv_cache=cache)[:, -1]]
+    rooms = set()
+    for i in range(rest.shape[1]):
+        steps.append(model(rest[:, i : i + 1], past_kv_cache=cache)[:, -1])
+        store = cache.layers[0]._store
+        rooms.add(store.keys.untyped_storage().data_ptr())
+        assert store.keys.shape[1] == tokens.shape[1]  # the reserved room, made once
+    assert len(rooms) == 1
+    assert cache.length == tokens.shape[1]
+    full = model(tokens)
+    for i, logits in enumerate(steps):
+        assert torch.allclose(logits, full[:, 7 + i], atol=FUSED_ATOL, rtol=0)
+
+
+def test_extending_an_older_cache_leaves_the_newer_one_alone(any_checkpoint: Path) -> None:
+    model = our_model(any_checkpoint)
+    tokens = sample_tokens(any_checkpoint, batch=1, length=10)
+    cache = model.init_kv_cache(reserve=16)
+    model(tokens[:, :8], past_kv_cache=cache)
+    model(tokens[:, 8:9], past_kv_cache=cache)
+    branch_point = copy.copy(cache)
+    branch_point.layers = list(cache.layers)
+    model(tokens[:, 9:10], past_kv_cache=cache)  # writes in place after position 9
+    kept = [layer.keys.clone() for layer in cache.layers]
+    other = tokens[:, 9:10].flip(0) + 1
+    model(other, past_kv_cache=branch_point)  # an older cache: copies to new room first
+    for layer, keys in zip(cache.layers, kept, strict=True):
+        assert torch.equal(layer.keys, keys)
+
+
+def test_generation_with_the_preallocated_cache_is_the_uncached_one(any_checkpoint: Path) -> None:
+    model = our_model(any_checkpoint)
+    tokens, mask, _ = left_padded_batch(any_checkpoint)
+    args: dict[str, Any] = dict(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    cached = model.generate(tokens, attention_mask=mask, **args)
+    uncached = model.generate(tokens, attention_mask=mask, use_past_kv_cache=False, **args)
+    assert torch.equal(cached, uncached)

@@ -238,7 +238,8 @@ def generate_tokens(
     caller's own (made for ``tokens``, ``sampling`` and ``stopping``), to read what it keeps."""
     state = state or GenerationState(model, tokens, sampling, stopping)
     hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
-    cache = model.init_kv_cache() if use_past_kv_cache else None
+    reserve = int(tokens.shape[1]) + state.max_new_tokens
+    cache = model.init_kv_cache(reserve) if use_past_kv_cache else None
     step_input, mask = tokens, attention_mask
     while not state.done:
         logits = model.last_logits(

@@ -43,6 +43,8 @@ class KVCache:
 
     layers: list[LayerKV | None]
     attention_mask: torch.Tensor | None = None  # [batch, cached_pos], None = no padding
+    # Positions to preallocate room for (a generation's prompt plus new tokens); 0: as needed.
+    reserve: int = 0
 
     @property
     def length(self) -> int:
@@ -356,6 +358,8 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             mask = masks[self.windows[layer]]
             resid, present = self.blocks[layer](resid, hooks, positions, mask, layer_past)
             if past is not None:
+                if present is not None and past.reserve > present.reserve:
+                    present.reserve = past.reserve
                 past.layers[layer] = present
         if past is not None:
             past.attention_mask = attention_mask
@@ -419,8 +423,9 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             resid = self.ln_final(resid, hooks)
             return self.unembed(resid, hooks)[:, -1]  # [rows, d_vocab]
 
-    def init_kv_cache(self) -> KVCache:
-        return KVCache([None] * self.cfg.n_layers)
+    def init_kv_cache(self, reserve: int = 0) -> KVCache:
+        """An empty cache; ``reserve``: the length it will reach (room is made once)."""
+        return KVCache([None] * self.cfg.n_layers, reserve=reserve)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         from .generation import generate

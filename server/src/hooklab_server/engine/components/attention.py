@@ -15,7 +15,8 @@ Qwen3 and Gemma 3 normalise each query and key head after ``hook_q``/``hook_k`` 
 ``k_norm`` over d_head; their hooks see TransformerLens's flattened [batch * pos * heads, ...]);
 OLMo 2 normalises all heads at once ([batch, pos, heads * d_head]).
 
-Past keys and values come either from a :class:`LayerKV` (one generation, concatenated each step)
+Past keys and values come either from a :class:`LayerKV` (one generation, written each step into
+room it reserved)
 or from a :class:`PooledKV` (a row of a preallocated pool per generation row, written in place;
 see ``engine/decode_pool.py``).
 """
@@ -63,11 +64,50 @@ class AttentionMask:
 
 
 @dataclass
-class LayerKV:
-    """One layer's cached keys (after rotary) and values, [batch, pos, kv_heads, d_head]."""
+class _KVStore:
+    """Preallocated room for one layer's keys and values, [batch, capacity, kv_heads, d_head];
+    ``filled`` positions are written (by the one :class:`LayerKV` that may extend it)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    filled: int
+
+
+@dataclass
+class LayerKV:
+    """One layer's cached keys (after rotary) and values, [batch, pos, kv_heads, d_head].
+
+    Extending it writes the new positions into preallocated room (``reserve`` positions, the
+    length a generation will reach; past that the room doubles) instead of concatenating: the
+    keys and values are views of that room. Only the latest of a line of caches writes in
+    place; extending an older one (a branch) copies what it has to new room first."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    reserve: int = 0
+    _store: _KVStore | None = field(default=None, repr=False)
+
+    def extended(self, keys: torch.Tensor, values: torch.Tensor) -> LayerKV:
+        """This cache with ``keys``/``values`` [batch, new, kv_heads, d_head] after it."""
+        length, new = self.keys.shape[1], keys.shape[1]
+        total = length + new
+        store = self._store
+        if (
+            store is None
+            or store.filled != length
+            or store.keys.shape[1] < total
+            or store.keys.shape[0] != keys.shape[0]
+            or store.keys.dtype != keys.dtype
+        ):
+            capacity = self.reserve if self.reserve >= total else max(total, 2 * length)
+            room = (keys.shape[0], capacity, *keys.shape[2:])
+            store = _KVStore(self.keys.new_empty(room), self.values.new_empty(room), length)
+            store.keys[:, :length] = self.keys
+            store.values[:, :length] = self.values
+        store.keys[:, length:total] = keys
+        store.values[:, length:total] = values
+        store.filled = total
+        return LayerKV(store.keys[:, :total], store.values[:, :total], self.reserve, store)
 
 
 class RowSpan(NamedTuple):
@@ -245,9 +285,10 @@ class Attention(nn.Module):
         """Attention over the past keys (concatenated in front) and this call's."""
         names = self.names
         if past is not None:
-            k = torch.cat((past.keys, k), dim=1)
-            v = torch.cat((past.values, v), dim=1)
-        present = LayerKV(k, v)
+            present = past.extended(k, v)
+            k, v = present.keys, present.values
+        else:
+            present = LayerKV(k, v)
         if self.rotary is not None:
             q = hooks(names["rot_q"], q)  # [batch, pos, n_heads, d_head]
             # TransformerLens caches keys before rotary: a hook's in-place edit stays out of it.
