@@ -63,10 +63,10 @@ SEED = 0
 
 # Targets of the performance issue. Time rows: engine time / reference time must be <= target;
 # tokens/s rows: engine tokens/s / reference tokens/s must be >= target.
-TARGET_FORWARD_VS_HF = 1.05
+TARGET_FORWARD_VS_HF = 0.9  # issue 18 (issue 8 asked for 1.05)
 TARGET_CACHE_VS_TL = 1.0
 TARGET_GENERATE_VS_TL = 2.0
-TARGET_GENERATE_VS_HF = 0.9
+TARGET_GENERATE_VS_HF = 1.3  # issue 18 (issue 8 asked for 0.9)
 
 LOADS: list[float] = []  # 1-minute load average, sampled after each row
 
@@ -216,7 +216,7 @@ def generate_candidates(
 
     def engine() -> torch.Tensor:
         return m.engine.generate(
-            tokens, max_new_tokens=NEW_TOKENS, do_sample=False, stop_at_eos=False
+            tokens, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False
         )
 
     def hf() -> torch.Tensor:
