@@ -118,8 +118,14 @@ def tl_model(checkpoint: Path) -> Any:
 
 @contextmanager
 def served_checkpoint(checkpoint: Path, settings: Settings | None = None) -> Iterator[Served]:
+    model = engine_model(checkpoint)
+    if settings is not None and settings.sae:  # a model of its own, with --sae's SAEs attached
+        from hooklab_server.cli import attach_configured_saes
+
+        model = load_model(str(checkpoint), device="cpu")
+        assert attach_configured_saes(model, settings, "hooklab-server")
     with (
-        serve(engine_model(checkpoint), settings) as running,
+        serve(model, settings) as running,
         _served(running.url, checkpoint) as served,
     ):
         yield served

@@ -71,12 +71,16 @@ def concrete_shape(symbolic: Sequence[str | int], sizes: dict[str, int]) -> tupl
 def axis_sizes(
     cfg: dict[str, Any], batch: int, pos: int, key_pos: int | None = None
 ) -> dict[str, int]:
-    """The size of each named axis (the names of ``/v1/model``'s hook shapes)."""
-    return wire_axis_sizes(
+    """The size of each named axis (the names of ``/v1/model``'s hook shapes); an attached
+    SAE's features are the axis ``d_sae[HOOK]``."""
+    sizes = wire_axis_sizes(
         batch, pos, key_pos, n_heads=cfg["n_heads"], n_kv_heads=cfg.get("n_key_value_heads"),
         d_head=cfg["d_head"], d_model=cfg["d_model"], d_mlp=cfg.get("d_mlp"),
         d_vocab=cfg.get("d_vocab_out") or cfg["d_vocab"],
     )  # fmt: skip
+    for hook, width in (cfg.get("sae_widths") or {}).items():
+        sizes[f"d_sae[{hook}]"] = int(width)
+    return sizes
 
 
 class FunctionHooks:

@@ -157,6 +157,31 @@ def project_out(
     )  # fmt: skip
 
 
+# --- sparse autoencoder features: used at the hook point an SAE reads ---------------------
+# (model.saes lists them), e.g. ("blocks.3.hook_resid_post", hooks.feature_steer(12, 4.0)).
+
+
+def feature_steer(
+    feature: int | list[int], coeff: float = 1.0, *, batch: Indices = None, pos: Indices = None
+) -> HookSpec:
+    """Add ``coeff * W_dec[feature]`` (each feature's decoder row) at the SAE's hook point."""
+    return _spec("feature_steer", dict(batch=batch, pos=pos), feature=feature, coeff=coeff)
+
+
+def feature_ablate(
+    feature: int | list[int], *, batch: Indices = None, pos: Indices = None
+) -> HookSpec:
+    """Zero the features' activations (the SAE's error term kept)."""
+    return _spec("feature_ablate", dict(batch=batch, pos=pos), feature=feature)
+
+
+def feature_clamp(
+    feature: int | list[int], value: float, *, batch: Indices = None, pos: Indices = None
+) -> HookSpec:
+    """Set the features' activations to ``value``."""
+    return _spec("feature_clamp", dict(batch=batch, pos=pos), feature=feature, value=value)
+
+
 # --- Python hook functions: how they run ---------------------------------------------------
 
 

@@ -109,18 +109,57 @@ class ProjectOutSpec(_Spec):
     direction: TensorValue
 
 
+Features = Annotated[int | list[int], bounded_length("max_selector_length", "features")]
+
+
+class _FeatureSpec(Body):
+    """An edit of a sparse autoencoder's features (``GET /v1/model``: ``cfg.sae_widths``).
+    ``hook`` is the hook point the SAE reads (e.g. ``blocks.3.hook_resid_post``), exactly;
+    ``feature`` one feature index or several; ``batch`` and ``pos`` select as in other specs."""
+
+    hook: str = Field(min_length=1, max_length=256, description="the hook point an SAE reads")
+    feature: Features
+    batch: Indices = None
+    pos: Indices = None
+
+
+class FeatureSteerSpec(_FeatureSpec):
+    """Add ``coeff * W_dec[feature]`` (each feature's decoder row) at the hook point: steering
+    by a feature, as adding ``coeff`` to its activation does through the error term."""
+
+    op: Literal["feature_steer"] = "feature_steer"
+    coeff: float = 1.0
+
+
+class FeatureAblateSpec(_FeatureSpec):
+    """Zero the features' activations (``hook_sae_acts_post``); the host point moves by
+    ``-act * W_dec[feature]``, the error term kept."""
+
+    op: Literal["feature_ablate"] = "feature_ablate"
+
+
+class FeatureClampSpec(_FeatureSpec):
+    """Set the features' activations (``hook_sae_acts_post``) to ``value``."""
+
+    op: Literal["feature_clamp"] = "feature_clamp"
+    value: float
+
+
+FeatureSpec = FeatureSteerSpec | FeatureAblateSpec | FeatureClampSpec
+
 DeclarativeSpec = (
     AblateSpec | PatchSpec | SteerSpec | ScaleSpec | ClampSpec | SetSpec | ProjectOutSpec
 )
 
-SPEC_OPS: tuple[str, ...] = tuple(
-    spec.model_fields["op"].default
-    for spec in (AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec)
-)
+_OP_SPECS = (
+    AblateSpec, PatchSpec, SteerSpec, ScaleSpec, ClampSpec, SetSpec, ProjectOutSpec,
+    FeatureSteerSpec, FeatureAblateSpec, FeatureClampSpec,
+)  # fmt: skip
+SPEC_OPS: tuple[str, ...] = tuple(spec.model_fields["op"].default for spec in _OP_SPECS)
 
 # Beside the declarative ops: Python hook functions, traced into graphs or called back.
 HookSpec = Annotated[
-    DeclarativeSpec | GraphSpec | CallbackSpec,
+    DeclarativeSpec | FeatureSpec | GraphSpec | CallbackSpec,
     Field(discriminator="op"),
     one_of(
         'a hook spec {"hook": "blocks.0.hook_resid_pre", "op": "ablate"} whose op is one of '

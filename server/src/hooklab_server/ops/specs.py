@@ -23,6 +23,10 @@ from hooklab_proto import (
     ClampSpec,
     DeclarativeSpec,
     ErrorCode,
+    FeatureAblateSpec,
+    FeatureClampSpec,
+    FeatureSpec,
+    FeatureSteerSpec,
     GraphSpec,
     HookSpec,
     PatchSpec,
@@ -342,7 +346,7 @@ _COMPILERS: dict[type, Callable[[_Compiling], _Edit]] = {
 }
 
 
-def _check_for_generation(spec: DeclarativeSpec, ctx: OpsContext) -> None:
+def _check_for_generation(spec: DeclarativeSpec | FeatureSpec, ctx: OpsContext) -> None:
     """During generation each step sees new positions, so only position-free specs apply."""
     if spec.pos is not None:
         raise RequestError(
@@ -425,8 +429,12 @@ def compile_specs(
             hook = compile_function(ctx, spec, where, batch, pos, generation, functions, name)
             hooks.append((name, hook))
             continue
-        target = _target(spec, name, model, batch, pos)
-        if spec.op in REPLACING_OPS:
+        if isinstance(spec, FeatureSteerSpec | FeatureAblateSpec | FeatureClampSpec):
+            name, target, edit = _feature_edit(spec, model, batch, pos)
+        else:
+            target = _target(spec, name, model, batch, pos)
+            edit = None
+        if spec.op in REPLACING_OPS or spec.op in ("feature_ablate", "feature_clamp"):
             for other, earlier in replaced.get(name, []):
                 if target.overlaps(earlier):
                     raise RequestError(
@@ -436,5 +444,42 @@ def compile_specs(
                         "give them disjoint selectors, or combine them into one spec",
                     )
             replaced.setdefault(name, []).append((number, target))
-        hooks.append((name, _COMPILERS[type(spec)](_Compiling(spec, target, ctx))))
+        if edit is None:
+            edit = _COMPILERS[type(spec)](_Compiling(spec, target, ctx))
+        hooks.append((name, edit))
     return hooks
+
+
+def _feature_edit(
+    spec: FeatureSpec, model: HookedTransformer, batch: int, pos: int
+) -> tuple[str, _Target, _Edit]:
+    """(hook name, target, edit) of a feature spec: steering adds the decoder rows at the
+    SAE's hook point; ablating and clamping set the features at its ``hook_sae_acts_post``."""
+    widths = model.cfg.sae_widths  # a model shell (the API tier) knows them, not the weights
+    if spec.hook not in widths:
+        attached = ", ".join(widths) or "none"
+        raise RequestError(
+            ErrorCode.VALIDATION,
+            f"hook spec {spec.op!r}: no sparse autoencoder reads {spec.hook!r}",
+            f"SAEs are attached at: {attached} (GET /v1/model, cfg.sae_widths)",
+        )
+    acts = f"{spec.hook}.hook_sae_acts_post"
+    chosen = AblateSpec(hook=acts, batch=spec.batch, pos=spec.pos, neuron=spec.feature)
+    target = _target(chosen, acts, model, batch, pos)  # checks the features and selectors
+    if isinstance(spec, FeatureSteerSpec):
+        features = target.chosen[len(target.axes) - 1]
+        at_host = AblateSpec(hook=spec.hook, batch=spec.batch, pos=spec.pos)
+        host = _target(at_host, spec.hook, model, batch, pos)
+        sae = model.saes.get(spec.hook)
+        if sae is None:  # validated only: the workers compile it again with the weights
+            return spec.hook, host, _Edit(host, lambda x: x, selected=False)
+        rows = sae.W_dec[features].float().sum(0) * spec.coeff  # [d_in]
+        return (
+            spec.hook,
+            host,
+            _Edit(host, lambda x: x + rows.to(x.device, x.dtype), selected=False),
+        )
+    if isinstance(spec, FeatureClampSpec):
+        value = float(spec.value)
+        return acts, target, _Edit(target, lambda x: torch.full_like(x, value), selected=False)
+    return acts, target, _Edit(target, torch.zeros_like, selected=False)
