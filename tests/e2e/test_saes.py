@@ -81,6 +81,7 @@ def test_model_lists_the_sae_points(sae_server: SaeServed) -> None:
     assert points[f"{HOOK}.hook_sae_acts_post"]["shape"] == ["batch", "pos", f"d_sae[{HOOK}]"]
     assert points[f"{MLP_HOOK}.hook_sae_recons"]["shape"] == ["batch", "pos", "d_mlp"]
     assert info["cfg"]["sae_widths"] == {HOOK: D_SAE, MLP_HOOK: D_SAE}
+    assert sae_server.served.model.saes == {HOOK: D_SAE, MLP_HOOK: D_SAE}
 
 
 def test_cache_has_saelens_values_and_the_forward_is_unchanged(sae_server: SaeServed) -> None:

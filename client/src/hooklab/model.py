@@ -720,6 +720,17 @@ class HookedTransformer(Circuits):
             if clear_contexts:
                 self.clear_contexts()
 
+    # --- sparse autoencoders -------------------------------------------------------------
+
+    @property
+    def saes(self) -> dict[str, int]:
+        """The sparse autoencoders served beside the model: d_sae by the hook point each reads.
+        Each adds the points ``{hook}.hook_sae_input`` … ``hook_sae_output`` (cached, patched
+        and spec'd like any), and ``hooks.feature_steer`` etc. apply at ``hook``."""
+        return {
+            hook: int(width) for hook, width in (self.info["cfg"].get("sae_widths") or {}).items()
+        }
+
     # --- tokenizer ------------------------------------------------------------------------
     # Local: the server's tokenizer files are fetched once, then no helper makes a request.
 
