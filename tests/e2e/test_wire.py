@@ -297,8 +297,10 @@ REQUEST_SCHEMAS = {
     "/v1/tensors": "StoreTensorRequest",
 }
 DECLARATIVE_OPS = {"ablate", "patch", "steer", "scale", "clamp", "set", "project_out"}
+# Sparse autoencoder features at the hook point an SAE reads (batch and pos selectors).
+FEATURE_OPS = {"feature_steer", "feature_ablate", "feature_clamp"}
 # Python hook functions: traced into a graph, or called back on the client.
-OPS = DECLARATIVE_OPS | {"graph", "callback"}
+OPS = DECLARATIVE_OPS | FEATURE_OPS | {"graph", "callback"}
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +342,9 @@ def test_openapi_hook_spec_union(openapi: dict[str, Any]) -> None:
         assert {v["properties"]["op"]["const"] for v in variants} == OPS
         for variant in variants:
             assert "hook" in variant["required"], variant["title"]
+            if variant["properties"]["op"]["const"] in FEATURE_OPS:
+                assert {"feature", "batch", "pos"} <= set(variant["properties"]), variant["title"]
+                assert "feature" in variant["required"], variant["title"]
             if variant["properties"]["op"]["const"] not in DECLARATIVE_OPS:
                 continue
             for selector in ("batch", "pos", "head", "neuron"):
