@@ -190,3 +190,35 @@ def test_feature_specs_are_checked(sae_server: SaeServed) -> None:
     response = httpx.post(f"{url}/v1/run_with_hooks", json=body)
     assert response.status_code == 422, response.text
     assert "out of range" in response.text
+
+
+def test_feature_specs_steer_generation_as_transformer_lens(sae_server: SaeServed) -> None:
+    """Greedy generation with a feature steered (at the host) and one clamped (through the SAE,
+    run on every step) gives TransformerLens's tokens with the same change at the hook."""
+    served = sae_server.served
+    tokens = sample_tokens(served.tl, batch=1, pos=4, seed=9)
+    w_dec = load_file(sae_server.folders[HOOK] / "sae_weights.safetensors")["W_dec"]
+    ours = served.model.generate(
+        tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False,
+        fwd_hooks=[(HOOK, hooks.feature_steer(5, 8.0))],
+    )  # fmt: skip
+    with served.tl.hooks(fwd_hooks=[(HOOK, lambda x, hook: x + 8.0 * w_dec[5])]):
+        theirs = served.tl.generate(
+            tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
+        )
+    assert torch.equal(ours.cpu(), theirs.cpu())
+    clamped = served.model.generate(
+        tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False,
+        fwd_hooks=[(HOOK, hooks.feature_clamp(5, 0.0))],
+    )  # fmt: skip
+    w = load_file(sae_server.folders[HOOK] / "sae_weights.safetensors")
+
+    def clamp_to_zero(x: torch.Tensor, hook: object) -> torch.Tensor:
+        act = torch.relu((x - w["b_dec"]) @ w["W_enc"][:, 5] + w["b_enc"][5])
+        return x - act[..., None] * w["W_dec"][5]
+
+    with served.tl.hooks(fwd_hooks=[(HOOK, clamp_to_zero)]):
+        theirs = served.tl.generate(
+            tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
+        )
+    assert torch.equal(clamped.cpu(), theirs.cpu())
