@@ -39,6 +39,34 @@ def rope_theta(hf_config: Any, default: float = 10000.0) -> float:
     return float(params.get("rope_theta", getattr(hf_config, "rope_theta", default)))
 
 
+def rotary_decoder_fields(hf: Any, **overrides: Any) -> dict[str, Any]:
+    """The config fields every rotary, RMS-normed, gated-MLP decoder shares (Llama, Qwen,
+    Mistral, OLMo 2, Phi-3, Gemma), read from its transformers config; ``overrides`` are the
+    family's own (the rotary base is read from the config only when they do not give it)."""
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    fields: dict[str, Any] = dict(
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        n_ctx=hf.max_position_embeddings,
+        n_heads=hf.num_attention_heads,
+        n_key_value_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        d_head=d_head,
+        d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size,
+        act_fn=getattr(hf, "hidden_activation", None) or hf.hidden_act,  # Gemma: the former
+        eps=hf.rms_norm_eps,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=d_head,
+        gated_mlp=True,
+    )
+    fields.update(overrides)
+    if "rotary_base" not in fields:
+        fields["rotary_base"] = rope_theta(hf)
+    return fields
+
+
 def unembed(model: Any, sd: StateDict, d_vocab_out: int) -> None:
     w_u = model.get_output_embeddings().weight.detach()  # [d_vocab, d_model]
     sd["unembed.W_U"] = w_u.T

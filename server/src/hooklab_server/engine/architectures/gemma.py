@@ -24,48 +24,31 @@ from ._common import (
     heads_out,
     norm_weight,
     rope_theta,
+    rotary_decoder_fields,
     unembed,
 )
 
 
 def config_fields(hf: Any) -> dict[str, Any]:
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     generation = _generation(hf)
-    fields: dict[str, Any] = dict(
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_ctx=hf.max_position_embeddings,
-        n_heads=hf.num_attention_heads,
-        n_key_value_heads=hf.num_key_value_heads,
-        d_head=d_head,
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        act_fn=getattr(hf, "hidden_activation", None) or hf.hidden_act,
-        eps=hf.rms_norm_eps,
-        normalization_type="RMS",
-        final_rms=True,
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        gated_mlp=True,
-    )
-    if generation == 1:
-        return {**fields, "rotary_base": rope_theta(hf)}
-    fields.update(
-        attn_scale=hf.query_pre_attn_scalar**0.5,
-        use_normalization_before_and_after=True,
-        attn_scores_soft_cap=hf.attn_logit_softcapping or -1.0,
-        output_logits_soft_cap=hf.final_logit_softcapping or -1.0,
-        **attention_windows(hf),
-    )
-    if generation == 2:
-        return {**fields, "rotary_base": rope_theta(hf)}
-    rope = hf.rope_parameters  # Gemma 3: one set per layer type
-    return {
-        **fields,
-        "use_qk_norm": True,
-        "rotary_base": rope_theta(_Rope(rope["full_attention"])),
-        "rotary_base_local": rope_theta(_Rope(rope["sliding_attention"])),
-    }
+    if generation < 3:
+        fields = rotary_decoder_fields(hf)
+    else:  # Gemma 3: one set of rope parameters per layer type
+        rope = hf.rope_parameters
+        fields = rotary_decoder_fields(
+            hf, use_qk_norm=True,
+            rotary_base=rope_theta(_Rope(rope["full_attention"])),
+            rotary_base_local=rope_theta(_Rope(rope["sliding_attention"])),
+        )  # fmt: skip
+    if generation > 1:
+        fields.update(
+            attn_scale=hf.query_pre_attn_scalar**0.5,
+            use_normalization_before_and_after=True,
+            attn_scores_soft_cap=hf.attn_logit_softcapping or -1.0,
+            output_logits_soft_cap=hf.final_logit_softcapping or -1.0,
+            **attention_windows(hf),
+        )
+    return fields
 
 
 class _Rope:

@@ -15,31 +15,15 @@ from ._common import (
     bias_or_zeros,
     heads_in,
     heads_out,
-    rope_theta,
+    rotary_decoder_fields,
     unembed,
 )
 
 
 def config_fields(hf: Any) -> dict[str, Any]:
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     architecture = (getattr(hf, "architectures", None) or [""])[0]
-    return dict(
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_ctx=hf.max_position_embeddings,
-        n_heads=hf.num_attention_heads,
-        n_key_value_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        d_head=d_head,
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        act_fn=hf.hidden_act,
-        eps=hf.rms_norm_eps,
-        normalization_type="RMS",
-        final_rms=True,
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_base=rope_theta(hf),
-        gated_mlp=True,
+    return rotary_decoder_fields(
+        hf,
         use_qk_norm=architecture.startswith("Qwen3"),
         default_prepend_bos=not architecture.startswith(("Qwen2", "Qwen3")),
         **attention_windows(hf),
