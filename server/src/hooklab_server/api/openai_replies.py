@@ -49,10 +49,7 @@ class Reply:
         self, updates: Sequence[ChoiceUpdate], usage: Usage
     ) -> Completion | ChatCompletion:
         if not self.chat:
-            return Completion(
-                id=self.id, created=self.created, model=self.model,
-                choices=[self._completion_choice(update) for update in updates], usage=usage,
-            )  # fmt: skip
+            return self._completion(updates, usage)
         choices = [
             ChatChoice(
                 index=update.index,
@@ -71,10 +68,7 @@ class Reply:
     ) -> Completion | ChatCompletionChunk:
         """A streamed chunk: each choice's new text (no choices, with the usage, at the end)."""
         if not self.chat:
-            return Completion(
-                id=self.id, created=self.created, model=self.model,
-                choices=[self._completion_choice(update) for update in updates], usage=usage,
-            )  # fmt: skip
+            return self._completion(updates, usage)
         choices = [
             ChatChunkChoice(
                 index=update.index,
@@ -85,6 +79,13 @@ class Reply:
             for update in updates
         ]
         return self._chat_chunk(choices, usage)
+
+    def _completion(self, updates: Sequence[ChoiceUpdate], usage: Usage | None) -> Completion:
+        """A completion answer or chunk (the same shape in OpenAI's protocol)."""
+        return Completion(
+            id=self.id, created=self.created, model=self.model,
+            choices=[self._completion_choice(update) for update in updates], usage=usage,
+        )  # fmt: skip
 
     def opening_chunk(self, choices: int) -> ChatCompletionChunk:
         """A chat stream's first chunk: the assistant's role for every choice (as OpenAI)."""
