@@ -19,7 +19,8 @@ def axis_sizes(
 ) -> dict[str, int]:
     """Each axis name's size for a batch of ``batch`` rows of ``pos`` positions attending over
     ``key_pos`` keys (``pos`` when None). ``*_row`` axes flatten batch, position and head (the
-    per-head query/key norms of Qwen3, Gemma 3); ``*_width`` axes are heads * d_head."""
+    per-head query/key norms of Qwen3, Gemma 3); ``*_width`` axes are heads * d_head and
+    ``*head_d_model`` heads * d_model (a per-head point flattened for a sparse autoencoder)."""
     kv_heads = n_kv_heads or n_heads
     return {
         "batch": batch,
@@ -36,4 +37,6 @@ def axis_sizes(
         "kv_head_row": batch * pos * kv_heads,
         "q_width": n_heads * d_head,
         "kv_width": kv_heads * d_head,
+        "head_d_model": n_heads * d_model,
+        "kv_head_d_model": kv_heads * d_model,
     }

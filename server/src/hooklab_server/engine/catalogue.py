@@ -194,6 +194,27 @@ def sae_axis(host: str) -> str:
     return f"d_sae[{host}]"
 
 
+# A per-head point's heads side by side, as SAELens flattens hook_z for an SAE (its
+# reshape_activations="hook_z"): the axis each [head, d] pair becomes.
+FLAT_HEADS: dict[Shape, str] = {
+    ("head", "d_head"): "q_width",
+    ("kv_head", "d_head"): "kv_width",
+    ("head", "d_model"): "head_d_model",
+    ("kv_head", "d_model"): "kv_head_d_model",
+}
+
+
+def sae_input_shape(host: Shape) -> Shape | None:
+    """The axes an SAE reads at a point of axes ``host`` (``hook_sae_input``, ``hook_sae_recons``):
+    [batch, pos, d] as they are, a per-head [batch, pos, head, d] flattened; None for others."""
+    if host[:2] != ("batch", "pos"):
+        return None
+    if len(host) == 3:
+        return host
+    width = FLAT_HEADS.get(host[2:])
+    return None if width is None else (*host[:2], width)
+
+
 def sae_host(name: str, cfg: HookedConfig) -> tuple[str, str] | None:
     """(host, point) for a point of an SAE attached in this config, else None."""
     match = _SAE_POINT.match(name)
@@ -209,9 +230,13 @@ def _spec(name: str, cfg: HookedConfig) -> HookPointSpec:
     if found is not None:
         host, sae_point = found
         shape = _spec(host, cfg).shape
+        if sae_point in ("hook_sae_error", "hook_sae_output"):
+            return HookPointSpec(name, shape)  # passed on in the host's own shape
+        flat = sae_input_shape(shape)
+        assert flat is not None, f"an SAE at {host!r} of axes {shape}"  # attach_sae checks
         if sae_point in ("hook_sae_acts_pre", "hook_sae_acts_post"):
-            shape = (*shape[:-1], sae_axis(host))
-        return HookPointSpec(name, shape)
+            flat = (*flat[:-1], sae_axis(host))
+        return HookPointSpec(name, flat)
     for point in _DECLARED.get(_template(name), ()):
         if point.exists(cfg):
             return point
