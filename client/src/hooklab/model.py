@@ -24,6 +24,7 @@ from hooklab_proto import (
     OUTPUT_OBJECTIVE,
     OUTPUT_RESIDUAL,
     OUTPUT_VALUE,
+    TOP_K_VALUES_SUFFIX,
     WireDtype,
 )
 
@@ -45,6 +46,7 @@ from .lazy import LazyLogits
 from .metrics import Metric, objective_wire
 from .modules import Circuits, HookPoint, LazyStateDict, Module, Weights, build_tree
 from .remote_cache import RemoteEntries
+from .sparse import gather_top_k, last_axis_sizes
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
 
 NameOrFilter = str | Callable[[str], bool]
@@ -350,6 +352,7 @@ class HookedTransformer(Circuits):
         fwd_hooks: Sequence[FwdHook] = (),
         metric: MetricLike | None = None,
         lazy: bool | None = None,
+        sparse_top_k: int | dict[str, Any] | None = None,
         **forward_kwargs: Any,
     ) -> tuple[Any, ActivationCache | MutableMapping[str, torch.Tensor]]:
         """Forward plus activations. ``store=True`` also keeps the cache on the server: its id
@@ -365,9 +368,18 @@ class HookedTransformer(Circuits):
         names, shapes and dtypes are here at once; analysis methods bring what they read in
         one request) — ``hooklab.remote_cache``. None (the default): lazy when the cache would
         be larger than ``model.lazy_cache_bytes``. ``cache.release()`` frees the server copy;
-        so does dropping the cache, and the store's time to live."""
+        so does dropping the cache, and the store's time to live.
+
+        ``sparse_top_k``: an int k, or ``{"k": k, "names": [...]}`` — the server sends those
+        cached points (default: every SAE ``hook_sae_acts_pre``/``hook_sae_acts_post``) as
+        their top k along the last axis, and ``cache[name]`` is a ``hooklab.sparse.TopK``
+        (``.values``, ``.indices`` as ``torch.topk`` gives them; ``.to_dense()``). Not lazy."""
         names = self._resolve_names(names_filter)
         chosen = lazy
+        top_k = {"k": sparse_top_k} if isinstance(sparse_top_k, int) else sparse_top_k
+        if top_k is not None:
+            forward_kwargs["sparse_top_k"] = top_k
+            lazy = bool(lazy)  # a lazy cache keeps the dense activations
         if lazy is None:
             plan = self._shape_plan(model_args[0], **forward_kwargs) if len(model_args) else None
             lazy = plan is not None and self._cache_bytes(names, plan) > self.lazy_cache_bytes
@@ -388,6 +400,8 @@ class HookedTransformer(Circuits):
             lazy = False
             out, tensors, meta = call()
         entries: MutableMapping[str, torch.Tensor] = tensors
+        if top_k is not None:
+            entries = self._top_k_entries(tensors, model_args[0], forward_kwargs)
         if lazy:  # nothing cached (names matching no hook point): nothing was kept there
             entries = meta.get("remote_entries", tensors)
             lazy = isinstance(entries, RemoteEntries)
@@ -398,6 +412,19 @@ class HookedTransformer(Circuits):
             cache.to(device)
         cache.cache_id = meta.get("cache_id")
         return out, (cache if return_cache_object else cache.cache_dict)
+
+    def _top_k_entries(
+        self, tensors: dict[str, torch.Tensor], input: Any, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The cache's entries with each top-k pair joined into one ``TopK``."""
+        plan = self._shape_plan(input, **options)
+        sizes = axis_sizes(self.info["cfg"], plan.batch, plan.pos)
+        # Every SAE's feature axis, those of SAEs attached to this client's requests too.
+        sizes.update((f"d_sae[{hook}]", width) for hook, width in self.saes.items())
+        shapes = {point["name"]: point["shape"] for point in self.info["hook_points"]}
+        sent = [name.removesuffix(TOP_K_VALUES_SUFFIX) for name in tensors]
+        sparse = [name for name in sent if name + TOP_K_VALUES_SUFFIX in tensors]
+        return gather_top_k(tensors, last_axis_sizes(shapes, sizes, sparse))
 
     def _cache_bytes(self, names: list[str] | None, plan: ShapePlan) -> int:
         """The bytes of the activations ``names`` (None: every point that fires) of an input."""

@@ -27,6 +27,11 @@ OUTPUT_VALUE = "output.value"  # a logits_graph's result
 OUTPUT_RESIDUAL = "output.residual"
 OUTPUT_OBJECTIVE = "output.objective"  # the scalar a backward pass started from
 GRAD_SUFFIX = "_grad"  # a gradient's name: its hook point's plus this (TransformerLens's keys)
+# A cached point sent in the sparse top-k form travels as two tensors: its name plus these.
+TOP_K_INDICES_SUFFIX = ".top_k_indices"  # I32, the last axis's indices [..., k]
+TOP_K_VALUES_SUFFIX = ".top_k_values"  # the activation's dtype (or wire_dtype) [..., k]
+# The points sparse_top_k applies to when it names none: an attached SAE's feature activations.
+SAE_FEATURE_POINTS = (".hook_sae_acts_pre", ".hook_sae_acts_post")
 
 WireDtype = Literal["float16", "bfloat16"]  # what floating-point tensors may travel as
 TokenInput = Annotated[
@@ -172,6 +177,18 @@ class ForwardRequest(Body):
         return self.objective is not None or bool(self.bwd_hooks) or incl_bwd
 
 
+class SparseTopK(Body):
+    """The sparse top-k form of cached activations: per position, the k largest entries of the
+    last axis (an SAE's features) as indices and values instead of the dense tensor."""
+
+    k: int = Field(ge=1, description="entries kept per position; at most the last axis's size")
+    names: HookNames | None = Field(
+        None,
+        description="cached hook names or globs sent in this form; null: every cached SAE "
+        "feature activation ('*.hook_sae_acts_pre', '*.hook_sae_acts_post')",
+    )
+
+
 class RunWithCacheRequest(ForwardRequest):
     """``run_with_cache``: the forward plus the activations at ``names``."""
 
@@ -192,6 +209,12 @@ class RunWithCacheRequest(ForwardRequest):
         False,
         description="also backpropagate (from 'objective', or the loss) and return "
         "'{name}_grad' for every name cached",
+    )
+    sparse_top_k: SparseTopK | None = Field(
+        None,
+        description="send these cached activations as their top k along the last axis "
+        "(torch.topk's order): '{name}.top_k_indices' (I32) and '{name}.top_k_values' "
+        "[..., k] instead of '{name}'. Not with lazy; gradients stay dense",
     )
 
 

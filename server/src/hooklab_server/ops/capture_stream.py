@@ -21,7 +21,8 @@ from .cancel import CancelToken
 from .run import ForwardWork, TensorsResult
 
 Outcome = TensorsResult | BaseException
-Prepare = Callable[[torch.Tensor], torch.Tensor]
+# A capture as it goes on the wire: one named tensor, or two (the sparse top-k form).
+Prepare = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 
 
 def streams_captures(work: object) -> bool:
@@ -50,7 +51,7 @@ class CaptureStream:
         self._loop = loop
         self.token = token  # the work's: a failure's error names its deadline
         self.expected_bytes = expected_bytes  # the response's estimated size
-        self._prepare = prepare  # a capture as it goes on the wire (batch axis, wire dtype)
+        self._prepare = prepare  # a capture as it goes on the wire (batch axis, top-k, dtype)
         self._sent: set[str] = set()
         self._items: deque[tuple[str, torch.Tensor] | Outcome] = deque()
         self._arrived = asyncio.Event()
@@ -65,7 +66,8 @@ class CaptureStream:
         for name, value in list(cache.items()):
             if name not in self._sent:
                 self._sent.add(name)
-                self._loop.call_soon_threadsafe(self._push, (name, self._prepare(value)))
+                for piece in self._prepare(name, value):
+                    self._loop.call_soon_threadsafe(self._push, piece)
 
     def was_sent(self, name: str) -> bool:
         return name in self._sent

@@ -46,6 +46,7 @@ from .gradients import Backward, backward_hooks, forward_backward, validate_back
 from .graphs import CompiledGraph, compile_graph
 from .inputs import attention_mask, check_size, check_vocabulary, ids, token_batch
 from .objects import cache_entries
+from .sparse import TopKForm, validate_top_k
 from .specs import HookFn, compile_specs, resolve_hook_names
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ForwardWork:
     logits_graph: CompiledGraph | None = None  # returned instead of the logits when given
     backward: Backward | None = None  # a backward pass after the forward (gradients)
     stream: CaptureStream | None = None  # where captures go while it runs (set by the executor)
+    top_k: TopKForm | None = None  # captures sent as their top k (sparse_top_k)
 
     @property
     def caching(self) -> RunWithCacheRequest | None:
@@ -169,6 +171,9 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
             raise RequestError(
                 ErrorCode.VALIDATION, f"remove_batch_dim needs a batch of 1, got {size}"
             )
+    top_k = None
+    if isinstance(request, RunWithCacheRequest):
+        top_k = validate_top_k(ctx, request, names, size, length)
     hooks = compile_specs(ctx, request.hooks, size, length)
     logits_graph = _logits_graph(ctx, request, size, length)
     backward = validate_backward(ctx, request, tokens, size, length)
@@ -181,6 +186,8 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     lazy = isinstance(request, RunWithCacheRequest) and request.lazy
     if isinstance(request, RunWithCacheRequest) and (lazy or not request.return_cache):
         returned = 0
+    elif top_k is not None:
+        returned -= top_k.saved_elements
     if lazy:
         pass  # the logits or residual stay with the stored activations
     elif request.stop_at_layer is not None:
@@ -198,7 +205,7 @@ def validate_forward(ctx: OpsContext, request: ForwardRequest, wants_json: bool)
     cost = Cost(size * length, 1, with_slack(peak), sent, with_slack(behind))
     return ForwardWork(
         op_name(request), start, tokens, mask, hooks, names, request, cost, ctx.caller, wants_json,
-        logits_graph, backward,
+        logits_graph, backward, top_k=top_k,
     )  # fmt: skip
 
 
@@ -285,9 +292,10 @@ def finish_forward(
     if caching.return_cache and not caching.lazy:
         stream = work.stream
         result.tensors.update(
-            (name, _batch_axis(caching, value))
+            piece
             for name, value in cache.items()
             if stream is None or not stream.was_sent(name)
+            for piece in _sent_as(work.top_k, name, _batch_axis(caching, value))
         )
     return _on_the_wire(result, work.request.wire_dtype)
 
@@ -296,11 +304,23 @@ def _batch_axis(caching: RunWithCacheRequest, value: torch.Tensor) -> torch.Tens
     return value[0] if caching.remove_batch_dim else value
 
 
-def capture_on_the_wire(work: ForwardWork) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a capture of ``work`` becomes on the wire (sent while the work runs)."""
-    caching, wire_dtype = work.caching, work.request.wire_dtype
+def _sent_as(
+    top_k: TopKForm | None, name: str, value: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    return [(name, value)] if top_k is None else top_k.pieces(name, value)
+
+
+def capture_on_the_wire(
+    work: ForwardWork,
+) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """What a capture of ``work`` becomes on the wire (sent while the work runs): named
+    tensors, two for a name sent in the sparse top-k form (taken before any wire rounding)."""
+    caching, wire_dtype, top_k = work.caching, work.request.wire_dtype, work.top_k
     assert caching is not None
-    return lambda value: for_the_wire(_batch_axis(caching, value), wire_dtype)
+    return lambda name, value: [
+        (piece, for_the_wire(tensor, wire_dtype))
+        for piece, tensor in _sent_as(top_k, name, _batch_axis(caching, value))
+    ]
 
 
 def _on_the_wire(result: TensorsResult, wire_dtype: str | None) -> TensorsResult:
