@@ -51,6 +51,21 @@ class HookedConfig:
     use_local_attn: bool = False
     attn_types: list[str] | None = None
     rotary_base_local: float | None = None  # Gemma 3: the local layers' rotary base
+    # Scaled rotary (HF's rope_scaling; components/rotary.py), in TransformerLens's names where
+    # it has them. linear: the non-local layers' angles divided by rotary_scaling_factor.
+    rotary_scaling_factor: float = 1.0
+    # llama3 (TL: "NTK by parts"): low frequencies divided by the factor, high ones kept.
+    use_NTK_by_parts_rope: bool = False
+    NTK_by_parts_factor: float = 8.0
+    NTK_by_parts_low_freq_factor: float = 1.0
+    NTK_by_parts_high_freq_factor: float = 4.0
+    NTK_original_ctx_len: int = 8192
+    # longrope (Phi-3; not in TransformerLens): a divisor per frequency, the long set once a
+    # forward reaches past longrope_original_ctx_len positions; cos and sin times the factor.
+    longrope_short_factor: list[float] | None = None
+    longrope_long_factor: list[float] | None = None
+    longrope_original_ctx_len: int | None = None
+    longrope_attention_factor: float = 1.0
     # c * tanh(x / c) on the attention scores / the logits; -1: off (Gemma 2).
     attn_scores_soft_cap: float = -1.0
     output_logits_soft_cap: float = -1.0

@@ -241,7 +241,14 @@ def generate_tokens(
     reserve = int(tokens.shape[1]) + state.max_new_tokens
     cache = model.init_kv_cache(reserve) if use_past_kv_cache else None
     step_input, mask = tokens, attention_mask
+    switch = model.cfg.longrope_original_ctx_len
     while not state.done:
+        cached = cache.length if cache is not None else 0
+        if switch is not None and 0 < cached <= switch < cached + step_input.shape[1]:
+            # longrope: past the original context every position takes the long factors, so
+            # the cached keys (short factors) are stale; recompute them all, as HF does.
+            cache = model.init_kv_cache(reserve)
+            step_input, mask = state.tokens, attention_mask
         logits = model.last_logits(
             step_input, attention_mask=mask, past_kv_cache=cache, hooks=hooks
         )

@@ -21,7 +21,7 @@ from .components.attention import AttentionMask, LayerKV, PooledKV
 from .components.block import TransformerBlock
 from .components.embed import Embed, PosEmbed, Unembed
 from .components.norm import Norm
-from .components.rotary import Rotary
+from .components.rotary import RopeScaling, Rotary, layer_scaling
 from .config import HookedConfig
 from .hook_points import HookFn, HookRun, NameOrPredicate, build_hook_run
 from .saes import SparseAutoencoder
@@ -116,18 +116,24 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             if cfg.positional_embedding_type == "standard"
             else None
         )
-        # One rotary table per base: Gemma 3's local layers have their own.
-        rotaries: dict[float, Rotary] = {}
+        # One rotary table per base and scaling: Gemma 3's local layers have their own.
+        rotaries: dict[tuple[float, RopeScaling], Rotary] = {}
+        layer_rotary: list[Rotary | None] = [None] * cfg.n_layers
         if cfg.positional_embedding_type == "rotary":
             assert cfg.rotary_dim is not None
-            for base in sorted({cfg.layer_rotary_base(layer) for layer in range(cfg.n_layers)}):
-                rotaries[base] = Rotary(
-                    cfg.rotary_dim, cfg.n_ctx, base, cfg.rotary_adjacent_pairs, cfg.dtype
-                )
-        self.rotary = rotaries.get(cfg.rotary_base)
+            for layer in range(cfg.n_layers):
+                key = (cfg.layer_rotary_base(layer), layer_scaling(cfg, layer))
+                if key not in rotaries:
+                    rotaries[key] = Rotary(
+                        cfg.rotary_dim, cfg.n_ctx, key[0], cfg.rotary_adjacent_pairs, cfg.dtype,
+                        key[1],
+                    )  # fmt: skip
+                layer_rotary[layer] = rotaries[key]
+        self.rotary = next(
+            (rotary for (base, _), rotary in rotaries.items() if base == cfg.rotary_base), None
+        )
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg, layer, rotaries.get(cfg.layer_rotary_base(layer)))
-            for layer in range(cfg.n_layers)
+            TransformerBlock(cfg, layer, layer_rotary[layer]) for layer in range(cfg.n_layers)
         )
         self.windows = [cfg.layer_window(layer) for layer in range(cfg.n_layers)]
         self.ln_final = Norm(cfg.normalization_type, cfg.d_model, cfg.eps, "ln_final", cfg.dtype)

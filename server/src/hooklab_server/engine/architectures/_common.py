@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,25 +25,85 @@ def bias_or_zeros(linear: Any, size: int, like: torch.Tensor) -> torch.Tensor:
     return bias.detach() if bias is not None else torch.zeros(size, dtype=like.dtype)
 
 
-def rope_theta(hf_config: Any, default: float = 10000.0) -> float:
-    """rope_theta from a transformers 4 or 5 config; only plain rotary is supported."""
-    params = (
+def rope_params(hf_config: Any) -> dict[str, Any]:
+    """The rope parameters of a transformers 5 (``rope_parameters``) or 4 (``rope_scaling``)
+    config; per layer type for Gemma 3 (``{"full_attention": {...}, ...}``)."""
+    return dict(
         getattr(hf_config, "rope_parameters", None)
         or getattr(hf_config, "rope_scaling", None)
         or {}
     )
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+
+
+def _rope_type(params: dict[str, Any]) -> str:
+    return params.get("rope_type", params.get("type")) or "default"
+
+
+def rope_theta(hf_config: Any, default: float = 10000.0) -> float:
+    """rope_theta from a transformers 4 or 5 config, for families that run only plain rotary:
+    a scaled one is refused rather than silently run unscaled."""
+    params = rope_params(hf_config)
+    if _rope_type(params) != "default":
         raise NotImplementedError(
-            f"rope_type {rope_type!r} is not supported yet (only plain rotary)"
+            f"rope_type {_rope_type(params)!r} is not supported for this architecture "
+            "(only plain rotary)"
         )
     return float(params.get("rope_theta", getattr(hf_config, "rope_theta", default)))
+
+
+def rope_fields(params: dict[str, Any], hf: Any, default_base: float = 10000.0) -> dict[str, Any]:
+    """``rotary_base`` and the scaling fields of one set of rope parameters, read with
+    transformers' semantics (``modeling_rope_utils``): default, linear, llama3 and longrope;
+    any other type (dynamic, yarn …) is refused by name, never run unscaled."""
+    rope_type = _rope_type(params)
+    fields: dict[str, Any] = {
+        "rotary_base": float(params.get("rope_theta", getattr(hf, "rope_theta", default_base)))
+    }
+    # HF falls back to the config's own original length (Phi-3 keeps it there).
+    original = (
+        params.get("original_max_position_embeddings")
+        or getattr(hf, "original_max_position_embeddings", None)
+        or hf.max_position_embeddings
+    )
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        fields["rotary_scaling_factor"] = float(params["factor"])
+    elif rope_type == "llama3":
+        fields.update(
+            use_NTK_by_parts_rope=True,
+            NTK_by_parts_factor=float(params["factor"]),
+            NTK_by_parts_low_freq_factor=float(params["low_freq_factor"]),
+            NTK_by_parts_high_freq_factor=float(params["high_freq_factor"]),
+            NTK_original_ctx_len=int(original),
+        )
+    elif rope_type == "longrope":
+        # Without a factor HF takes the context extension ratio; the attention factor then
+        # defaults to sqrt(1 + ln(factor) / ln(original)) (1 when nothing is extended).
+        factor = params.get("factor") or hf.max_position_embeddings / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            stretch = math.log(factor) / math.log(original)
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + stretch)
+        fields.update(
+            longrope_short_factor=[float(value) for value in params["short_factor"]],
+            longrope_long_factor=[float(value) for value in params["long_factor"]],
+            longrope_original_ctx_len=int(original),
+            longrope_attention_factor=float(attention),
+        )
+    else:
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} (rope_scaling) is not supported: hooklab runs default, "
+            "linear, llama3 and longrope rotary embeddings"
+        )
+    return fields
 
 
 def rotary_decoder_fields(hf: Any, **overrides: Any) -> dict[str, Any]:
     """The config fields every rotary, RMS-normed, gated-MLP decoder shares (Llama, Qwen,
     Mistral, OLMo 2, Phi-3, Gemma), read from its transformers config; ``overrides`` are the
-    family's own (the rotary base is read from the config only when they do not give it)."""
+    family's own (the rotary base and scaling are read from the config only when they do not
+    give a base)."""
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     fields: dict[str, Any] = dict(
         n_layers=hf.num_hidden_layers,
@@ -61,9 +122,9 @@ def rotary_decoder_fields(hf: Any, **overrides: Any) -> dict[str, Any]:
         rotary_dim=d_head,
         gated_mlp=True,
     )
+    if "rotary_base" not in overrides:  # one set of rope parameters for every layer
+        fields.update(rope_fields(rope_params(hf), hf))
     fields.update(overrides)
-    if "rotary_base" not in fields:
-        fields["rotary_base"] = rope_theta(hf)
     return fields
 
 

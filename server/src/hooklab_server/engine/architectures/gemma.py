@@ -5,8 +5,8 @@ Gemma 2 adds norms after attention and MLP (ln1_post, ln2_post), sliding-window 
 alternating with global ones, attention scores scaled by 1/sqrt(query_pre_attn_scalar), and
 tanh soft-capping of the attention scores and the final logits. Gemma 3 drops the soft-caps,
 adds an RMSNorm on each query and key head, and gives the sliding layers a rotary base of
-their own. As TransformerLens does, the embedding is stored pre-multiplied and every norm gain
-as ``1 + w``.
+their own (the global layers' may be scaled: linear, factor 8, from the 4B model up). As
+TransformerLens does, the embedding is stored pre-multiplied and every norm gain as ``1 + w``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ._common import (
     heads_in,
     heads_out,
     norm_weight,
-    rope_theta,
+    rope_fields,
+    rope_params,
     rotary_decoder_fields,
     unembed,
 )
@@ -34,11 +35,16 @@ def config_fields(hf: Any) -> dict[str, Any]:
     if generation < 3:
         fields = rotary_decoder_fields(hf)
     else:  # Gemma 3: one set of rope parameters per layer type
-        rope = hf.rope_parameters
+        rope = rope_params(hf)
+        local = rope_fields(rope["sliding_attention"], hf)
+        if len(local) > 1:  # TransformerLens, too, scales only the global layers
+            raise NotImplementedError(
+                f"rope_type {rope['sliding_attention'].get('rope_type')!r} on Gemma 3's "
+                "sliding layers is not supported (only their own base, unscaled)"
+            )
         fields = rotary_decoder_fields(
-            hf, use_qk_norm=True,
-            rotary_base=rope_theta(_Rope(rope["full_attention"])),
-            rotary_base_local=rope_theta(_Rope(rope["sliding_attention"])),
+            hf, use_qk_norm=True, rotary_base_local=local["rotary_base"],
+            **rope_fields(rope["full_attention"], hf),
         )  # fmt: skip
     if generation > 1:
         fields.update(
@@ -49,13 +55,6 @@ def config_fields(hf: Any) -> dict[str, Any]:
             **attention_windows(hf),
         )
     return fields
-
-
-class _Rope:
-    """One layer type's rope parameters, read as a config's."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.rope_parameters = params
 
 
 def _generation(hf: Any) -> int:
