@@ -474,11 +474,12 @@ def _feature_edit(
         if sae is None:  # validated only: the workers compile it again with the weights
             return spec.hook, host, _Edit(host, lambda x: x, selected=False)
         rows = sae.W_dec[features].float().sum(0) * spec.coeff  # [d_in]
-        return (
-            spec.hook,
-            host,
-            _Edit(host, lambda x: x + rows.to(x.device, x.dtype), selected=False),
-        )
+
+        def steer(x: torch.Tensor) -> torch.Tensor:
+            # A per-head host ([batch, pos, head, d]) has the SAE's d_in = head * d.
+            return x + rows.to(x.device, x.dtype).reshape(x.shape[2:])
+
+        return spec.hook, host, _Edit(host, steer, selected=False)
     if isinstance(spec, FeatureClampSpec):
         value = float(spec.value)
         return acts, target, _Edit(target, lambda x: torch.full_like(x, value), selected=False)
