@@ -12,6 +12,7 @@ from . import errors, hooks, metrics, patching, utils
 from .activation_cache import ActivationCache
 from .factored_matrix import FactoredMatrix
 from .model import HookedTransformer
+from .uploaded_saes import UploadedSae
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "ActivationCache",
     "FactoredMatrix",
     "HookedTransformer",
+    "UploadedSae",
     "WireFormatError",
     "__version__",
     "connect",

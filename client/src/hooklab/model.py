@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
 
@@ -48,6 +49,7 @@ from .modules import Circuits, HookPoint, LazyStateDict, Module, Weights, build_
 from .remote_cache import RemoteEntries
 from .sparse import gather_top_k, last_axis_sizes
 from .tokenizer import PaddingSide, Tokenizer, TokensLike
+from .uploaded_saes import UploadedSae, upload_body, with_points
 
 NameOrFilter = str | Callable[[str], bool]
 HookFunction = Callable[..., Any]  # TransformerLens's fn(activation, hook)
@@ -108,6 +110,9 @@ class HookedTransformer(Circuits):
         self.hook_names: list[str] = [point["name"] for point in info["hook_points"]]
         self._fires = {point["name"]: point["fires_by_default"] for point in info["hook_points"]}
         self._fires_by_default = dict(self._fires)  # set_use_attn_result & co. change _fires
+        # Uploaded SAEs attached to this client's requests (add_sae), and the names without them.
+        self._attached: list[UploadedSae] = []
+        self._model_hook_names = list(self.hook_names)
         self._weights = Weights(self._fetch_weight)
         # Hooks added with add_hook / hooks(): forward, backward, and which are permanent.
         self._hooks: list[FwdHook] = []
@@ -232,6 +237,8 @@ class HookedTransformer(Circuits):
         for key in ("tokens", "attention_mask"):
             if isinstance(body.get(key), torch.Tensor):
                 body[key] = body[key].long()
+        if self._attached:
+            body["saes"] = [sae.id for sae in self._attached]
         return body
 
     def _resolve_names(self, names_filter: NamesFilter) -> list[str] | None:
@@ -563,6 +570,8 @@ class HookedTransformer(Circuits):
         body.update({key: value for key, value in optional.items() if value is not None})
         if positions is not None:
             body["positions"] = [int(p) for p in positions]
+        if self._attached:
+            body["saes"] = [sae.id for sae in self._attached]
         meta, tensors = self._transport.frames("POST", "/v1/integrated_gradients", body)
         return IntegratedGradients(
             tensors[IG_ATTRIBUTIONS], float(meta["value"]), float(meta["baseline_value"]),
@@ -581,6 +590,8 @@ class HookedTransformer(Circuits):
         body["hooks"] = self._specs(
             fwd_hooks, lambda: self._shape_plan(input, generation=True, **options)
         )
+        if self._attached:
+            body["saes"] = [sae.id for sae in self._attached]
         return body
 
     def generate(
@@ -751,12 +762,83 @@ class HookedTransformer(Circuits):
 
     @property
     def saes(self) -> dict[str, int]:
-        """The sparse autoencoders served beside the model: d_sae by the hook point each reads.
-        Each adds the points ``{hook}.hook_sae_input`` … ``hook_sae_output`` (cached, patched
-        and spec'd like any), and ``hooks.feature_steer`` etc. apply at ``hook``."""
-        return {
-            hook: int(width) for hook, width in (self.info["cfg"].get("sae_widths") or {}).items()
-        }
+        """The sparse autoencoders served beside the model and those attached here with
+        ``add_sae``: d_sae by the hook point each reads. Each adds the points
+        ``{hook}.hook_sae_input`` … ``hook_sae_output`` (cached, patched and spec'd like any),
+        and ``hooks.feature_steer`` etc. apply at ``hook``."""
+        served = self.info["cfg"].get("sae_widths") or {}
+        attached = {sae.hook: sae.d_sae for sae in self._attached}
+        return {**{hook: int(width) for hook, width in served.items()}, **attached}
+
+    def upload_sae(
+        self, path: str | Path, hook: str | None = None, ttl_s: float | None = None
+    ) -> UploadedSae:
+        """Upload an SAE in SAELens's saved format (a folder with cfg.json and
+        sae_weights.safetensors, as ``SAE.save_model`` writes) without attaching it. It is
+        owned by this key, counts in its stored bytes and expires like a stored tensor."""
+        info = self._transport.post_json("/v1/saes", upload_body(path, hook, ttl_s))
+        return UploadedSae.from_server(info)
+
+    def add_sae(
+        self, sae: str | Path | UploadedSae, hook: str | None = None, ttl_s: float | None = None
+    ) -> UploadedSae:
+        """SAELens's ``HookedSAETransformer.add_sae``: ``sae`` (a SAELens folder, uploaded
+        here, or an SAE uploaded before) is attached to every later request of this client
+        until ``reset_saes``; its points join ``hook_names``. ``hook``: the point it reads,
+        when not its cfg.json's ``hook_name``. Other clients and keys never see it."""
+        if not isinstance(sae, UploadedSae):
+            sae = self.upload_sae(sae, hook, ttl_s)
+        if sae.hook in self.saes:
+            raise ValueError(f"an SAE is attached at {sae.hook!r} already (reset_saes first)")
+        self._attach([*self._attached, sae])
+        return sae
+
+    def reset_saes(self) -> None:
+        """Detach every SAE ``add_sae`` attached (they stay uploaded: ``delete_sae``)."""
+        self._attach([])
+
+    def uploaded_saes(self) -> list[UploadedSae]:
+        """Every SAE this key has uploaded (and not deleted; they expire like stored tensors)."""
+        listed = self._transport.get_json("/v1/saes")["saes"]
+        return [UploadedSae.from_server(info) for info in listed]
+
+    def delete_sae(self, sae: UploadedSae | str) -> None:
+        """Delete an uploaded SAE (detached first when attached)."""
+        sae_id = sae if isinstance(sae, str) else sae.id
+        self._attach([kept for kept in self._attached if kept.id != sae_id])
+        self._transport.delete(f"/v1/saes/{sae_id}")
+
+    def run_with_cache_with_saes(
+        self, *model_args: Any, saes: Sequence[UploadedSae | str | Path] = (), **kwargs: Any
+    ) -> tuple[Any, ActivationCache | MutableMapping[str, torch.Tensor]]:
+        """``run_with_cache`` with ``saes`` attached for this call (SAELens's method)."""
+        with self._saes_for_call(saes):
+            return self.run_with_cache(*model_args, **kwargs)
+
+    def run_with_hooks_with_saes(
+        self, *model_args: Any, saes: Sequence[UploadedSae | str | Path] = (), **kwargs: Any
+    ) -> Any:
+        """``run_with_hooks`` with ``saes`` attached for this call (SAELens's method)."""
+        with self._saes_for_call(saes):
+            return self.run_with_hooks(*model_args, **kwargs)
+
+    @contextmanager
+    def _saes_for_call(self, saes: Sequence[UploadedSae | str | Path]) -> Iterator[None]:
+        before = list(self._attached)
+        try:
+            for sae in saes:
+                self.add_sae(sae)
+            yield
+        finally:
+            self._attach(before)
+
+    def _attach(self, saes: list[UploadedSae]) -> None:
+        """Attach exactly ``saes``: the hook names (and which fire) follow."""
+        self._attached = saes
+        self.hook_names = with_points(self._model_hook_names, saes)
+        for name in self.hook_names:  # an SAE's points fire on every forward, as served ones
+            self._fires.setdefault(name, True)
+            self._fires_by_default.setdefault(name, True)
 
     # --- tokenizer ------------------------------------------------------------------------
     # Local: the server's tokenizer files are fetched once, then no helper makes a request.

@@ -140,6 +140,13 @@ from ._responses import (
     StoredCacheResult,
     TokenizerFiles,
 )
+from ._saes import (
+    MAX_REQUEST_SAES,
+    SAE_ID_PREFIX,
+    SaeInfo,
+    SaeList,
+    SaeUploadRequest,
+)
 from ._specs import (
     REPLACING_OPS,
     SPEC_OPS,
@@ -199,6 +206,7 @@ __all__ = [
     "MAX_CHOICES",
     "MAX_IG_STEPS",
     "MAX_MESSAGES",
+    "MAX_REQUEST_SAES",
     "MAX_STOP_CHARS",
     "MAX_STOP_STRINGS",
     "MAX_TOP_LOGPROBS",
@@ -215,6 +223,7 @@ __all__ = [
     "PATCH_ACTIVATIONS",
     "REPLACING_OPS",
     "SAE_FEATURE_POINTS",
+    "SAE_ID_PREFIX",
     "SPEC_OPS",
     "TENSOR_FORMS",
     "TOO_LARGE_ERROR",
@@ -312,6 +321,9 @@ __all__ = [
     "RunResult",
     "RunWithCacheRequest",
     "RunWithHooksRequest",
+    "SaeInfo",
+    "SaeList",
+    "SaeUploadRequest",
     "ScaleSpec",
     "SchedulerStats",
     "ServedModel",

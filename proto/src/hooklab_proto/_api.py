@@ -13,6 +13,7 @@ from ._forms import one_of
 from ._graph import Graph
 from ._limits import bounded_ids, bounded_length
 from ._metrics import PatchMetric
+from ._saes import SaeIds
 from ._specs import HookSpec
 from ._tensor_values import DtypeCode, InlineTensor, TensorValue
 
@@ -152,6 +153,7 @@ class ForwardRequest(Body):
         "float16 rounds to 11 significant bits and turns magnitudes above 65504 into inf; "
         "bfloat16 rounds to 8 bits and keeps float32's range. Null: as computed",
     )
+    saes: SaeIds = Field(default_factory=list)
     timeout_s: Timeout = None
 
     @model_validator(mode="after")
@@ -329,6 +331,7 @@ class Limits(BaseModel):
     max_timeout_s: float
     max_stored_bytes: int
     max_stored_objects: int
+    max_sae_bytes: int | None = None
     store_ttl_s: float
 
 

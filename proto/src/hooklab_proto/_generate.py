@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, RootModel
 from ._api import ErrorResponse, HookSpecs, ModelName, Timeout, TokenInput
 from ._base import Body
 from ._limits import bounded_length
+from ._saes import SaeIds
 
 EVENT_TOKEN = "token"  # one per step: GenerateStep
 EVENT_DONE = "done"  # last, on success: GenerateResponse
@@ -62,6 +63,7 @@ class GenerateRequest(Body):
     )
     stream: bool = Field(False, description="send tokens as server-sent events as they come")
     hooks: HookSpecs = Field(default_factory=list)
+    saes: SaeIds = Field(default_factory=list)
     timeout_s: Timeout = None
 
 

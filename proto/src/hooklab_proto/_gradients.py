@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from ._api import ModelName, Timeout, TokenInput
 from ._base import Body
 from ._metrics import PatchMetric
+from ._saes import SaeIds
 from ._tensor_values import TensorValue
 
 # Names in an integrated-gradients response: the attributions, shaped as the activation.
@@ -46,6 +47,7 @@ class IntegratedGradientsRequest(Body):
     )
     steps: int = Field(50, ge=1, le=MAX_IG_STEPS, description="points on the path")
     metric: PatchMetric = Field(description="the scalar attributed (any kind but 'logits')")
+    saes: SaeIds = Field(default_factory=list)
     timeout_s: Timeout = None
 
     @model_validator(mode="after")

@@ -163,11 +163,16 @@ class RedisStore:
     # --- the Store interface ----------------------------------------------------------------
 
     def put(
-        self, kind: str, value: Value, owner: Account, ttl_s: float | None = None
+        self,
+        kind: str,
+        value: Value,
+        owner: Account,
+        ttl_s: float | None = None,
+        details: dict[str, str | int] | None = None,
     ) -> StoredInfo:
         ttl = self.ttl_s if ttl_s is None else min(ttl_s, self.ttl_s)
         now = self._clock()
-        info = new_info(kind, value, owner.name, now + ttl)
+        info = new_info(kind, value, owner.name, now + ttl, details)
         fields: list[Any] = ["info", _INFO.encode(info)]
         tensors = value.items() if isinstance(value, dict) else [("", value)]
         for name, tensor in tensors:
@@ -203,7 +208,7 @@ class RedisStore:
                 decoded = decode_frame(frame)
                 assert isinstance(decoded, TensorFrame)
                 tensors[decoded.name] = decoded.tensor
-        value: Value = tensors if kind == "cache" else tensors[""]
+        value: Value = tensors[""] if kind == "tensor" else tensors
         return Stored(info, value)
 
     def delete(self, kind: str, object_id: str, caller: Account) -> None:

@@ -241,6 +241,12 @@ class Settings:
     store_ttl_s: float = _setting(
         3600.0, "lifetime of a stored object (requests may ask for less)", "store"
     )
+    max_sae_bytes: int = _setting(
+        1 * _GiB,
+        "largest uploaded SAE (POST /v1/saes): its weights' bytes, float32 at most; the body "
+        "may be this plus base64's third",
+        "store",
+    )
 
     # --- scaled out (Redis)
     redis_url: str = _setting(

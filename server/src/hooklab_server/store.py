@@ -37,7 +37,7 @@ class StoredInfo:
     """What is known of a stored object without reading its tensors."""
 
     id: str
-    kind: str  # "tensor" | "cache"
+    kind: str  # "tensor" | "cache" | "sae" (an uploaded sparse autoencoder's weights)
     owner: str  # the name of the account that stored it
     nbytes: int  # the elements' bytes
     charged_bytes: int  # what it counts against the limits
@@ -45,6 +45,8 @@ class StoredInfo:
     dtype: str | None = None  # a tensor's
     shape: list[int] | None = None  # a tensor's
     names: list[str] | None = None  # a cache's activation names
+    # What a listing shows without reading the tensors (an uploaded SAE's config).
+    details: dict[str, str | int] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,16 @@ class Stored:
     value: Value
 
 
-def new_info(kind: str, value: Value, owner: str, expires_at: float) -> StoredInfo:
+def new_info(
+    kind: str,
+    value: Value,
+    owner: str,
+    expires_at: float,
+    details: dict[str, str | int] | None = None,
+) -> StoredInfo:
     tensors = list(value.values()) if isinstance(value, dict) else [value]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    prefix = "t_" if kind == "tensor" else "c_"
+    prefix = {"tensor": "t_", "sae": "sae_"}.get(kind, "c_")
     tensor = value if isinstance(value, torch.Tensor) else None
     return StoredInfo(
         id=prefix + secrets.token_hex(12),
@@ -68,6 +76,7 @@ def new_info(kind: str, value: Value, owner: str, expires_at: float) -> StoredIn
         dtype=dtype_code(tensor.dtype) if tensor is not None else None,  # the wire's codes
         shape=list(tensor.shape) if tensor is not None else None,
         names=list(value) if isinstance(value, dict) else None,
+        details=details,
     )
 
 
@@ -123,7 +132,12 @@ def wait_for_room(owned: Iterable[StoredInfo], excess: int, now: float) -> float
 
 class Store(Protocol):
     def put(
-        self, kind: str, value: Value, owner: Account, ttl_s: float | None = None
+        self,
+        kind: str,
+        value: Value,
+        owner: Account,
+        ttl_s: float | None = None,
+        details: dict[str, str | int] | None = None,
     ) -> StoredInfo:
         """Keep ``value`` for ``owner``; RequestError (store full) or QuotaExceeded over a cap."""
         ...
@@ -181,13 +195,18 @@ class MemoryStore:
             self._owned[stored.info.owner] -= stored.info.charged_bytes
 
     def put(
-        self, kind: str, value: Value, owner: Account, ttl_s: float | None = None
+        self,
+        kind: str,
+        value: Value,
+        owner: Account,
+        ttl_s: float | None = None,
+        details: dict[str, str | int] | None = None,
     ) -> StoredInfo:
         ttl = self.ttl_s if ttl_s is None else min(ttl_s, self.ttl_s)
         with self._lock:
             self._expire()
             now = self._clock()
-            info = new_info(kind, value, owner.name, now + ttl)
+            info = new_info(kind, value, owner.name, now + ttl, details)
             limit = owner.quotas.get("stored_bytes")
             used = self._owned.get(owner.name, 0)
             if limit is not None and used + info.charged_bytes > limit:

@@ -32,6 +32,7 @@ from . import (
     openai,
     patching,
     routes,
+    saes,
     service,
     stored,
     web,
@@ -92,7 +93,7 @@ def create_app(
     app.state.hooklab = Service(
         models, store, settings, metrics, keys, quotas or MemoryQuotas(), callback_sessions
     )
-    modules = (service, routes, stored, accounts, generate, openai, patching, gradients)
+    modules = (service, routes, stored, saes, accounts, generate, openai, patching, gradients)
     # callbacks: the websocket; web: the teaching page (GET / and its files under /ui/).
     routers = [module.router for module in (*modules, callbacks, web)]
     for router in routers:

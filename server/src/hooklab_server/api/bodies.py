@@ -47,14 +47,17 @@ _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/v
 # --- request bodies ------------------------------------------------------------------------
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole body: refused (413) past ``max_request_bytes``, (408) when it has not arrived
-    within ``body_timeout_s``; a client that leaves half-way raises :class:`ClientGone`."""
+async def read_body(
+    request: Request, limit: int | None = None, setting: str = "max_request_bytes"
+) -> bytes:
+    """The whole body: refused (413) past ``limit`` (default ``max_request_bytes``), (408) when
+    it has not arrived within ``body_timeout_s``; a client that leaves half-way raises
+    :class:`ClientGone`."""
     settings = service(request).settings
-    limit = settings.max_request_bytes
+    limit = settings.max_request_bytes if limit is None else limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large("bytes of request body", int(declared), limit, "max_request_bytes")
+        raise too_large("bytes of request body", int(declared), limit, setting)
     chunks: list[bytes] = []
     size = 0
 
@@ -63,7 +66,7 @@ async def read_body(request: Request) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large("or more bytes of request body", size, limit, "max_request_bytes")
+                raise too_large("or more bytes of request body", size, limit, setting)
             chunks.append(chunk)
 
     try:
@@ -204,10 +207,15 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def parse(request: Request, model: type[Model]) -> Model:
-    """The request's body as ``model``: read on the event loop, counted, decoded and validated
-    in a worker thread."""
-    body = await read_body(request)
+async def parse(
+    request: Request,
+    model: type[Model],
+    limit: int | None = None,
+    setting: str = "max_request_bytes",
+) -> Model:
+    """The request's body as ``model``: read on the event loop (at most ``limit`` bytes, default
+    ``max_request_bytes``), counted, decoded and validated in a worker thread."""
+    body = await read_body(request, limit, setting)
     settings, media = service(request).settings, _media_type(request)
 
     def decode_and_validate() -> Model:

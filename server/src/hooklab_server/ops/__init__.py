@@ -48,6 +48,7 @@ from .run import (
     run_forward,
     validate_forward,
 )
+from .uploaded_saes import context_of, with_saes
 
 # Work whose result is tensors.
 TensorWork = ForwardWork | PatchingWork | IntegratedGradientsWork | AnalysisWork
@@ -73,31 +74,45 @@ class Operations:
 
     def validate(self, request: Any, caller: Account, wants_json: bool = False) -> Work:
         ctx = self.ctx.as_caller(caller)
-        if isinstance(request, ForwardRequest):
-            return validate_forward(ctx, request, wants_json)
-        if isinstance(request, GenerateRequest):
-            return validate_generation(ctx, request)
+        if isinstance(request, ForwardRequest | GenerateRequest | IntegratedGradientsRequest):
+            # Uploaded SAEs: validated and run on a view of the model (uploaded_saes.py).
+            ctx = with_saes(ctx, request.saes)
+            work = self._validate_viewed(ctx, request, wants_json)
+            if ctx.model is not self.ctx.model:
+                work.model = ctx.model
+            return work
         if isinstance(request, PatchingRequest):
             return validate_patching(ctx, request, wants_json)
-        if isinstance(request, IntegratedGradientsRequest):
-            return validate_integrated_gradients(ctx, request, wants_json)
         if isinstance(request, AnalysisRequest):
             return validate_analysis(ctx, request, wants_json)
         raise TypeError(f"no operation validates {type(request).__name__}")
 
+    @staticmethod
+    def _validate_viewed(
+        ctx: OpsContext,
+        request: ForwardRequest | GenerateRequest | IntegratedGradientsRequest,
+        wants_json: bool,
+    ) -> ForwardWork | GenerateWork | IntegratedGradientsWork:
+        if isinstance(request, ForwardRequest):
+            return validate_forward(ctx, request, wants_json)
+        if isinstance(request, GenerateRequest):
+            return validate_generation(ctx, request)
+        return validate_integrated_gradients(ctx, request, wants_json)
+
     def steps(self, work: Work, token: CancelToken) -> Steps:
         """The work as units (see the module's docstring); each unit checks ``token`` first and
         runs under inference mode."""
+        ctx = context_of(self.ctx, work)
         if isinstance(work, ForwardWork):
-            inner: Steps = _one_unit(run_forward, self.ctx, work, token)
+            inner: Steps = _one_unit(run_forward, ctx, work, token)
         elif isinstance(work, PatchingWork):
-            inner = patching_steps(self.ctx, work, token)
+            inner = patching_steps(ctx, work, token)
         elif isinstance(work, IntegratedGradientsWork):
-            inner = integrated_gradients_steps(self.ctx, work, token)
+            inner = integrated_gradients_steps(ctx, work, token)
         elif isinstance(work, AnalysisWork):
-            inner = analysis_steps(self.ctx, work, token)
+            inner = analysis_steps(ctx, work, token)
         else:
-            inner = _generation_steps(self.ctx, work, token)
+            inner = _generation_steps(ctx, work, token)
         return _in_inference_mode(inner, token)
 
 
@@ -151,6 +166,7 @@ __all__ = [
     "TensorsResult",
     "Work",
     "capture_on_the_wire",
+    "context_of",
     "deadline_error",
     "drive",
     "failure_error",

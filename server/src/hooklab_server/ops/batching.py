@@ -27,6 +27,7 @@ from hooklab_server.engine.hook_points import HookFn, HookPoint, HookRun
 from .cancel import Cancelled, CancelToken
 from .context import OpsContext
 from .run import ForwardWork, TensorsResult, finish_forward
+from .uploaded_saes import context_of
 
 
 def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
@@ -37,12 +38,14 @@ def merge_key(ctx: OpsContext, work: ForwardWork) -> Hashable | None:
     request = work.request
     if request.start_at_layer is not None or work.tokens is None or work.backward is not None:
         return None
+    cfg = (work.model or ctx.model).cfg
     named = {name for name, _ in work.hooks} | set(work.names)
-    if any(_FLATTENED_ROWS & set(hook_shape(name, ctx.model.cfg)) for name in named):
+    if any(_FLATTENED_ROWS & set(hook_shape(name, cfg)) for name in named):
         return None
-    conditional = frozenset(n for n in named if not fires_by_default(n, ctx.model.cfg))
+    conditional = frozenset(n for n in named if not fires_by_default(n, cfg))
     wants_logits = request.stop_at_layer is None and request.return_type is not None
-    return (request.stop_at_layer, wants_logits, conditional)
+    # Only works with the same uploaded SAEs share a forward: it runs on one model view.
+    return (request.stop_at_layer, wants_logits, conditional, frozenset(request.saes))
 
 
 _FLATTENED_ROWS = frozenset({"head_row", "kv_head_row"})
@@ -96,6 +99,7 @@ def run_forward_batch(
     """One forward for ``works`` (equal merge keys); each result equals the work's solo
     ``run_forward``. A work whose token is cancelled gets Cancelled; the forward itself stops
     only when every work is cancelled."""
+    ctx = context_of(ctx, works[0])  # equal merge keys: the same uploaded SAEs, if any
     model = ctx.model
     length = max(int(w.input.shape[1]) for w in works)
     rows = sum(int(w.input.shape[0]) for w in works)

@@ -18,6 +18,7 @@ from hooklab_proto import (
     GenerateStep,
     TokenLogprobs,
 )
+from hooklab_server.engine import HookedTransformer
 from hooklab_server.engine.generation import (
     GenerationState,
     NonFiniteLogits,
@@ -54,6 +55,8 @@ class GenerateWork:
     caller: Account
     wants_json: bool = True  # a generation answers in JSON (or server-sent events)
     op: str = "generate"
+    # The model as this request sees it (its uploaded SAEs attached); None: the served one.
+    model: HookedTransformer | None = None
 
 
 def _stop_ids(ctx: OpsContext, request: GenerateRequest) -> int | list[int] | None:

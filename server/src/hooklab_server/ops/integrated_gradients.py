@@ -22,7 +22,7 @@ from hooklab_proto import (
     IntegratedGradientsFields,
     IntegratedGradientsRequest,
 )
-from hooklab_server.engine import HookPoint, autograd_on
+from hooklab_server.engine import HookedTransformer, HookPoint, autograd_on
 from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 
 from ..auth import Account
@@ -56,6 +56,8 @@ class IntegratedGradientsWork:
     caller: Account
     wants_json: bool
     op: str = "integrated_gradients"
+    # The model as this request sees it (its uploaded SAEs attached); None: the served one.
+    model: HookedTransformer | None = None
 
 
 def validate_integrated_gradients(

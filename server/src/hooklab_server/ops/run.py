@@ -26,7 +26,7 @@ from hooklab_proto import (
     StoredCacheFields,
     for_the_wire,
 )
-from hooklab_server.engine import Output
+from hooklab_server.engine import HookedTransformer, Output
 from hooklab_server.engine.shapes import fires_by_default
 
 from ..auth import Account
@@ -78,6 +78,8 @@ class ForwardWork:
     logits_graph: CompiledGraph | None = None  # returned instead of the logits when given
     backward: Backward | None = None  # a backward pass after the forward (gradients)
     stream: CaptureStream | None = None  # where captures go while it runs (set by the executor)
+    # The model as this request sees it (its uploaded SAEs attached); None: the served one.
+    model: HookedTransformer | None = None
     top_k: TopKForm | None = None  # captures sent as their top k (sparse_top_k)
 
     @property

@@ -64,6 +64,8 @@ class Decoder:
         work = run.work
         if not isinstance(work, GenerateWork) or not work.request.use_past_kv_cache:
             return False
+        if work.model is not None:  # uploaded SAEs: it runs alone, on its own model view
+            return False
         prompt = work.prompt
         total = prompt.pos + work.stopping.max_new_tokens
         return prompt.batch <= self.rows and total <= self.positions
