@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..config import HookedConfig
+
 StateDict = dict[str, torch.Tensor]
+# A projection's weight (nn.Linear layout) and its bias, None where it has none.
+WeightBias = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def heads_in(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -158,3 +163,65 @@ def norm_weight(norm: Any, plus_one: bool = False) -> torch.Tensor:
     float32, as TransformerLens does)."""
     weight = norm.weight.detach()
     return weight.float() + 1.0 if plus_one else weight
+
+
+def separate_qkv(attn: Any, cfg: HookedConfig) -> list[WeightBias]:
+    """Query, key and value weights and biases of three ``q_proj``/``k_proj``/``v_proj``."""
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return [(linear.weight.detach(), _bias(linear)) for linear in linears]
+
+
+def separate_gate_up(mlp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up weights of a ``gate_proj`` and an ``up_proj``."""
+    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+
+
+def _bias(linear: Any) -> torch.Tensor | None:
+    bias = getattr(linear, "bias", None)
+    return bias.detach() if bias is not None else None
+
+
+def gated_decoder_weights(
+    model: Any,
+    cfg: HookedConfig,
+    norms: Callable[[Any], dict[str, Any]],
+    *,
+    plus_one: bool = False,
+    qkv: Callable[[Any, HookedConfig], list[WeightBias]] = separate_qkv,
+    gate_up: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = separate_gate_up,
+) -> StateDict:
+    """TransformerLens's state dict of a rotary, gated-MLP decoder (Llama, Qwen, Mistral,
+    OLMo 2, Gemma, Phi-3). What differs by family is given: ``norms`` maps a layer to its norms
+    by TransformerLens name (``ln1``, ``ln2``, ``ln1_post`` …), ``plus_one`` stores gains as
+    ``1 + w`` (Gemma), ``qkv`` and ``gate_up`` read fused projections (Phi-3). Missing biases
+    are zeros; the q/k norms are read when the config has them."""
+    body = model.model
+    embed = body.embed_tokens.weight.detach()
+    sd: StateDict = {"embed.W_E": embed}
+    assert cfg.n_key_value_heads is not None
+    counts = (cfg.n_heads, cfg.n_key_value_heads, cfg.n_key_value_heads)
+    for layer, block in enumerate(body.layers):
+        prefix, attn, mlp = f"blocks.{layer}", block.self_attn, block.mlp
+        for name, norm in norms(block).items():
+            sd[f"{prefix}.{name}.w"] = norm_weight(norm, plus_one)
+        for name, (weight, bias), count in zip("QKV", qkv(attn, cfg), counts, strict=True):
+            sd[f"{prefix}.attn.W_{name}"] = heads_in(weight, count)
+            sd[f"{prefix}.attn.b_{name}"] = (
+                bias.view(count, -1)
+                if bias is not None
+                else torch.zeros(count, cfg.d_head, dtype=embed.dtype)
+            )
+        if cfg.use_qk_norm or cfg.post_norm:  # per head (Qwen3, Gemma 3), all heads (OLMo 2)
+            sd[f"{prefix}.attn.q_norm.w"] = norm_weight(attn.q_norm, plus_one)
+            sd[f"{prefix}.attn.k_norm.w"] = norm_weight(attn.k_norm, plus_one)
+        sd[f"{prefix}.attn.W_O"] = heads_out(attn.o_proj.weight.detach(), cfg.n_heads)
+        sd[f"{prefix}.attn.b_O"] = bias_or_zeros(attn.o_proj, cfg.d_model, embed)
+        gate, up = gate_up(mlp)
+        sd[f"{prefix}.mlp.W_gate"] = gate.T
+        sd[f"{prefix}.mlp.W_in"] = up.T
+        sd[f"{prefix}.mlp.b_in"] = torch.zeros(cfg.d_mlp, dtype=embed.dtype)
+        sd[f"{prefix}.mlp.W_out"] = mlp.down_proj.weight.detach().T
+        sd[f"{prefix}.mlp.b_out"] = torch.zeros(cfg.d_model, dtype=embed.dtype)
+    sd["ln_final.w"] = norm_weight(body.norm, plus_one)
+    unembed(model, sd, cfg.d_vocab_out)
+    return sd

@@ -11,6 +11,7 @@ TransformerLens does, the embedding is stored pre-multiplied and every norm gain
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,14 +20,10 @@ from ..config import HookedConfig
 from ._common import (
     StateDict,
     attention_windows,
-    bias_or_zeros,
-    heads_in,
-    heads_out,
-    norm_weight,
+    gated_decoder_weights,
     rope_fields,
     rope_params,
     rotary_decoder_fields,
-    unembed,
 )
 
 
@@ -63,40 +60,19 @@ def _generation(hf: Any) -> int:
 
 
 def weights(model: Any, cfg: HookedConfig) -> StateDict:
-    body = model.model
-    heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads
-    assert kv_heads is not None
-    embed = body.embed_tokens.weight.detach()
-    sd: StateDict = {"embed.W_E": embed * torch.tensor(cfg.d_model**0.5, dtype=embed.dtype)}
-    after = cfg.use_normalization_before_and_after
-    for layer, block in enumerate(body.layers):
-        prefix, attn, mlp = f"blocks.{layer}", block.self_attn, block.mlp
-        sd[f"{prefix}.ln1.w"] = norm_weight(block.input_layernorm, plus_one=True)
-        for name, linear, count in (
-            ("Q", attn.q_proj, heads),
-            ("K", attn.k_proj, kv_heads),
-            ("V", attn.v_proj, kv_heads),
-        ):
-            sd[f"{prefix}.attn.W_{name}"] = heads_in(linear.weight.detach(), count)
-            sd[f"{prefix}.attn.b_{name}"] = bias_or_zeros(linear, count * cfg.d_head, embed).view(
-                count, -1
-            )
-        if cfg.use_qk_norm:
-            sd[f"{prefix}.attn.q_norm.w"] = norm_weight(attn.q_norm, plus_one=True)
-            sd[f"{prefix}.attn.k_norm.w"] = norm_weight(attn.k_norm, plus_one=True)
-        sd[f"{prefix}.attn.W_O"] = heads_out(attn.o_proj.weight.detach(), heads)
-        sd[f"{prefix}.attn.b_O"] = bias_or_zeros(attn.o_proj, cfg.d_model, embed)
-        if after:  # Gemma 2/3: post_attention_layernorm normalises the attention output
-            sd[f"{prefix}.ln1_post.w"] = norm_weight(block.post_attention_layernorm, True)
-            sd[f"{prefix}.ln2.w"] = norm_weight(block.pre_feedforward_layernorm, True)
-            sd[f"{prefix}.ln2_post.w"] = norm_weight(block.post_feedforward_layernorm, True)
-        else:  # Gemma 1: post_attention_layernorm is the MLP's input norm
-            sd[f"{prefix}.ln2.w"] = norm_weight(block.post_attention_layernorm, True)
-        sd[f"{prefix}.mlp.W_gate"] = mlp.gate_proj.weight.detach().T
-        sd[f"{prefix}.mlp.W_in"] = mlp.up_proj.weight.detach().T
-        sd[f"{prefix}.mlp.b_in"] = torch.zeros(cfg.d_mlp, dtype=embed.dtype)
-        sd[f"{prefix}.mlp.W_out"] = mlp.down_proj.weight.detach().T
-        sd[f"{prefix}.mlp.b_out"] = torch.zeros(cfg.d_model, dtype=embed.dtype)
-    sd["ln_final.w"] = norm_weight(body.norm, plus_one=True)
-    unembed(model, sd, cfg.d_vocab_out)
+    sd = gated_decoder_weights(model, cfg, _norms(cfg), plus_one=True)
+    embed = sd["embed.W_E"]
+    sd["embed.W_E"] = embed * torch.tensor(cfg.d_model**0.5, dtype=embed.dtype)
     return sd
+
+
+def _norms(cfg: HookedConfig) -> Callable[[Any], dict[str, Any]]:
+    if cfg.use_normalization_before_and_after:  # Gemma 2/3: a norm before and after each
+        return lambda block: {
+            "ln1": block.input_layernorm,
+            "ln1_post": block.post_attention_layernorm,
+            "ln2": block.pre_feedforward_layernorm,
+            "ln2_post": block.post_feedforward_layernorm,
+        }
+    # Gemma 1: post_attention_layernorm is the MLP's input norm
+    return lambda block: {"ln1": block.input_layernorm, "ln2": block.post_attention_layernorm}

@@ -11,11 +11,10 @@ import torch
 from ..config import HookedConfig
 from ._common import (
     StateDict,
+    WeightBias,
     attention_windows,
-    heads_in,
-    heads_out,
+    gated_decoder_weights,
     rotary_decoder_fields,
-    unembed,
 )
 
 
@@ -28,31 +27,24 @@ def config_fields(hf: Any) -> dict[str, Any]:
 
 
 def weights(model: Any, cfg: HookedConfig) -> StateDict:
-    body = model.model
-    heads, kv_heads, d_head = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
-    assert kv_heads is not None
-    embed = body.embed_tokens.weight.detach()
-    sd: StateDict = {"embed.W_E": embed}
-    for layer, block in enumerate(body.layers):
-        prefix, attn, mlp = f"blocks.{layer}", block.self_attn, block.mlp
-        sd[f"{prefix}.ln1.w"] = block.input_layernorm.weight.detach()
-        # Rows of the fused projection: all query heads, then the key heads, then the values.
-        w_q, w_k, w_v = attn.qkv_proj.weight.detach().split(
-            [heads * d_head, kv_heads * d_head, kv_heads * d_head]
-        )
-        for name, weight, count in (("Q", w_q, heads), ("K", w_k, kv_heads), ("V", w_v, kv_heads)):
-            sd[f"{prefix}.attn.W_{name}"] = heads_in(weight, count)
-            sd[f"{prefix}.attn.b_{name}"] = torch.zeros(count, d_head, dtype=embed.dtype)
-        sd[f"{prefix}.attn.W_O"] = heads_out(attn.o_proj.weight.detach(), heads)
-        sd[f"{prefix}.attn.b_O"] = torch.zeros(cfg.d_model, dtype=embed.dtype)
-        sd[f"{prefix}.ln2.w"] = block.post_attention_layernorm.weight.detach()
-        # Rows of gate_up_proj: the gate's, then the up projection's.
-        gate, up = mlp.gate_up_proj.weight.detach().chunk(2)
-        sd[f"{prefix}.mlp.W_gate"] = gate.T
-        sd[f"{prefix}.mlp.W_in"] = up.T
-        sd[f"{prefix}.mlp.b_in"] = torch.zeros(cfg.d_mlp, dtype=embed.dtype)
-        sd[f"{prefix}.mlp.W_out"] = mlp.down_proj.weight.detach().T
-        sd[f"{prefix}.mlp.b_out"] = torch.zeros(cfg.d_model, dtype=embed.dtype)
-    sd["ln_final.w"] = body.norm.weight.detach()
-    unembed(model, sd, cfg.d_vocab_out)
-    return sd
+    return gated_decoder_weights(
+        model,
+        cfg,
+        lambda block: {"ln1": block.input_layernorm, "ln2": block.post_attention_layernorm},
+        qkv=_fused_qkv,
+        gate_up=_fused_gate_up,
+    )
+
+
+def _fused_qkv(attn: Any, cfg: HookedConfig) -> list[WeightBias]:
+    """Rows of the fused projection: all query heads, then the key heads, then the values."""
+    assert cfg.n_key_value_heads is not None
+    kv_rows = cfg.n_key_value_heads * cfg.d_head
+    parts = attn.qkv_proj.weight.detach().split([cfg.n_heads * cfg.d_head, kv_rows, kv_rows])
+    return [(weight, None) for weight in parts]
+
+
+def _fused_gate_up(mlp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of gate_up_proj: the gate's, then the up projection's."""
+    gate, up = mlp.gate_up_proj.weight.detach().chunk(2)
+    return gate, up
