@@ -21,6 +21,7 @@ from .e2e_servers import Served, sample_tokens
 
 HOOK = "blocks.1.hook_resid_pre"
 MLP_HOOK = "blocks.0.mlp.hook_post"
+Z_HOOK = "blocks.0.attn.hook_z"  # a gated, layer-normed SAE over the heads side by side
 D_SAE = 32
 
 
@@ -49,6 +50,31 @@ def encode(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return acts, acts @ w["W_dec"] + w["b_dec"]
 
 
+def write_gated_z_sae(folder: Path, d_in: int, seed: int) -> Path:
+    """A random gated SAE for hook_z in SAELens's saved layout (heads flattened, layer_norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    save_file(
+        {
+            "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
+            "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
+            "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+            "b_gate": torch.randn(D_SAE, generator=gen) * 0.2,
+            "b_mag": torch.randn(D_SAE, generator=gen) * 0.2,
+            "r_mag": torch.randn(D_SAE, generator=gen) * 0.3,
+        },
+        folder / "sae_weights.safetensors",
+    )
+    cfg = {
+        "architecture": "gated", "d_in": d_in, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "layer_norm", "reshape_activations": "hook_z",
+        "metadata": {"hook_name": Z_HOOK, "sae_lens_version": "6.54.0"},
+    }  # fmt: skip
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
 class SaeServed:
     def __init__(self, served: Served, folders: dict[str, Path]) -> None:
         self.served, self.folders = served, folders
@@ -63,6 +89,7 @@ def sae_server(
     folders = {
         HOOK: write_sae(root / "resid", d_model, 1),
         MLP_HOOK: write_sae(root / "mlp", 4 * d_model, 2),
+        Z_HOOK: write_gated_z_sae(root / "z", d_model, 3),  # 4 heads of 16
     }
     settings = Settings(sae=tuple(f"{folder}@{hook}" for hook, folder in folders.items()))
     with serve_in(gpt2_checkpoint, settings) as served:
@@ -80,8 +107,10 @@ def test_model_lists_the_sae_points(sae_server: SaeServed) -> None:
     ]
     assert points[f"{HOOK}.hook_sae_acts_post"]["shape"] == ["batch", "pos", f"d_sae[{HOOK}]"]
     assert points[f"{MLP_HOOK}.hook_sae_recons"]["shape"] == ["batch", "pos", "d_mlp"]
-    assert info["cfg"]["sae_widths"] == {HOOK: D_SAE, MLP_HOOK: D_SAE}
-    assert sae_server.served.model.saes == {HOOK: D_SAE, MLP_HOOK: D_SAE}
+    assert info["cfg"]["sae_widths"] == {HOOK: D_SAE, MLP_HOOK: D_SAE, Z_HOOK: D_SAE}
+    assert sae_server.served.model.saes == {HOOK: D_SAE, MLP_HOOK: D_SAE, Z_HOOK: D_SAE}
+    assert points[f"{Z_HOOK}.hook_sae_input"]["shape"] == ["batch", "pos", "q_width"]
+    assert points[f"{Z_HOOK}.hook_sae_output"]["shape"] == ["batch", "pos", "head", "d_head"]
 
 
 def test_cache_has_saelens_values_and_the_forward_is_unchanged(sae_server: SaeServed) -> None:
@@ -91,6 +120,8 @@ def test_cache_has_saelens_values_and_the_forward_is_unchanged(sae_server: SaeSe
     logits, cache = served.model.run_with_cache(tokens)
     torch.testing.assert_close(logits, tl_logits, rtol=1e-4, atol=1e-4)
     for hook, folder in sae_server.folders.items():
+        if hook == Z_HOOK:
+            continue  # gated, layer-normed and per head: the test below
         acts, recons = encode(folder, cache[hook])
         torch.testing.assert_close(cache[f"{hook}.hook_sae_acts_post"], acts, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache[f"{hook}.hook_sae_recons"], recons, rtol=1e-4, atol=1e-5)
@@ -222,3 +253,54 @@ def test_feature_specs_steer_generation_as_transformer_lens(sae_server: SaeServe
             tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
         )
     assert torch.equal(clamped.cpu(), theirs.cpu())
+
+
+def test_a_hook_z_sae_over_the_wire_equals_saelens(sae_server: SaeServed) -> None:
+    """The client's cache of a per-head SAE's points is SAELens's own (heads flattened in,
+    shaped back out), a function hook at its features runs on the client with their shape, and
+    feature_steer adds the decoder row laid out per head, as adding it in TransformerLens."""
+    sae_lens = pytest.importorskip("sae_lens")
+    served = sae_server.served
+    folder = sae_server.folders[Z_HOOK]
+    tokens = sample_tokens(served.tl, batch=2, pos=5, seed=11)
+    names = [Z_HOOK, *(f"{Z_HOOK}.hook_sae_{p}" for p in ("input", "acts_post", "recons"))]
+    _, cache = served.model.run_with_cache(tokens, names_filter=names)
+    sae = sae_lens.SAE.load_from_disk(str(folder), device="cpu").eval()
+    with torch.no_grad():
+        _, theirs = sae.run_with_cache(cache[Z_HOOK].cpu())
+    for point in ("input", "acts_post", "recons"):
+        ours = cache[f"{Z_HOOK}.hook_sae_{point}"].cpu()
+        torch.testing.assert_close(ours, theirs[f"hook_sae_{point}"], rtol=1e-4, atol=1e-5)
+    assert cache[f"{Z_HOOK}.hook_sae_input"].shape == (2, 5, 64)
+
+    feature = int(cache[f"{Z_HOOK}.hook_sae_acts_post"][0].sum(0).argmax())
+    seen: list[tuple[int, ...]] = []
+
+    def ablate(value: torch.Tensor, hook: object) -> torch.Tensor:
+        seen.append(tuple(value.shape))
+        value = value.clone()
+        value[..., feature] = 0
+        return value
+
+    edited = served.model.run_with_hooks(
+        tokens, fwd_hooks=[(f"{Z_HOOK}.hook_sae_acts_post", ablate)]
+    )
+    assert seen and seen[0] == (2, 5, D_SAE)
+    z = cache[Z_HOOK].cpu()
+    with torch.no_grad():
+        acts = sae.encode(z)
+        acts[..., feature] = 0
+        change = sae.decode(acts) - sae(z)
+    theirs = served.tl.run_with_hooks(
+        tokens, fwd_hooks=[(Z_HOOK, lambda x, hook: x + change.to(x.device))]
+    )
+    torch.testing.assert_close(edited, theirs, rtol=1e-4, atol=1e-4)
+
+    row = 4.0 * load_file(folder / "sae_weights.safetensors")["W_dec"][feature].view(4, 16)
+    steered = served.model.run_with_hooks(
+        tokens, fwd_hooks=[(Z_HOOK, hooks.feature_steer(feature, 4.0))]
+    )
+    theirs = served.tl.run_with_hooks(
+        tokens, fwd_hooks=[(Z_HOOK, lambda x, hook: x + row.to(x.device))]
+    )
+    torch.testing.assert_close(steered, theirs, rtol=1e-4, atol=1e-4)
