@@ -13,15 +13,18 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from e2e.e2e_servers import PROMPTS, Served
+from e2e.e2e_servers import PROMPTS, Served, sample_tokens
+from e2e.test_sae_top_k import write_sae
 from transformer_lens import patching as tl_patching
 
 from hooklab import hooks, metrics
+from hooklab_server.settings import Settings
 
 JS_DIR = Path(__file__).resolve().parents[2] / "client" / "js"
 LIVE_TESTS = "test/live.test.js"
@@ -187,3 +190,66 @@ def test_js_client_against_the_server(
         path.write_text(json.dumps(reference(gpt2_server)))
     env = {"HOOKLAB_TEST_URL": gpt2_server.url, "HOOKLAB_TEST_REFERENCE": str(path)}
     run_node(npm_installed, [LIVE_TESTS], tmp_path, env)
+
+
+# --- sparse autoencoders: feature specs and the sparse top-k form --------------------------
+
+LIVE_SAE_TESTS = "test/live_saes.js"  # not a *.test.js: it needs the SAE server below
+SAE_HOOK = "blocks.1.hook_resid_pre"
+SAE_WIDTH = 256
+FEATURE_CALLS: list[tuple[str, list[Any], dict[str, Any]]] = [
+    ("feature_steer", [3, 1.0], {}),
+    ("feature_steer", [[1, 2], 4.0], {"pos": -1}),
+    ("feature_ablate", [5], {"batch": [0]}),
+    ("feature_clamp", [2, 0.5], {"pos": [0, 1]}),
+]
+
+
+@pytest.fixture(scope="module")
+def sae_served(
+    serve_in: Any, gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """GPT-2 with a JumpReLU SAE at SAE_HOOK, in this session's deployment."""
+    folder = write_sae(tmp_path_factory.mktemp("js-sae") / "resid", 64, SAE_WIDTH, 7)
+    with serve_in(gpt2_checkpoint, Settings(sae=(f"{folder}@{SAE_HOOK}",))) as served:
+        yield served
+
+
+def sae_reference(served: Served) -> dict[str, Any]:
+    """The dense SAE activations and torch.topk of them, from the Python client on the same
+    server, and the logits its feature specs give."""
+    model, k = served.model, 8
+    acts = f"{SAE_HOOK}.hook_sae_acts_post"
+    tokens = sample_tokens(served.tl, batch=2, pos=5, seed=21)
+    _, cache = model.run_with_cache(tokens, names_filter=[acts], lazy=False)
+    dense = cache[acts]
+    values, _ = torch.topk(dense, k, dim=-1)
+    feature = int(dense.sum((0, 1)).argmax())
+    steer, clamp = hooks.feature_steer(feature, 4.0), hooks.feature_clamp(feature, 3.0, pos=-1)
+    steered = model.run_with_hooks(tokens, fwd_hooks=[(SAE_HOOK, steer)])
+    clamped = model.run_with_hooks(tokens, fwd_hooks=[(SAE_HOOK, clamp)])
+    return {
+        "hook": SAE_HOOK,
+        "acts": acts,
+        "sae_widths": {SAE_HOOK: SAE_WIDTH},
+        "d_sae": SAE_WIDTH,
+        "tokens": tokens.tolist(),
+        "k": k,
+        "active": int((dense > 0).sum(-1).max()),
+        "dense": _tensor(dense),
+        "top_values": _tensor(values),
+        "feature_calls": [
+            _call(name, args, kwargs, getattr(hooks, name)(*args, **kwargs).at(SAE_HOOK))
+            for name, args, kwargs in FEATURE_CALLS
+        ],
+        "steer": {"feature": feature, "coeff": 4.0, "logits": _tensor(steered)},
+        "clamp_logits": _tensor(clamped),
+    }
+
+
+def test_js_client_with_saes(npm_installed: str, sae_served: Served, tmp_path: Path) -> None:
+    path = tmp_path / "reference.json"
+    with torch.inference_mode():
+        path.write_text(json.dumps(sae_reference(sae_served)))
+    env = {"HOOKLAB_TEST_URL": sae_served.url, "HOOKLAB_TEST_REFERENCE": str(path)}
+    run_node(npm_installed, [LIVE_SAE_TESTS], tmp_path, env)

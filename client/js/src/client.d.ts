@@ -1,5 +1,6 @@
 import type { HookSpec } from "./hooks.js";
 import type { Metric } from "./metrics.js";
+import type { TopK } from "./sparse.js";
 import type { Tensor, TensorLike } from "./tensor.js";
 
 export interface ClientOptions {
@@ -65,6 +66,9 @@ export interface CacheOptions extends ForwardOptions {
   return_cache?: boolean;
   lazy?: boolean;
   incl_bwd?: boolean;
+  /** Send these cached points as their top k along the last axis (in `RunResult.topK`):
+   * k, or `{k, names}` (default names: every cached SAE hook_sae_acts_pre/post). */
+  sparse_top_k?: number | { k: number; names?: string[] | null } | null;
 }
 
 /** A forward's answer. */
@@ -83,6 +87,8 @@ export interface RunResult {
   outputs: Record<string, Tensor>;
   /** The activations (and `{name}_grad` gradients) by hook name. */
   cache: Record<string, Tensor>;
+  /** The activations sent in the sparse top-k form (`sparse_top_k`), by hook name. */
+  topK: Record<string, TopK>;
   /** The begin frame's fields with the end frame's merged over them (cache_id, entries, stats, …). */
   meta: Record<string, any>;
 }

@@ -9,6 +9,7 @@
 
 import { TruncatedStreamError, serverError } from "./errors.js";
 import { HookSpec } from "./hooks.js";
+import { joinTopK, lastAxisSize } from "./sparse.js";
 import { Tensor, wireTensor } from "./tensor.js";
 import { Transport } from "./transport.js";
 
@@ -30,6 +31,7 @@ export class HooklabClient {
     this.transport = new Transport(baseUrl, options);
     this.model = options.model ?? null;
     this.hookNames = null; // memoised: the hook points that fire by default
+    this.info = null; // memoised GET /v1/model, for the shapes of top-k entries
   }
 
   // --- the model ------------------------------------------------------------------------
@@ -94,6 +96,9 @@ export class HooklabClient {
    * TransformerLens's `run_with_cache`: the outputs and `cache`, the activations by hook name.
    * `names_filter` (a name, a list, or a predicate evaluated here over the hook points that
    * fire) picks what is cached; `store: true` keeps the cache on the server (`cache_id`).
+   * `sparse_top_k` (k, or `{k, names}`; default names: every cached SAE `hook_sae_acts_pre` /
+   * `hook_sae_acts_post`) sends those points as their top k along the last axis: they come
+   * back in `topK` (name -> TopK: `values`, `indices` [..., k], `toDense()`), not in `cache`.
    */
   runWithCache(input, options = {}) {
     return this.#run("/v1/run_with_cache", input, options);
@@ -110,6 +115,7 @@ export class HooklabClient {
 
   async #run(path, input, options) {
     const { signal, names_filter, ...fields } = options;
+    if (typeof fields.sparse_top_k === "number") fields.sparse_top_k = { k: fields.sparse_top_k };
     const body = await this.#hookFields(fields, signal);
     // As TransformerLens: with start_at_layer the input is the residual stream to start from.
     body[fields.start_at_layer === undefined || fields.start_at_layer === null ? "input" : "residual"] = input;
@@ -119,7 +125,10 @@ export class HooklabClient {
       body.names = await this.#names(names_filter, signal);
     }
     const { meta, tensors } = await this.transport.frames("POST", path, { body: this.#body(body), signal });
-    return resultOf(meta, tensors);
+    if (body.sparse_top_k === undefined || body.sparse_top_k === null) return resultOf(meta, tensors);
+    const info = this.info ?? (this.info = await this.modelInfo({ signal }));
+    const { dense, topK } = joinTopK(tensors, (name, values) => lastAxisSize(info, name, values));
+    return Object.assign(resultOf(meta, dense), { topK });
   }
 
   // --- generation -----------------------------------------------------------------------
@@ -277,7 +286,7 @@ export class HooklabClient {
 /** A forward result: every `output.*` tensor by its short name (`logits`, `loss`, …) and in
  * `outputs`, the activations in `cache`, and the begin and end frames' fields in `meta`. */
 function resultOf(meta, tensors) {
-  const result = { outputs: {}, cache: {}, meta };
+  const result = { outputs: {}, cache: {}, topK: {}, meta };
   for (const [name, tensor] of Object.entries(tensors)) {
     if (name.startsWith(OUTPUT_PREFIX)) {
       result.outputs[name] = tensor;

@@ -35,3 +35,19 @@ export function clamp(min?: number | null, max?: number | null, selectors?: Sele
 export function set(value: number | TensorOrId, selectors?: Selectors): HookSpec;
 export function project_out(direction: TensorOrId, selectors?: Selectors): HookSpec;
 export const projectOut: typeof project_out;
+
+/** Selectors of the feature specs: batch rows and positions. */
+export interface FeatureSelectors {
+  batch?: Indices;
+  pos?: Indices;
+}
+
+/** Add `coeff * W_dec[feature]` (each feature's decoder row) at the SAE's hook point. */
+export function feature_steer(feature: number | number[], coeff?: number, selectors?: FeatureSelectors): HookSpec;
+/** Zero the features' activations (the SAE's error term kept). */
+export function feature_ablate(feature: number | number[], selectors?: FeatureSelectors): HookSpec;
+/** Set the features' activations to `value`. */
+export function feature_clamp(feature: number | number[], value: number, selectors?: FeatureSelectors): HookSpec;
+export const featureSteer: typeof feature_steer;
+export const featureAblate: typeof feature_ablate;
+export const featureClamp: typeof feature_clamp;

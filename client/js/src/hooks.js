@@ -27,14 +27,14 @@ export class HookSpec {
 
 const SELECTORS = ["batch", "pos", "head", "neuron"];
 
-function spec(op, selectors, fields) {
+function spec(op, selectors, fields, allowed = SELECTORS) {
   const wire = {};
   for (const [key, value] of Object.entries(fields)) if (value !== undefined && value !== null) wire[key] = value;
-  for (const key of SELECTORS) {
+  for (const key of allowed) {
     const value = selectors?.[key];
     if (value !== undefined && value !== null) wire[key] = value;
   }
-  const unknown = Object.keys(selectors ?? {}).filter((key) => !SELECTORS.includes(key));
+  const unknown = Object.keys(selectors ?? {}).filter((key) => !allowed.includes(key));
   if (unknown.length) throw new TypeError(`unknown option(s) ${unknown.join(", ")} of hooks.${op}`);
   return new HookSpec(op, wire);
 }
@@ -96,3 +96,29 @@ export function project_out(direction, selectors = {}) {
 
 /** `project_out` in JavaScript's spelling. */
 export const projectOut = project_out;
+
+// --- sparse autoencoder features: used at the hook point an SAE reads ----------------------
+// (`cfg.sae_widths` of GET /v1/model lists them), e.g.
+// ["blocks.3.hook_resid_post", hooks.feature_steer(12, 4.0)]. Selectors: `batch` and `pos`.
+
+const FEATURE_SELECTORS = ["batch", "pos"];
+
+/** Add `coeff * W_dec[feature]` (each feature's decoder row) at the SAE's hook point. */
+export function feature_steer(feature, coeff = 1.0, selectors = {}) {
+  return spec("feature_steer", selectors, { feature, coeff }, FEATURE_SELECTORS);
+}
+
+/** Zero the features' activations (the SAE's error term kept). */
+export function feature_ablate(feature, selectors = {}) {
+  return spec("feature_ablate", selectors, { feature }, FEATURE_SELECTORS);
+}
+
+/** Set the features' activations to `value`. */
+export function feature_clamp(feature, value, selectors = {}) {
+  return spec("feature_clamp", selectors, { feature, value }, FEATURE_SELECTORS);
+}
+
+/** The feature builders in JavaScript's spelling. */
+export const featureSteer = feature_steer;
+export const featureAblate = feature_ablate;
+export const featureClamp = feature_clamp;

@@ -9,9 +9,10 @@ export {
 export type { Frame, ReadOptions } from "./frames.js";
 export * as hooks from "./hooks.js";
 export { HookSpec } from "./hooks.js";
-export type { Indices, Selectors } from "./hooks.js";
+export type { FeatureSelectors, Indices, Selectors } from "./hooks.js";
 export * as metrics from "./metrics.js";
 export type { Metric, MetricOptions } from "./metrics.js";
+export { TOP_K_INDICES_SUFFIX, TOP_K_VALUES_SUFFIX, TopK, axisSizes } from "./sparse.js";
 export { DTYPES, Tensor, tensor, wireTensor } from "./tensor.js";
 export type { ArrayOfDtype, DtypeCode, TensorLike, TypedArray } from "./tensor.js";
 

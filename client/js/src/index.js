@@ -12,6 +12,7 @@ export { DEFAULT_MAX_FRAME_BYTES, FRAMES_MEDIA_TYPE, collectFrames, decodeFrame,
 export * as hooks from "./hooks.js";
 export { HookSpec } from "./hooks.js";
 export * as metrics from "./metrics.js";
+export { TOP_K_INDICES_SUFFIX, TOP_K_VALUES_SUFFIX, TopK, axisSizes } from "./sparse.js";
 export { DTYPES, Tensor, tensor, wireTensor } from "./tensor.js";
 
 /**

@@ -1,6 +1,6 @@
 // Compiled (not run) by types.test.js: the hand-written .d.ts files describe the API as used.
 import {
-  HooklabClient, ServerError, Tensor, UnknownHookError, connect, hooks, metrics, readFrames, tensor,
+  HooklabClient, ServerError, Tensor, TopK, UnknownHookError, connect, hooks, metrics, readFrames, tensor,
   type GenerateStep, type RunResult,
 } from "../src/index.js";
 
@@ -48,3 +48,22 @@ async function example(): Promise<void> {
   void [first, resid, done, patched.metric?.shape, back];
 }
 void example;
+
+async function sparseExample(client: HooklabClient): Promise<void> {
+  const acts = "blocks.1.hook_resid_pre.hook_sae_acts_post";
+  const result = await client.runWithCache("Hello", { names_filter: [acts], sparse_top_k: 8 });
+  const top: TopK | undefined = result.topK[acts];
+  const width: number | undefined = top?.width;
+  const dense: Tensor | undefined = top?.toDense();
+  const index: number | bigint | undefined = top?.indices.at(0, 0, 0);
+  await client.runWithCache("Hello", { sparse_top_k: { k: 2, names: ["blocks.*.attn.hook_pattern"] } });
+  await client.runWithHooks("Hello", {
+    fwd_hooks: [
+      ["blocks.1.hook_resid_pre", hooks.feature_steer([1, 2], 4, { pos: -1 })],
+      ["blocks.1.hook_resid_pre", hooks.featureAblate(3, { batch: 0 })],
+      ["blocks.1.hook_resid_pre", hooks.feature_clamp(5, 2.5)],
+    ],
+  });
+  void [width, dense, index];
+}
+void sparseExample;
