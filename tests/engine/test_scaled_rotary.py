@@ -5,6 +5,8 @@ TransformerLens 3.9 on seeded random checkpoints (``fixtures.checkpoints``, 2 la
   own base unscaled (as Gemma 3 4B and larger ship);
 * Llama with ``llama3`` scaling, its original context (32) placing one frequency in each of the
   kept, blended and divided bands;
+* Qwen3 with ``yarn`` (factor 4, original context 4096 at base 1e6: of the 8 rotated pairs,
+  two kept, two blended and four divided), as Qwen's long-context configs ship;
 * Phi-3 with ``longrope``: original context 16 of 128 (an attention factor of
   sqrt(1 + ln 8 / ln 16)), sequences of 8 tokens (short factors) and 40 (long factors), and a
   generation that crosses from one to the other.
@@ -14,9 +16,10 @@ Per model: unprocessed logits equal HF's (1e-4, fp32) and greedy generation equa
 (TL's ``rotary_scaling_factor``, set by its official Gemma 3 4B+ entries; the oracle builds
 Gemma 3 configs from the HF config and is given that field here) and Llama (TL reads llama3
 scaling from ``rope_scaling`` into its "NTK by parts" fields). TL 3.9 ignores Phi-3's
-``longrope`` (its Phi-3 config reads only ``rope_theta``), so Phi-3 is compared with HF only.
+``longrope`` (its Phi-3 config reads only ``rope_theta``) and Qwen3's ``yarn`` (it reads yarn
+for GPT-OSS and OLMo 3 only), so those two are compared with HF only.
 
-``dynamic`` and ``yarn`` are refused at load, by name.
+``dynamic`` (frequencies recomputed as a sequence grows) is refused at load, by name.
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ SCALED: dict[str, tuple[str, dict[str, Any]]] = {
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    "qwen3-yarn": (
+        "qwen3",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 4096,
             }
         },
     ),
@@ -199,7 +212,7 @@ def test_phi3_longrope_generation_from_a_long_prompt_equals_hugging_face(phi3: P
 def test_run_with_cache_matches_tl(scaled: tuple[str, Path], processing: str) -> None:
     name, checkpoint = scaled
     if name not in TL_SUPPORTED:
-        pytest.skip("TransformerLens 3.9 ignores longrope (compared with HF only)")
+        pytest.skip(f"TransformerLens 3.9 ignores this scaling ({name}; compared with HF only)")
     tokens = sample_tokens(checkpoint)
     ref_logits, ref_cache = tl(checkpoint, processing).run_with_cache(
         tokens, return_cache_object=False
@@ -236,7 +249,7 @@ def test_phi3_long_factors_apply_only_beyond_the_original_context(phi3: Path) ->
     assert (short - long).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("rope_type", ["dynamic", "yarn"])
+@pytest.mark.parametrize("rope_type", ["dynamic"])
 def test_unsupported_scaling_is_refused_by_name(
     rope_type: str, tmp_path: Path, tokenizer_dir: Path
 ) -> None:

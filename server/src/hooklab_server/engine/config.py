@@ -60,6 +60,15 @@ class HookedConfig:
     NTK_by_parts_low_freq_factor: float = 1.0
     NTK_by_parts_high_freq_factor: float = 4.0
     NTK_original_ctx_len: int = 8192
+    # yarn: frequencies blended between divided by yarn_factor (below the correction range) and
+    # kept (above it); cos and sin times yarn_attention_factor.
+    use_yarn_rope: bool = False
+    yarn_factor: float = 1.0
+    yarn_attention_factor: float = 1.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_truncate: bool = True
     # longrope (Phi-3; not in TransformerLens): a divisor per frequency, the long set once a
     # forward reaches past longrope_original_ctx_len positions; cos and sin times the factor.
     longrope_short_factor: list[float] | None = None

@@ -58,8 +58,8 @@ def rope_theta(hf_config: Any, default: float = 10000.0) -> float:
 
 def rope_fields(params: dict[str, Any], hf: Any, default_base: float = 10000.0) -> dict[str, Any]:
     """``rotary_base`` and the scaling fields of one set of rope parameters, read with
-    transformers' semantics (``modeling_rope_utils``): default, linear, llama3 and longrope;
-    any other type (dynamic, yarn …) is refused by name, never run unscaled."""
+    transformers' semantics (``modeling_rope_utils``): default, linear, llama3, yarn and
+    longrope; any other type (dynamic …) is refused by name, never run unscaled."""
     rope_type = _rope_type(params)
     fields: dict[str, Any] = {
         "rotary_base": float(params.get("rope_theta", getattr(hf, "rope_theta", default_base)))
@@ -96,12 +96,34 @@ def rope_fields(params: dict[str, Any], hf: Any, default_base: float = 10000.0) 
             longrope_original_ctx_len=int(original),
             longrope_attention_factor=float(attention),
         )
+    elif rope_type == "yarn":
+        factor = params.get("factor") or hf.max_position_embeddings / original
+        attention = params.get("attention_factor")
+        if attention is None:  # HF: 0.1 ln(factor) + 1, or the ratio of two such with mscales
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention = _yarn_mscale(factor)
+        fields.update(
+            use_yarn_rope=True,
+            yarn_factor=float(factor),
+            yarn_attention_factor=float(attention),
+            yarn_beta_fast=float(params.get("beta_fast") or 32.0),
+            yarn_beta_slow=float(params.get("beta_slow") or 1.0),
+            yarn_original_max_position_embeddings=int(original),
+            yarn_truncate=bool(params.get("truncate", True)),
+        )
     else:
         raise NotImplementedError(
             f"rope_type {rope_type!r} (rope_scaling) is not supported: hooklab runs default, "
-            "linear, llama3 and longrope rotary embeddings"
+            "linear, llama3, yarn and longrope rotary embeddings"
         )
     return fields
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def rotary_decoder_fields(hf: Any, **overrides: Any) -> dict[str, Any]:

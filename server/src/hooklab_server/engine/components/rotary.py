@@ -3,9 +3,11 @@
 
 Scaled variants (Hugging Face's ``rope_scaling``): ``linear`` divides every angle by a factor;
 ``llama3`` (TransformerLens's "NTK by parts") divides the low frequencies by the factor, keeps
-the high ones and interpolates between; ``longrope`` (Phi-3) divides each frequency by its own
-factor, one set for sequences up to the original context and another for longer ones, and
-multiplies cos and sin by an attention factor.
+the high ones and interpolates between; ``yarn`` does the same over a range of rotations
+(``beta_fast`` to ``beta_slow`` in the original context) and scales cos and sin;
+``longrope`` (Phi-3) divides each frequency by its own factor, one set for sequences up to the
+original context and another for longer ones, and multiplies cos and sin by an attention
+factor.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class RopeScaling:
     linear_factor: float = 1.0
     # llama3: (factor, low_freq_factor, high_freq_factor, original context length)
     llama3: tuple[float, float, float, int] | None = None
+    # yarn: (factor, beta_fast, beta_slow, original context length, truncate)
+    yarn: tuple[float, float, float, int, bool] | None = None
     # longrope: per-frequency divisors up to / beyond ``original_ctx`` positions
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
@@ -46,14 +50,26 @@ def layer_scaling(cfg: HookedConfig, layer: int) -> RopeScaling:
             cfg.NTK_by_parts_high_freq_factor,
             cfg.NTK_original_ctx_len,
         )
+    yarn = None
+    if cfg.use_yarn_rope:
+        yarn = (
+            cfg.yarn_factor,
+            cfg.yarn_beta_fast,
+            cfg.yarn_beta_slow,
+            cfg.yarn_original_max_position_embeddings,
+            cfg.yarn_truncate,
+        )
     short, long = cfg.longrope_short_factor, cfg.longrope_long_factor
     return RopeScaling(
         linear_factor=1.0 if local else cfg.rotary_scaling_factor,
         llama3=llama3,
+        yarn=yarn,
         short_factor=tuple(short) if short is not None else None,
         long_factor=tuple(long) if long is not None else None,
         original_ctx=cfg.longrope_original_ctx_len,
-        attention_factor=cfg.longrope_attention_factor,
+        attention_factor=(
+            cfg.yarn_attention_factor if cfg.use_yarn_rope else cfg.longrope_attention_factor
+        ),
     )
 
 
@@ -74,6 +90,8 @@ def _wavelengths(
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high_factor) & (wavelen <= old_ctx / low_factor)
         return 1.0 / torch.where(medium, blended, scaled).to(wide)
+    if scaling.yarn is not None:
+        return 1.0 / _yarn_inverse_frequencies(rotary_dim, base, *scaling.yarn).to(wide)
     freq = base ** (torch.arange(rotary_dim // 2, dtype=wide) / (rotary_dim / 2))
     factors = scaling.long_factor if long else scaling.short_factor
     if factors is not None:
@@ -83,6 +101,33 @@ def _wavelengths(
             )
         freq = freq * torch.tensor(factors, dtype=torch.float32).to(wide)
     return freq * scaling.linear_factor
+
+
+def _yarn_inverse_frequencies(
+    rotary_dim: int,
+    base: float,
+    factor: float,
+    beta_fast: float,
+    beta_slow: float,
+    original: int,
+    truncate: bool,
+) -> torch.Tensor:
+    """YaRN's inverse frequencies (float32, as HF): pairs that turn more than ``beta_fast``
+    times over the original context keep their frequency, those turning fewer than
+    ``beta_slow`` times are divided by ``factor``, the ones between are blended linearly."""
+
+    def pair_turning(rotations: float) -> float:  # the pair index turning this many times
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv = 1.0 / base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    return inv / factor * ramp + inv * (1 - ramp)
 
 
 class Rotary(nn.Module):
