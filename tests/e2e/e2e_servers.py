@@ -4,6 +4,7 @@ TransformerLens 3.9 on the same checkpoint as the reference."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -135,8 +136,10 @@ def served_checkpoint(checkpoint: Path, settings: Settings | None = None) -> Ite
 def scaled_out_checkpoint(
     checkpoint: Path, redis_url: str, folder: Path, settings: Settings | None = None
 ) -> Iterator[Served]:
-    """The same, served scaled out: an API over Redis and two worker processes."""
-    deployment = ScaledOut(redis_url, [checkpoint], folder, settings)
+    """The same, served scaled out: an API over Redis and two worker processes (behind API keys,
+    the harness uses the one the client does: HOOKLAB_API_KEY)."""
+    api_key = os.environ.get("HOOKLAB_API_KEY")
+    deployment = ScaledOut(redis_url, [checkpoint], folder, settings, api_key=api_key)
     try:
         deployment.start()
         with _served(deployment.url, checkpoint) as served:
