@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,7 +52,7 @@ Normalization = Literal[
     "none", "expected_average_only_in", "constant_norm_rescale", "layer_norm",
     "covariance_whitening",
 ]  # fmt: skip
-NORMALIZATIONS: tuple[str, ...] = Normalization.__args__  # type: ignore[attr-defined]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
 
 
