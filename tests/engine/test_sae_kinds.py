@@ -308,3 +308,19 @@ def test_unservable_kinds_are_refused(gpt2_checkpoint: Path, tmp_path: Path) -> 
         attach_sae(model, Z, load_sae(write_sae(tmp_path / "g", heads + 1, Z)))
     with pytest.raises(SaeLoadError, match="does not fit"):
         attach_sae(model, "blocks.0.attn.hook_pattern", load_sae(write_sae(tmp_path / "h", 4, Z)))
+
+
+def test_editing_the_sae_input_equals_hooked_sae_transformer(
+    gpt2_checkpoint: Path, tmp_path: Path
+) -> None:
+    """An edited hook_sae_input is encoded and decoded, and the error term stays that of the
+    unedited input (HookedSAETransformer's clean pass reads the host, not the hooked input)."""
+    model = load_model(str(gpt2_checkpoint))
+    folder = write_sae(tmp_path / "sae", model.cfg.d_model, RESID, "topk", "layer_norm", k=6)
+    attach_sae(model, RESID, load_sae(folder))
+    edit = [(f"{RESID}.hook_sae_input", lambda value, hook: value * 2.0)]
+    ours = model.run_with_hooks(PROMPT, fwd_hooks=edit)
+    theirs = hooked_sae_transformer(gpt2_checkpoint)
+    with theirs.saes(saes=[saelens_sae(folder)], use_error_term=True):
+        expected = theirs.run_with_hooks(PROMPT, fwd_hooks=edit)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
