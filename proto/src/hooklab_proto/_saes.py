@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from ._base import Body
@@ -50,9 +50,12 @@ class SaeUploadRequest(Body):
     cfg: str | dict[str, Any] = Field(
         description="SAELens's cfg.json: its text, or the object it holds"
     )
-    weights: Annotated[bytes, BeforeValidator(_bytes_or_base64)] = Field(
-        description="sae_weights.safetensors: msgpack bin, or base64 text in JSON"
-    )
+    # Described as JSON sends it (base64 text); a msgpack body sends the same field as bin.
+    weights: Annotated[
+        bytes,
+        BeforeValidator(_bytes_or_base64),
+        WithJsonSchema({"type": "string", "format": "byte"}),
+    ] = Field(description="sae_weights.safetensors: base64 text in JSON, bin in msgpack")
     hook: Annotated[str | None, Field(max_length=256)] = Field(
         None, description="the hook point it reads (default: the config's hook_name)"
     )
