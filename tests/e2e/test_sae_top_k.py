@@ -190,3 +190,46 @@ def test_a_bad_k_is_refused_before_any_work(
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
     assert error["code"] == "validation_error" and message in error["message"], error
+
+
+def test_a_stored_or_lazy_cache_is_read_in_the_top_k_form(top_k_server: TopKServed) -> None:
+    """A cache kept on the server holds the dense activations; GET /v1/caches/{id}?top_k=k
+    reads its entries in the sparse form (frames or JSON), for far fewer bytes."""
+    served = top_k_server.served
+    model, transport = served.model, served.model._transport
+    tokens = sample_tokens(served.tl, batch=2, pos=9, seed=15)
+    _, lazy = model.run_with_cache(tokens, names_filter=[HOOK, ACTS], lazy=True)
+    dense = lazy[ACTS]
+    path = f"/v1/caches/{lazy.cache_id}"
+    before = transport.received_bytes
+    _, tensors = transport.frames("GET", path, query={"names": [ACTS], "top_k": "8"})
+    moved = transport.received_bytes - before
+    values, _ = torch.topk(dense, 8, dim=-1)
+    assert torch.equal(tensors[ACTS + TOP_K_VALUES_SUFFIX], values)
+    assert tensors[ACTS + TOP_K_INDICES_SUFFIX].dtype == torch.int32
+    assert torch.equal(dense.gather(-1, tensors[ACTS + TOP_K_INDICES_SUFFIX].long()), values)
+    assert moved * 32 < dense.numel() * 4, moved
+    # The client's cache.top_k: the same read for a lazy cache, taken here for an eager one.
+    _, fresh = model.run_with_cache(tokens, names_filter=[HOOK, ACTS], lazy=True)
+    before = transport.received_bytes
+    read = fresh.top_k(ACTS, 8)
+    assert transport.received_bytes - before == moved
+    assert torch.equal(read.values, values) and read.width == D_SAE
+    _, eager = model.run_with_cache(tokens, names_filter=[ACTS], lazy=False)
+    assert torch.equal(eager.top_k(ACTS, 8).values, values)
+    _, rows = model.run_with_cache(tokens, names_filter=[ACTS], lazy=True)
+    assert torch.equal(rows.apply_slice_to_batch_dim(1).top_k(ACTS, 8).values, values[1])
+    answer = httpx.get(
+        f"{served.url}{path}", params={"names": [ACTS], "top_k": "8"},
+        headers={"accept": "application/json"}, timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    as_json = answer.json()["tensors"]
+    assert torch.equal(tensor_from_json(as_json[ACTS + TOP_K_VALUES_SUFFIX]), values)
+    for bad, message in (("0", "positive integer"), ("x", "positive integer"), ("65", "64")):
+        refused = httpx.get(
+            f"{served.url}{path}", params={"names": [HOOK], "top_k": bad}, timeout=60
+        )
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "validation_error" and message in error["message"], error

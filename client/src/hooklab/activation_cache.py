@@ -21,6 +21,7 @@ from hooklab_analysis import ActivationCache as _Cache
 from hooklab_proto import ANALYSIS_METHODS, GRAD_SUFFIX
 
 from .remote_cache import RemoteEntries, fetching_first
+from .sparse import TopK, top_k_of
 from .utils import Slice, SliceInput, as_slice
 
 
@@ -43,6 +44,14 @@ class ActivationCache(_Cache):
         Nothing to do for a cache held here."""
         if isinstance(self.cache_dict, RemoteEntries):
             self.cache_dict.release()
+
+    def top_k(self, name: str, k: int) -> TopK:
+        """Entry ``name``'s k largest along its last axis (e.g. an SAE's features), as
+        ``torch.topk`` orders them (hooklab's addition). A lazy cache sends only those
+        (``GET /v1/caches/{id}?top_k=k``): a few percent of the dense bytes."""
+        if isinstance(self.cache_dict, RemoteEntries):
+            return self.cache_dict.top_k(name, k)
+        return top_k_of(self.cache_dict[name], k)
 
     def gradients(self) -> ActivationCache:
         """The ``{name}_grad`` entries (``run_with_cache(..., incl_bwd=True)``) as a cache of

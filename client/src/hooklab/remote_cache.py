@@ -26,11 +26,17 @@ from typing import Any, TypeVar, cast
 import torch
 from torch.utils._pytree import tree_map
 
-from hooklab_proto import ANALYSIS_RESULT, torch_dtype
+from hooklab_proto import (
+    ANALYSIS_RESULT,
+    TOP_K_INDICES_SUFFIX,
+    TOP_K_VALUES_SUFFIX,
+    torch_dtype,
+)
 
 from ._transport import Transport
 from .errors import NotFoundError, ServerError
 from .lazy import DEVICE_PROPERTY
+from .sparse import TopK, top_k_of
 from .utils import Slice, SliceInput, as_slice
 
 OUTPUT_PREFIX = "output."  # the wire's names of a forward's outputs
@@ -62,7 +68,7 @@ class _ServerCopy:
         if keep:
             self._on_collect.detach()
 
-    def fetch(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def fetch(self, names: Sequence[str], top_k: int | None = None) -> dict[str, torch.Tensor]:
         if self.released:
             raise self._gone("it was released (cache.release())")
         path = f"/v1/caches/{self.cache_id}"
@@ -70,6 +76,8 @@ class _ServerCopy:
             query: dict[str, Any] = {"names": list(names)}
             if self.wire_dtype is not None:
                 query["wire_dtype"] = self.wire_dtype
+            if top_k is not None:  # each entry as its indices and values
+                query["top_k"] = str(top_k)
             _, tensors = self.transport.frames("GET", path, query=query)
         except NotFoundError as exc:
             if "has no entry" in str(exc):
@@ -214,6 +222,20 @@ class RemoteEntries(MutableMapping[str, torch.Tensor]):
             if self._device is not None:
                 value = value.to(self._device)
             self._fetched[name] = value
+
+    def top_k(self, name: str, k: int) -> TopK:
+        """Entry ``name``'s top k along its last axis: only those travel, unless the entry is
+        here already (then taken here)."""
+        if name in self._local or name in self._fetched or name not in self._entries:
+            return top_k_of(self[name], k)
+        tensors = self._copy.fetch([name], top_k=k)
+        values = tensors[name + TOP_K_VALUES_SUFFIX].to(self._entries[name][1])
+        indices = tensors[name + TOP_K_INDICES_SUFFIX].long()
+        if self._rows is not None:
+            values, indices = values[self._rows], indices[self._rows]
+        if self._device is not None:
+            values, indices = values.to(self._device), indices.to(self._device)
+        return TopK(values, indices, self._entries[name][0][-1])
 
     def release(self) -> None:
         self._copy.release()

@@ -75,6 +75,16 @@ class TopK:
         return TopK(self.values[index], self.indices[index], self.width)
 
 
+def top_k_of(value: torch.Tensor | TopK, k: int) -> TopK:
+    """``value``'s k largest along its last axis (a TopK already here: its first k)."""
+    if isinstance(value, TopK):
+        if k > value.k:
+            raise ValueError(f"this entry came with its top {value.k}; ask for at most that")
+        return TopK(value.values[..., :k], value.indices[..., :k], value.width)
+    values, indices = torch.topk(value, k, dim=-1)
+    return TopK(values, indices, int(value.shape[-1]))
+
+
 def gather_top_k(
     tensors: Mapping[str, torch.Tensor], widths: Mapping[str, int]
 ) -> dict[str, torch.Tensor | TopK]:
@@ -111,4 +121,4 @@ def last_axis_sizes(
     return widths
 
 
-__all__ = ["TopK", "gather_top_k", "last_axis_sizes"]
+__all__ = ["TopK", "gather_top_k", "last_axis_sizes", "top_k_of"]

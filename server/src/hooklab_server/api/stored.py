@@ -102,10 +102,17 @@ async def get_cache(
     wire_dtype: Annotated[
         str | None, Query(description="float16 | bfloat16: floating-point entries travel so")
     ] = None,
+    top_k: Annotated[
+        str | None,
+        Query(
+            description="k: each entry as its top k along the last axis, "
+            "'{name}.top_k_indices' (I32) and '{name}.top_k_values' (sparse_top_k's form)"
+        ),
+    ] = None,
 ) -> Response:
     """A stored cache's activations: all of them, or the entries ``names``."""
     read = _read(request, object_id)
-    value = await run_in_threadpool(objects.stored_cache, *read, names, wire_dtype)
+    value = await run_in_threadpool(objects.stored_cache, *read, names, wire_dtype, top_k)
     return await tensors_response(request, value, {"cache_id": object_id})
 
 

@@ -23,6 +23,7 @@ from ..store import Store, StoredInfo
 from .context import OpsContext, decoded_tensor
 from .cost import check_response, response_size
 from .errors import RequestError, too_large
+from .sparse import stored_top_k
 
 
 @functools.cache
@@ -62,9 +63,11 @@ def stored_cache(
     wants_json: bool,
     names: list[str] | None = None,
     wire_dtype: str | None = None,
+    top_k: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """A stored cache, or only its entries ``names`` (a client reading a cache lazily), its
-    floating-point tensors as ``wire_dtype`` when given."""
+    floating-point tensors as ``wire_dtype`` when given; with ``top_k``, each entry in the
+    sparse top-k form (taken before the wire rounding)."""
     if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
         raise RequestError(
             ErrorCode.VALIDATION,
@@ -82,6 +85,8 @@ def stored_cache(
                 f"stored cache {object_id!r} has no entry {missing[0][:200]!r}",
             )
         value = {name: value[name] for name in dict.fromkeys(names)}
+    if top_k is not None:
+        value = stored_top_k(value, top_k)
     value = {name: for_the_wire(tensor, wire_dtype) for name, tensor in value.items()}
     _check_tensors(list(value.values()), wants_json, settings)
     return value

@@ -48,6 +48,26 @@ class TopKForm:
         ]
 
 
+def stored_top_k(entries: dict[str, torch.Tensor], k_text: str) -> dict[str, torch.Tensor]:
+    """A stored cache's entries read in the sparse top-k form (``GET /v1/caches/{id}?top_k=k``,
+    a lazy cache's SAE features read sparsely): each entry as its indices and values."""
+    k = int(k_text) if k_text.isdigit() and len(k_text) < 10 else 0
+    if k < 1:
+        raise RequestError(
+            ErrorCode.VALIDATION, f"top_k must be a positive integer, got {k_text[:50]!r}"
+        )
+    for name, value in entries.items():
+        if value.dim() == 0 or k > value.shape[-1]:
+            last = value.shape[-1] if value.dim() else 0
+            raise RequestError(
+                ErrorCode.VALIDATION,
+                f"top_k={k} is more than the last axis of {name} ({last})",
+                "read it without top_k, or ask for fewer",
+            )
+    form = TopKForm(k, frozenset(entries), 0)
+    return dict(piece for name, value in entries.items() for piece in form.pieces(name, value))
+
+
 def validate_top_k(
     ctx: OpsContext, request: RunWithCacheRequest, names: list[str], batch: int, pos: int
 ) -> TopKForm | None:
