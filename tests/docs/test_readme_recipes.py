@@ -75,7 +75,7 @@ FAMILIES = (
     '{"ref": ', "-X DELETE", '"lazy": true', "/v1/caches/", "/v1/analysis", "/v1/generate",
     '"stream": true', "/v1/patching", "/v1/integrated_gradients", "/v1/completions",
     "/v1/chat/completions", "/v1/usage", "/v1/capabilities", "/metrics", "/healthz", "/readyz",
-    "application/vnd.hooklab.frames+msgpack",
+    "application/vnd.hooklab.frames+msgpack", "/v1/saes",
 )  # fmt: skip
 
 
@@ -262,8 +262,27 @@ def test_the_recipes_show_every_route_family() -> None:
     assert _setup("README.md"), "README.md has no setup block (HOOKLAB=…)"
 
 
+def write_example_sae(folder: Path, sizes: Sizes) -> None:
+    """``my-sae/``, the SAELens folder the upload recipe sends: a random SAE reading the last
+    block's residual (what the recipe's blocks.29 becomes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d_in, d_sae = sizes.d_model, 16
+    (folder / "my-sae").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    tensors = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    save_file(tensors, folder / "my-sae" / "sae_weights.safetensors")
+    hook = f"blocks.{sizes.n_layers - 1}.hook_resid_post"
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "hook_name": hook}
+    (folder / "my-sae" / "cfg.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.id for recipe in RECIPES])
 def test_recipe_runs(recipe: Block, docs_server: Served, sizes: Sizes, tmp_path: Path) -> None:
+    if "my-sae/" in recipe.text:
+        write_example_sae(tmp_path, sizes)
     done, report = run_recipe(recipe, docs_server.url, sizes, tmp_path)
     assert done.returncode == 0, report
     try:
