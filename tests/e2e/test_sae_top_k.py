@@ -233,3 +233,28 @@ def test_a_stored_or_lazy_cache_is_read_in_the_top_k_form(top_k_server: TopKServ
         assert refused.status_code == 422, refused.text
         error = refused.json()["error"]
         assert error["code"] == "validation_error" and message in error["message"], error
+
+
+def test_wire_dtype_rounds_after_the_selection_and_gradients_stay_dense(
+    top_k_server: TopKServed,
+) -> None:
+    served = top_k_server.served
+    model = served.model
+    tokens = sample_tokens(served.tl, batch=1, pos=6, seed=16)
+    _, dense = model.run_with_cache(tokens, names_filter=[ACTS], lazy=False)
+    expected = torch.topk(dense[ACTS], 8, dim=-1).values
+    model.wire_dtype = "float16"
+    try:
+        _, half = model.run_with_cache(tokens, names_filter=[ACTS], sparse_top_k=8)
+    finally:
+        model.wire_dtype = None
+    assert torch.equal(half[ACTS].values, expected.half().float())
+    assert torch.equal(dense[ACTS].gather(-1, half[ACTS].indices), expected)
+    # The host point in the sparse form too: its gradient (and every other) stays dense.
+    spec = {"k": 8, "names": [HOOK, ACTS]}
+    _, grads = model.run_with_cache(
+        tokens, names_filter=[HOOK, ACTS], sparse_top_k=spec, incl_bwd=True, return_type="loss"
+    )
+    assert isinstance(grads[ACTS], TopK) and torch.equal(grads[ACTS].values, expected)
+    assert isinstance(grads[HOOK], TopK)
+    assert grads[HOOK + "_grad"].shape == (1, 6, 64)
