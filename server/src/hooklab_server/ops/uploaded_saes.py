@@ -164,10 +164,11 @@ def delete(store: Store, caller: Account, sae_id: str) -> None:
 
 class _Loaded:
     """SAEs made ready on a device, by id: each request re-checks that its key may use the id
-    (the store's listing), then reuses the weights converted the first time."""
+    (the store's listing), then reuses the weights converted the first time. The least
+    recently used go once they hold more than ``capacity_bytes`` (the last one always stays)."""
 
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity_bytes: int = 2 << 30) -> None:
+        self.capacity_bytes = capacity_bytes
         self._saes: OrderedDict[tuple[str, str, torch.dtype], SparseAutoencoder] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -184,9 +185,12 @@ class _Loaded:
         sae = sae_from_tensors(cfg, stored, model.cfg.dtype, model.device)
         with self._lock:
             self._saes[key] = sae
-            while len(self._saes) > self.capacity:
+            while len(self._saes) > 1 and self._held() > self.capacity_bytes:
                 self._saes.popitem(last=False)
         return sae
+
+    def _held(self) -> int:
+        return sum(sae.nbytes for sae in self._saes.values())
 
     def forget(self, sae_id: str) -> None:
         with self._lock:
