@@ -231,6 +231,8 @@ export class HooklabClient {
   storeTensor(tensor: TensorLike, options?: CallOptions & { ttl_s?: number }): Promise<StoredObject>;
   getTensor(id: string, options?: CallOptions): Promise<Tensor>;
   getCache(id: string, options?: CallOptions & { names?: string[]; wire_dtype?: "float16" | "bfloat16" }): Promise<Record<string, Tensor>>;
+  /** A stored cache's entries (all, or `names`) read as their top k along the last axis. */
+  getCacheTopK(id: string, k: number, options?: CallOptions & { names?: string[]; wire_dtype?: "float16" | "bfloat16" }): Promise<Record<string, TopK>>;
   listTensors(options?: CallOptions): Promise<StoredObject[]>;
   listCaches(options?: CallOptions): Promise<StoredObject[]>;
   deleteTensor(id: string, options?: CallOptions): Promise<void>;

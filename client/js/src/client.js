@@ -216,6 +216,16 @@ export class HooklabClient {
     return tensors;
   }
 
+  /** A stored cache's entries (all, or `names`) as their top `k` along the last axis, read
+   * sparsely (`GET /v1/caches/{id}?top_k=k`): name -> TopK. */
+  async getCacheTopK(id, k, { names, wire_dtype, signal } = {}) {
+    const path = `/v1/caches/${encodeURIComponent(id)}`;
+    const query = { names, wire_dtype, top_k: String(k) };
+    const { tensors } = await this.transport.frames("GET", path, { query, signal });
+    const info = this.info ?? (this.info = await this.modelInfo({ signal }));
+    return joinTopK(tensors, (name, values) => lastAxisSize(info, name, values)).topK;
+  }
+
   /** This key's stored tensors (an admin's: everyone's), as StoredObjects. */
   async listTensors({ signal } = {}) {
     return (await this.transport.json("GET", "/v1/tensors", { signal })).objects;

@@ -50,6 +50,12 @@ describe("SAEs on a live server", { skip: URL_ ? false : "HOOKLAB_TEST_URL is no
       names_filter: [REF.acts], sparse_top_k: { k: REF.active, names: [REF.acts] }, return_type: null,
     });
     assertClose(every.topK[REF.acts].toDense(), REF.dense, "toDense", 0);
+    // A cache kept on the server (dense there) read in the same form.
+    const stored = await client.runWithCache(REF.tokens, { names_filter: [REF.acts], store: true, return_cache: false });
+    const read = await client.getCacheTopK(stored.meta.cache_id, REF.k, { names: [REF.acts] });
+    assertClose(read[REF.acts].values, REF.top_values, "stored values", 0);
+    assert.deepEqual(read[REF.acts].shape, REF.dense.shape);
+    await client.deleteCache(stored.meta.cache_id);
   });
 
   test("a k beyond d_sae is refused", async () => {

@@ -64,6 +64,8 @@ async function sparseExample(client: HooklabClient): Promise<void> {
       ["blocks.1.hook_resid_pre", hooks.feature_clamp(5, 2.5)],
     ],
   });
-  void [width, dense, index];
+  const stored = await client.getCacheTopK("c_1", 4, { names: [acts] });
+  const values: Tensor | undefined = stored[acts]?.values;
+  void [width, dense, index, values];
 }
 void sparseExample;
