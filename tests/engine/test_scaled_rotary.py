@@ -43,6 +43,7 @@ from engine_helpers import (
 import fixtures.oracle as oracle
 from fixtures.checkpoints import build_checkpoint
 from hooklab_server.engine import load_model, load_model_no_processing
+from hooklab_server.engine.decode_pool import DecodePool, PoolFull
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -259,3 +260,28 @@ def test_unsupported_scaling_is_refused_by_name(
     )
     with pytest.raises(NotImplementedError, match=repr(rope_type)):
         load_model_no_processing(str(checkpoint))
+
+
+def test_a_decode_pool_refuses_a_longrope_row_crossing_its_original_context(phi3: Path) -> None:
+    """Pooled keys are written once: a row whose prompt used the short factors may not step past
+    the original context (the scheduler runs such a generation alone, which recomputes its
+    cache); a prompt already past it decodes in the pool as HF generates."""
+    model = ours(phi3)
+    pool = DecodePool(model, max_rows=2, max_positions=64)
+    short = long_tokens(phi3, 14)
+    group, logits = pool.join(short)
+    for _ in range(2):  # lengths 14 and 15: the short factors still
+        group_token = logits.argmax(-1)
+        logits = pool.step({group: group_token})[group]
+    with pytest.raises(PoolFull, match="original context"):
+        pool.step({group: logits.argmax(-1)})
+    pool.leave(group)
+
+    prompt = long_tokens(phi3, 40)
+    group, logits = pool.join(prompt)
+    generated = [logits.argmax(-1)]
+    for _ in range(5):
+        logits = pool.step({group: generated[-1]})[group]
+        generated.append(logits.argmax(-1))
+    expected = _hf_greedy(phi3, prompt, 6)[:, prompt.shape[1] :]
+    assert torch.equal(torch.stack(generated, dim=-1), expected)

@@ -54,6 +54,7 @@ class RowGroup:
     size: int
     length: int
     hooks: HookRun  # the join's hooks: every step uses them unless it is given others
+    prompt_width: int = 0  # the join's prefill width (``length`` then)
 
     @property
     def rows(self) -> slice:
@@ -112,7 +113,7 @@ class DecodePool:
         hooks = model.hook_run(fwd_hooks, interrupt=interrupt)
         cache = model.init_kv_cache()
         logits = model.last_logits(tokens, attention_mask, cache, hooks=hooks)
-        group = RowGroup(self.active_rows, batch, width, hooks)
+        group = RowGroup(self.active_rows, batch, width, hooks, width)
         rows = group.rows
         with torch.inference_mode():
             stale = max(self.extent[rows])
@@ -152,6 +153,14 @@ class DecodePool:
         full = [group for group in self.groups if group.length >= self.max_positions]
         if full:
             raise PoolFull(f"{len(full)} group(s) used all {self.max_positions} columns")
+        switch = self.model.cfg.longrope_original_ctx_len
+        if switch is not None and any(
+            group.prompt_width <= switch <= group.length for group in self.groups
+        ):
+            # Past longrope's original context every position takes the long factors, so keys
+            # cached with the short ones go stale: generate alone recomputes its cache then; a
+            # pooled row cannot.
+            raise PoolFull(f"a longrope generation crossed its original context ({switch})")
         model, n = self.model, self.active_rows
         given = hooks or {}
         spans = [

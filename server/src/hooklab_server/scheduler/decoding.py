@@ -68,6 +68,11 @@ class Decoder:
             return False
         prompt = work.prompt
         total = prompt.pos + work.stopping.max_new_tokens
+        switch = self.ctx.model.cfg.longrope_original_ctx_len
+        if switch is not None and prompt.pos <= switch < total:
+            # longrope re-rotates every cached key when a row crosses its original context;
+            # the solo path recomputes its cache then, the pool (keys written once) cannot.
+            return False
         return prompt.batch <= self.rows and total <= self.positions
 
     def ready(self, job: Job) -> bool:
