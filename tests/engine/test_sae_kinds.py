@@ -324,3 +324,38 @@ def test_editing_the_sae_input_equals_hooked_sae_transformer(
     with theirs.saes(saes=[saelens_sae(folder)], use_error_term=True):
         expected = theirs.run_with_hooks(PROMPT, fwd_hooks=edit)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_gradients_through_an_sae_equal_hooked_sae_transformer(
+    gpt2_checkpoint: Path, tmp_path: Path, edit: bool
+) -> None:
+    """A backward pass with an SAE attached (error term on) flows as in HookedSAETransformer:
+    the error term is a constant, so the host's gradient passes through the SAE's encoder and
+    decoder. The gradients at the SAE's points and upstream of it equal SAELens's, unedited
+    and with a feature edit; the unedited forward keeps the model's own numbers."""
+    model = load_model(str(gpt2_checkpoint))
+    folder = write_sae(tmp_path / "sae", model.cfg.d_model, RESID, "jumprelu", "none")
+    attach_sae(model, RESID, load_sae(folder))
+    points = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
+    names = ["blocks.0.hook_resid_pre", *(f"{RESID}.{point}" for point in points)]
+    fwd = [(f"{RESID}.hook_sae_acts_post", lambda value, hook: value * 0.5)] if edit else []
+
+    def is_compared(name: str) -> bool:
+        return name in names
+
+    loss, cache = model.run_with_cache(
+        PROMPT, return_type="loss", names_filter=is_compared, incl_bwd=True, fwd_hooks=fwd
+    )
+    theirs = hooked_sae_transformer(gpt2_checkpoint)
+    with theirs.saes(saes=[saelens_sae(folder)], use_error_term=True), theirs.hooks(fwd_hooks=fwd):
+        their_loss, their_cache = theirs.run_with_cache(
+            PROMPT, return_type="loss", names_filter=is_compared, incl_bwd=True
+        )
+    torch.testing.assert_close(loss, their_loss, rtol=1e-5, atol=1e-5)
+    for name in names:
+        grad = f"{name}_grad"
+        assert grad in their_cache, grad
+        torch.testing.assert_close(cache[grad], their_cache[grad], rtol=1e-4, atol=1e-5, msg=grad)
+    if not edit:
+        assert torch.equal(loss, model(PROMPT, return_type="loss"))

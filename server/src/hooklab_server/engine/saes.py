@@ -251,7 +251,15 @@ class SparseAutoencoder:
         clean = self.reconstruct(flat).reshape(x.shape) if changed else out
         error = hooks(names["hook_sae_error"], x - clean)
         changed = changed or names["hook_sae_error"] in edited
-        return hooks(names["hook_sae_output"], out + error if changed else x)
+        # SAELens computes the error term without gradient, so a backward pass reaches x
+        # through the SAE's encoder and decoder only (what feature attributions rely on).
+        if changed:
+            passed_on = out + error.detach()
+        elif out.requires_grad:
+            passed_on = x.detach() + (out - out.detach())  # x's own bits, SAELens's gradient
+        else:
+            passed_on = x
+        return hooks(names["hook_sae_output"], passed_on)
 
 
 class SaeLoadError(ValueError):
