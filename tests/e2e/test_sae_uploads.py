@@ -217,6 +217,26 @@ def test_feature_steer_through_an_upload_equals_adding_the_decoder_row(
     assert torch.equal(generated.cpu(), expected.cpu())
 
 
+def test_python_hook_functions_at_an_uploaded_sae_point(uploads: Uploads, alice: Any) -> None:
+    """A Python hook function at an uploaded SAE's point (traced, run on the server) gets the
+    feature activations and edits them as the feature spec does."""
+    sae = alice.add_sae(uploads.folders[HOOK])
+    point = f"{HOOK}.hook_sae_acts_post"
+    assert alice.hook_dict[point].name == point
+    tokens = sample_tokens(uploads.served.tl, batch=1, pos=5, seed=12)
+
+    def zero_feature(acts: torch.Tensor, hook: Any) -> torch.Tensor:
+        acts[..., 4] = 0.0
+        return acts
+
+    by_function = alice.run_with_hooks(tokens, fwd_hooks=[(point, zero_feature)])
+    by_spec = alice.run_with_hooks(tokens, fwd_hooks=[(HOOK, hooks.feature_ablate(4))])
+    torch.testing.assert_close(by_function, by_spec, rtol=1e-5, atol=1e-5)
+    alice.reset_saes()
+    assert point not in alice.hook_dict
+    alice.delete_sae(sae)
+
+
 def test_curl_recipe_json_body(uploads: Uploads) -> None:
     """What README's curl recipe sends: cfg.json inline, the weights as base64, then a
     run_with_cache naming the SAE's points."""

@@ -833,12 +833,27 @@ class HookedTransformer(Circuits):
             self._attach(before)
 
     def _attach(self, saes: list[UploadedSae]) -> None:
-        """Attach exactly ``saes``: the hook names (and which fire) follow."""
+        """Attach exactly ``saes``: the hook names (and which fire), the shapes Python hook
+        functions are traced with and the HookPoints they get follow."""
+        for sae in self._attached:
+            for name in sae.points:
+                for table in (self._fires, self._fires_by_default, self._functions.shapes):
+                    table.pop(name, None)
+                self.hook_dict.pop(name, None)
         self._attached = saes
         self.hook_names = with_points(self._model_hook_names, saes)
-        for name in self.hook_names:  # an SAE's points fire on every forward, as served ones
-            self._fires.setdefault(name, True)
-            self._fires_by_default.setdefault(name, True)
+        served = self.info["cfg"].get("sae_widths") or {}
+        widths = {**served, **{sae.hook: sae.d_sae for sae in saes}}
+        self._functions.cfg = {**self.info["cfg"], "sae_widths": widths}
+        hosts = {point["name"]: point["shape"] for point in self.info["hook_points"]}
+        for sae in saes:
+            for name in sae.points:  # they fire on every forward, as a served SAE's points
+                self._fires[name] = self._fires_by_default[name] = True
+                shape = list(hosts[sae.hook])
+                if name.endswith(("hook_sae_acts_pre", "hook_sae_acts_post")):
+                    shape[-1] = f"d_sae[{sae.hook}]"
+                self._functions.shapes[name] = shape
+                self.hook_dict[name] = HookPoint(self, name)
 
     # --- tokenizer ------------------------------------------------------------------------
     # Local: the server's tokenizer files are fetched once, then no helper makes a request.
