@@ -176,6 +176,61 @@ def test_uploaded_sae_points_equal_saelens(uploads: Uploads, alice: Any) -> None
     assert not any(".hook_sae_" in name for name in cache)
 
 
+def test_gated_and_scaled_uploads_equal_their_references(
+    uploads: Uploads, alice: Any, tmp_path: Path
+) -> None:
+    """A gated SAE equals SAELens's; a config's norm_scaling_factor is folded once, as the
+    operator's --sae folds it."""
+    from hooklab_server.engine.saes import load_sae
+
+    gen = torch.Generator().manual_seed(5)
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    save_file(
+        {
+            "W_enc": torch.randn(D_MODEL, D_SAE, generator=gen) / D_MODEL**0.5,
+            "W_dec": torch.randn(D_SAE, D_MODEL, generator=gen) / D_SAE**0.5,
+            "b_dec": torch.randn(D_MODEL, generator=gen) * 0.1,
+            "b_gate": torch.randn(D_SAE, generator=gen) * 0.1,
+            "b_mag": torch.randn(D_SAE, generator=gen) * 0.1,
+            "r_mag": torch.randn(D_SAE, generator=gen) * 0.1,
+        },
+        gated / "sae_weights.safetensors",
+    )
+    cfg = json.loads((uploads.folders[HOOK] / "cfg.json").read_text())
+    (gated / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    (scaled / "sae_weights.safetensors").write_bytes(
+        (uploads.folders[MLP_HOOK] / "sae_weights.safetensors").read_bytes()
+    )
+    mlp_cfg = json.loads((uploads.folders[MLP_HOOK] / "cfg.json").read_text())
+    (scaled / "cfg.json").write_text(
+        json.dumps(
+            {
+                **mlp_cfg,
+                "normalize_activations": "expected_average_only_in",
+                "norm_scaling_factor": 2.5,
+            }
+        )
+    )
+
+    alice.add_sae(gated)
+    alice.add_sae(scaled)
+    tokens = sample_tokens(uploads.served.tl, batch=1, pos=6, seed=13)
+    _, cache = alice.run_with_cache(tokens)
+    with torch.no_grad():
+        expected = saelens_sae(gated).encode(cache[HOOK])
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], expected, rtol=1e-4, atol=1e-5)
+    reference = load_sae(scaled)
+    torch.testing.assert_close(
+        cache[f"{MLP_HOOK}.hook_sae_acts_post"], reference.encode(cache[MLP_HOOK]),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    for sae in alice.uploaded_saes():
+        alice.delete_sae(sae)
+
+
 def test_feature_steer_through_an_upload_equals_adding_the_decoder_row(
     uploads: Uploads, alice: Any
 ) -> None:

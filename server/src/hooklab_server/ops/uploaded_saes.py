@@ -137,14 +137,17 @@ def upload(
         raise RequestError(
             ErrorCode.BAD_SHAPE, str(exc), "send the weights cfg.json describes"
         ) from None
-    for name, tensor in weights(sae).items():
+    # Kept as uploaded (the SAE's tensors only): each use builds the SAE from them and the
+    # config again, so whatever the config folds in (norm_scaling_factor) is folded once.
+    kept = {name: tensors[name].to(dtype).contiguous() for name in weights(sae)}
+    for name, tensor in kept.items():
         if not bool(tensor.float().isfinite().all()):
             raise RequestError(ErrorCode.BAD_VALUE, f"SAE weight {name!r} holds NaN or inf")
     details: dict[str, str | int] = {
         "hook": hook, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "architecture": cfg.architecture,
         "cfg": text,
     }  # fmt: skip
-    return store.put(KIND, weights(sae), caller, request.ttl_s, details)
+    return store.put(KIND, kept, caller, request.ttl_s, details)
 
 
 def weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
