@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..catalogue import module_hooks
 from ..config import HookedConfig
 from ..hook_points import HookRun
 from .fused import RowConcat, fused_bias
+from .linear import linear
 from .norm import Norm
 from .rotary import Rotary
 
@@ -206,7 +206,7 @@ class Attention(nn.Module):
         if x.dim() == 4:  # split-qkv inputs: one input copy per head
             out = torch.einsum("bphd,hde->bphe", x, self._heads_in(weight, heads))
             return out if bias is None else out + bias.view(heads, self.d_head)
-        return F.linear(x, weight, bias).unflatten(-1, (heads, self.d_head))
+        return linear(x, weight, bias).unflatten(-1, (heads, self.d_head))
 
     def _project_fused(
         self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, hooks: HookRun
@@ -228,7 +228,7 @@ class Attention(nn.Module):
         out = []
         for i, x in enumerate(inputs):
             if id(x) not in products:
-                products[id(x)] = F.linear(x, weight, bias).split(sizes, dim=-1)
+                products[id(x)] = linear(x, weight, bias).split(sizes, dim=-1)
             out.append(products[id(x)][i].unflatten(-1, (-1, d_head)))
         return out[0], out[1], out[2]
 
@@ -388,13 +388,13 @@ class Attention(nn.Module):
         name = self.names["result"]
         flag = self.cfg.use_attn_result
         if not (flag or hooks.asks_for(name)):
-            return F.linear(z.flatten(-2), self.w_o, self.b_o)  # [batch, pos, d_model]
+            return linear(z.flatten(-2), self.w_o, self.b_o)  # [batch, pos, d_model]
         result = torch.einsum("bphe,hed->bphd", z, self.W_O)  # [batch, pos, n_heads, d_model]
         seen = result.clone() if not flag and name in hooks.fns else result  # edits in place
         hooked = hooks(name, result)
         unchanged = seen is result or torch.equal(hooked, seen)
         if not flag and unchanged and not hooks.wants_gradient(name):
-            return F.linear(z.flatten(-2), self.w_o, self.b_o)
+            return linear(z.flatten(-2), self.w_o, self.b_o)
         out = hooked.sum(dim=2)
         return out if self.b_o is None else out + self.b_o
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hook_points import HookRun
+from .linear import linear
 
 
 class Embed(nn.Module):
@@ -57,7 +58,7 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
         x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
-        logits = hooks("unembed.hook_out", F.linear(x, self.w_u, self.b_u))
+        logits = hooks("unembed.hook_out", linear(x, self.w_u, self.b_u))
         return self._capped(logits)  # [batch, pos, d_vocab]
 
     def last_position(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
@@ -69,9 +70,9 @@ class Unembed(nn.Module):
         that one-row product (a product of another row count may round differently), so a hook
         that only reads changes nothing."""
         x = hooks("unembed.hook_in", x)  # [batch, pos, d_model]
-        last = F.linear(x[:, -1:], self.w_u, self.b_u)  # [batch, 1, d_vocab]
+        last = linear(x[:, -1:], self.w_u, self.b_u)  # [batch, 1, d_vocab]
         if hooks.wants("unembed.hook_out"):
-            logits = F.linear(x, self.w_u, self.b_u)
+            logits = linear(x, self.w_u, self.b_u)
             logits[:, -1:] = last
             last = hooks("unembed.hook_out", logits)[:, -1:]  # hooks see [batch, pos, d_vocab]
         return self._capped(last[:, -1])

@@ -44,20 +44,36 @@ def _adjacent(parts: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def _rows_view(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Adjacent ``parts`` as one [sum(out_i), in] view of their buffer."""
+    first = parts[0]
+    rows = sum(part.shape[0] for part in parts)
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
 class RowConcat:
     """The rows of several [out_i, in] weights as one [sum(out_i), in] weight."""
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_key", "_traced_view", "_value")
 
     def __init__(self) -> None:
         self._key: tuple[tuple[int, int, int], ...] | None = None
         self._value: torch.Tensor | None = None
+        # Under torch.compile (engine/compiled.py) storage pointers cannot be traced: whether
+        # the parts are one buffer is decided once, by ``prepare_trace``, and trusted.
+        self._traced_view = False
+
+    def prepare_trace(self, parts: Sequence[torch.Tensor]) -> None:
+        """Decide, before a compile, whether the traced path may view ``parts`` as one weight."""
+        self._traced_view = _adjacent(parts)
 
     def __call__(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return (
+                _rows_view(parts) if self._traced_view else torch.cat([p.detach() for p in parts])
+            )
         if _adjacent(parts):
-            first = parts[0]
-            rows = sum(part.shape[0] for part in parts)
-            return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+            return _rows_view(parts)
         key = tuple((p.data_ptr(), _version(p), p.shape[0]) for p in parts)
         if self._value is None or key != self._key:
             with torch.no_grad():
@@ -75,6 +91,13 @@ def fused_bias(
         return None
     if len(present) == len(biases):
         return cache([b.view(-1, 1) for b in present]).view(-1)
+    if torch.compiler.is_compiling():  # no storage pointers in a trace; biases are small
+        return torch.cat(
+            [
+                b if b is not None else present[0].new_zeros(n)
+                for b, n in zip(biases, sizes, strict=True)
+            ]
+        )
     key = tuple(
         (b.data_ptr(), _version(b), n) if b is not None else (0, 0, n)
         for b, n in zip(biases, sizes, strict=True)

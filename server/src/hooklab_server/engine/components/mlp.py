@@ -12,6 +12,7 @@ from torch import nn
 from ..catalogue import module_hooks
 from ..hook_points import HookRun
 from .fused import RowConcat
+from .linear import linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -65,18 +66,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, hooks: HookRun) -> torch.Tensor:
         if self.w_gate is None:
-            pre = hooks(self.pre_name, F.linear(x, self.w_in, self.b_in))  # [batch, pos, d_mlp]
+            pre = hooks(self.pre_name, linear(x, self.w_in, self.b_in))  # [batch, pos, d_mlp]
             post = self.act(pre)
         else:
             if self.fuse:  # one matmul for gate and up; the hooks see views of its columns
-                gate_up = F.linear(x, self._gate_up((self.w_gate, self.w_in)))
+                gate_up = linear(x, self._gate_up((self.w_gate, self.w_in)))
                 gate, up = gate_up.split(self.w_in.shape[0], dim=-1)
             else:
-                gate, up = F.linear(x, self.w_gate), F.linear(x, self.w_in)
+                gate, up = linear(x, self.w_gate), linear(x, self.w_in)
             pre = hooks(self.pre_name, gate)  # [batch, pos, d_mlp]
-            linear = hooks(self.pre_linear_name, up)  # [batch, pos, d_mlp]
-            post = self.act(pre) * linear
+            pre_linear = hooks(self.pre_linear_name, up)  # [batch, pos, d_mlp]
+            post = self.act(pre) * pre_linear
             if self.b_in is not None:
                 post = post + self.b_in
         post = hooks(self.post_name, post)  # [batch, pos, d_mlp]
-        return F.linear(post, self.w_out, self.b_out)  # [batch, pos, d_model]
+        return linear(post, self.w_out, self.b_out)  # [batch, pos, d_model]
