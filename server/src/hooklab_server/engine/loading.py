@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .architectures import family
+from .compiled import enable_compile
 from .components.fused import share_rows
 from .components.norm import Norm
 from .config import HookedConfig
@@ -165,17 +166,23 @@ def load_model(
     center_writing_weights: bool = True,
     center_unembed: bool = True,
     fold_value_biases: bool = True,
+    compile: bool = False,
 ) -> HookedTransformer:
     """TransformerLens's ``from_pretrained``: load and process (all four steps on by default).
 
     ``name_or_path`` is a hub name, a local checkpoint folder, a ``.gguf`` file, or
     ``SmolLM2-135M-Instruct`` (the offline demo model, dequantised once into the user cache).
+    ``compile``: run the blocks no hook touches through ``torch.compile`` (``compiled.py``),
+    compiled and warmed up here.
     """
     hf_model, tokenizer = load_hf(resolve_model_source(name_or_path))
-    return from_hf(
+    model = from_hf(
         hf_model, tokenizer, device, dtype, fold_ln, center_writing_weights, center_unembed,
         fold_value_biases, model_name=str(name_or_path),
     )  # fmt: skip
+    if compile:
+        enable_compile(model)
+    return model
 
 
 def load_model_no_processing(

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .catalogue import hook_names
+from .compiled import CompiledBlocks
 from .components.attention import AttentionMask, LayerKV, PooledKV
 from .components.block import TransformerBlock
 from .components.embed import Embed, PosEmbed, Unembed
@@ -140,6 +141,8 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, cfg.dtype, cfg.output_logits_soft_cap)
         self.hook_names: list[str] = hook_names(cfg)
         self.saes: dict[str, SparseAutoencoder] = {}  # by the hook point each reads (saes.py)
+        # torch.compile of the blocks no hook touches (compiled.py; load_model(compile=True)).
+        self.compiled: CompiledBlocks | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -357,12 +360,15 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             resid = resid + self.pos_embed(positions, batch, padding, hooks)
         masks = self._masks(length, attention_mask, offset, resid.device)
         layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
+        touched = self.compiled.touched(hooks) if self.compiled is not None else None
         for layer in layers:
             if hooks.interrupt is not None:
                 hooks.interrupt()
             layer_past = past.layers[layer] if past is not None else None
             mask = masks[self.windows[layer]]
-            resid, present = self.blocks[layer](resid, hooks, positions, mask, layer_past)
+            resid, present = self._run_block(
+                layer, resid, hooks, touched, positions, mask, layer_past
+            )
             if past is not None:
                 if present is not None and past.reserve > present.reserve:
                     present.reserve = past.reserve
@@ -421,13 +427,32 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
             resid = self.embed(tokens, hooks)
             if self.pos_embed is not None:
                 resid = resid + self.pos_embed(positions, tokens.shape[0], None, hooks)
+            touched = self.compiled.touched(hooks) if self.compiled is not None else None
             for layer in range(self.cfg.n_layers):
                 if hooks.interrupt is not None:
                     hooks.interrupt()
                 mask = masks[self.windows[layer]]
-                resid, _ = self.blocks[layer](resid, hooks, positions, mask, kv[layer])
+                resid, _ = self._run_block(layer, resid, hooks, touched, positions, mask, kv[layer])
             resid = self.ln_final(resid, hooks)
             return self.unembed(resid, hooks)[:, -1]  # [rows, d_vocab]
+
+    def _run_block(
+        self,
+        layer: int,
+        resid: torch.Tensor,
+        hooks: HookRun,
+        touched: frozenset[str] | None,
+        positions: torch.Tensor,
+        mask: AttentionMask,
+        past: LayerKV | PooledKV | None,
+    ) -> tuple[torch.Tensor, LayerKV | None]:
+        """One block: compiled when compile is on and nothing of this call touches the layer
+        (``touched``: what the call hooks or captures, from ``self.compiled``), else eager."""
+        block = self._block(layer)
+        if self.compiled is not None and self.compiled.serves(layer, touched, past):
+            assert not isinstance(past, LayerKV)  # serves() says no to those
+            return self.compiled(block, resid, positions, mask, past)
+        return block(resid, hooks, positions, mask, past)
 
     def init_kv_cache(self, reserve: int = 0) -> KVCache:
         """An empty cache; ``reserve``: the length it will reach (room is made once)."""

@@ -1,0 +1,222 @@
+"""An optional ``torch.compile`` of the no-hook fast path (issue 18), off by default.
+
+What is compiled: a block's own ``forward`` (one code path, eager or compiled) run with
+:data:`SILENT`, a hook run that does nothing and never reads a hook name. A block runs compiled
+only when the call's hook run touches nothing in its layer (no hook function, capture, SAE,
+exact-name request, and no gradients); otherwise that layer runs eagerly, exactly as without
+compile. So hooks, captures and SAEs keep their semantics, but a run's numbers then depend on
+which layers it touches (within float rounding, ~1e-6 in fp32): the bit-for-bit capture
+invariance of the eager engine holds only with compile off, one reason it is opt-in.
+
+Which calls:
+
+* A forward without past keys (``forward``, ``run_with_cache``, a generation's prefill): one
+  graph for every layer (``inline_inbuilt_nn_modules`` passes each block's weights as inputs;
+  the hook names differ per layer but are never read, so no guard tells layers apart).
+* A decode pool step (``engine/decode_pool.py``, what the server's generations decode in):
+  the pool's keys and values are fixed-size tensors written in place. On CUDA this graph is
+  compiled with ``mode="reduce-overhead"`` (CUDA graphs) — untested here (no GPU on the
+  machine that wrote it).
+* Not a step of a solo cached generation (a :class:`LayerKV` past): its growing key tensors
+  alias the room they are written into, which inductor failed to compile with dynamic lengths
+  (torch 2.13, "size_bytes_is_heap_allocated"); with static lengths every step would be a new
+  graph. Those steps run eagerly.
+
+Shapes: dynamo's automatic dynamic shapes. The first call of each kind compiles for its exact
+shapes, the first call with another batch or length recompiles once with symbolic sizes, and
+that graph then serves every size. :func:`warm_up` makes those calls at start-up (two lengths,
+two batch sizes, padded and unpadded, pool steps at two widths), so requests find the graphs
+ready; a later shape that still misses (a new guard) recompiles, at most ``recompile_limit``
+times per kind, after which dynamo runs that kind eagerly (same results, eager speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .components.attention import AttentionMask, LayerKV, PooledKV
+from .components.block import TransformerBlock
+from .hook_points import HookFn, HookRun
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
+log = logging.getLogger("hooklab_server")
+
+BlockOutput = tuple[torch.Tensor, LayerKV | None]
+
+
+class _NoFunctions(dict[str, list[HookFn]]):
+    """No hook functions, answered without reading the name (a name read is a per-layer guard)."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
+class SilentRun(HookRun):
+    """A hook run with nothing at any point, whose answers never depend on the hook name, so
+    that one compiled graph serves every layer."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fns = _NoFunctions()
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def wants(self, name: str) -> bool:
+        return False
+
+    def asks_for(self, name: str) -> bool:
+        return False
+
+    def runs_per_call(self, name: str) -> bool:
+        return False
+
+    def wants_gradient(self, name: str) -> bool:
+        return False
+
+    def flat_rows(self, batch: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        return self
+
+
+SILENT = SilentRun()
+
+
+# Two functions, two code objects: each kind of call has its own dynamo cache (and limit).
+def _prefill_block(
+    block: TransformerBlock,
+    resid: torch.Tensor,
+    positions: torch.Tensor,
+    mask: AttentionMask,
+    past: None,
+) -> BlockOutput:
+    return block(resid, SILENT, positions, mask, past)
+
+
+def _pooled_block(
+    block: TransformerBlock,
+    resid: torch.Tensor,
+    positions: torch.Tensor,
+    mask: AttentionMask,
+    past: PooledKV,
+) -> BlockOutput:
+    return block(resid, SILENT, positions, mask, past)
+
+
+def compiler_available() -> bool:
+    """Whether inductor can build its CPU kernels here (it needs a C++ compiler)."""
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+class CompiledBlocks:
+    """The compiled block forwards of one model, and which layers of a call may use them."""
+
+    def __init__(self, model: HookedTransformer) -> None:
+        cfg = model.cfg
+        self.layer_names = [
+            frozenset(name for name in model.hook_names if name.startswith(f"blocks.{layer}."))
+            for layer in range(cfg.n_layers)
+        ]
+        cuda = model.device.type == "cuda"
+        self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=None)
+        self._pooled: Callable[..., BlockOutput] = torch.compile(
+            _pooled_block, dynamic=None, mode="reduce-overhead" if cuda else None
+        )
+        for layer in range(cfg.n_layers):
+            _prepare_fused(model._block(layer))
+
+    def touched(self, hooks: HookRun) -> frozenset[str] | None:
+        """The names a hook run does anything at; None: every layer (gradients)."""
+        if hooks.gradients:
+            return None
+        if not (hooks.fns or hooks.capture or hooks.explicit or hooks.saes):
+            return frozenset()
+        return frozenset((*hooks.fns, *hooks.capture, *hooks.explicit, *hooks.saes))
+
+    def serves(self, layer: int, touched: frozenset[str] | None, past: Any) -> bool:
+        if touched is None or isinstance(past, LayerKV):
+            return False
+        return not touched or touched.isdisjoint(self.layer_names[layer])
+
+    def __call__(
+        self,
+        block: TransformerBlock,
+        resid: torch.Tensor,
+        positions: torch.Tensor,
+        mask: AttentionMask,
+        past: PooledKV | None,
+    ) -> BlockOutput:
+        query = resid.shape[1]
+        # The mask's lazily made blocked-key table, made here once: made inside the graph it
+        # would be a side effect and the next layer a different guard.
+        if past is None:
+            mask.blocked(query, query, resid.device)
+            return self._prefill(block, resid, positions, mask, None)
+        mask.blocked(query, past.width, resid.device)
+        # Nothing in this layer is hooked for any generation: their spans are not needed, and
+        # how many there are would otherwise be a guard.
+        return self._pooled(block, resid, positions, mask, dataclasses.replace(past, spans=[]))
+
+
+def _prepare_fused(block: TransformerBlock) -> None:
+    """Let the fused q/k/v and gate/up weights be traced as views (components/fused.py)."""
+    attn, mlp = block.attn, block.mlp
+    attn._qkv_weight.prepare_trace((attn.w_q, attn.w_k, attn.w_v))
+    if attn.b_q is not None and attn.b_k is not None and attn.b_v is not None:
+        attn._qkv_bias.prepare_trace([b.view(-1, 1) for b in (attn.b_q, attn.b_k, attn.b_v)])
+    if mlp.w_gate is not None:
+        mlp._gate_up.prepare_trace((mlp.w_gate, mlp.w_in))
+
+
+def enable_compile(
+    model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512
+) -> float:
+    """Compile ``model``'s no-hook path and warm it up; returns the seconds it took (logged).
+    ``pool_rows``/``pool_positions``: the decode pool the server will use (its shapes)."""
+    if not compiler_available():
+        raise RuntimeError("torch.compile needs a C++ compiler (g++ or clang++) on the PATH")
+    started = time.perf_counter()
+    model.compiled = CompiledBlocks(model)
+    warm_up(model, pool_rows, pool_positions)
+    seconds = time.perf_counter() - started
+    log.info(
+        "compiled the no-hook path in %.1f s (%d layers share the graphs; hooked or captured "
+        "layers and solo cached decode steps run eagerly)",
+        seconds, model.cfg.n_layers,
+    )  # fmt: skip
+    return seconds
+
+
+def warm_up(model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512) -> None:
+    """Run the shapes requests will use, so their compiles happen now: forwards at two lengths
+    and batch sizes, unpadded and left-padded, and decode pool steps at two widths."""
+    from .decode_pool import DecodePool
+
+    cfg = model.cfg
+    device = model.device
+    lengths = [length for length in (8, 13) if length < cfg.n_ctx] or [2, 3]
+    for batch in (1, 2):
+        for length in lengths:
+            tokens = torch.randint(0, cfg.d_vocab, (batch, length), device=device)
+            model(tokens)
+            mask = torch.ones_like(tokens)
+            mask[:, : length // 2] = 0  # left padding
+            model(tokens, attention_mask=mask)
+    positions = min(pool_positions, cfg.n_ctx)
+    pool = DecodePool(model, max_rows=max(2, pool_rows), max_positions=positions)
+    prompt_length = min(4, positions - 4)
+    group, _ = pool.join(torch.randint(0, cfg.d_vocab, (2, prompt_length), device=device))
+    for _ in range(3):
+        next_tokens = torch.randint(0, cfg.d_vocab, (group.size,), device=device)
+        pool.step({group: next_tokens})
+    pool.leave(group)
