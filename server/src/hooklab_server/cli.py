@@ -117,6 +117,14 @@ def load_configured_model(settings: Settings, program: str) -> HookedTransformer
         settings.model, time.perf_counter() - started, cfg.n_layers, cfg.d_model,
         len(model.hook_names), settings.dtype, cfg.device,
     )  # fmt: skip
+    if settings.compile:
+        from .engine.compiled import enable_compile
+
+        try:  # compiled for the decode pool the scheduler will make (its shapes); time logged
+            enable_compile(model, settings.decode_rows, settings.decode_positions)
+        except RuntimeError as exc:
+            print(f"{program}: cannot compile {settings.model!r}: {exc}", file=sys.stderr)
+            return None
     return model
 
 

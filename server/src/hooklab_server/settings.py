@@ -53,6 +53,14 @@ class Settings:
         "for several",
         "model",
     )
+    compile: bool = _setting(
+        False,
+        "run the layers no hook, capture or SAE of a call touches through torch.compile "
+        "(compiled and warmed up at start-up, the time logged; CUDA graphs for decode steps on "
+        "a GPU); off by default: a CPU compile takes a minute or more, and only the eager path "
+        "keeps a run's numbers bit for bit independent of what it captures",
+        "model",
+    )
     host: str = _setting("127.0.0.1", "interface to bind", "server")
     port: int = _setting(8000, "port to bind", "server")
     allowed_hosts: tuple[str, ...] = _setting(
