@@ -179,14 +179,17 @@ def _prepare_fused(block: TransformerBlock) -> None:
 
 
 def enable_compile(
-    model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512
+    model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512, warm: bool = True
 ) -> float:
     """Compile ``model``'s no-hook path and warm it up; returns the seconds it took (logged).
-    ``pool_rows``/``pool_positions``: the decode pool the server will use (its shapes)."""
+    ``pool_rows``/``pool_positions``: the decode pool the server will use (its shapes);
+    ``warm=False`` leaves each compile to the first call that needs it (tests)."""
     if not compiler_available():
         raise RuntimeError("torch.compile needs a C++ compiler (g++ or clang++) on the PATH")
     started = time.perf_counter()
     model.compiled = CompiledBlocks(model)
+    if not warm:
+        return 0.0
     warm_up(model, pool_rows, pool_positions)
     seconds = time.perf_counter() - started
     log.info(
