@@ -4,6 +4,7 @@
     .venv/bin/python bench/engine.py --quick          # smoke run: gpt2-small-sized, 1x128 only
     .venv/bin/python bench/engine.py --models gpt2 --runs 9
     .venv/bin/python bench/engine.py --threads 1 --batches 8    # steadier on a busy machine
+    .venv/bin/python bench/engine.py --compile        # + rows of the engine with --compile
 
 Models: (a) a gpt2-small-sized checkpoint (12 layers, d_model 768, vocab 50257) with seeded random
 weights, built into a temporary folder at start; (b) SmolLM2-135M-Instruct from the cached local
@@ -16,6 +17,12 @@ Rows, per model and per batch (1x128 and 8x128 random token ids, seeded):
 * forward, no hooks: engine vs HF (``AutoModelForCausalLM``, eval, SDPA attention) vs TL;
 * ``run_with_cache`` with every hook point: engine vs TL;
 * greedy generation of 64 new tokens with a KV cache: engine vs HF vs TL, in tokens/s.
+
+With ``--compile``, the same engine also runs with its no-hook path compiled
+(``engine/compiled.py``; compile and warm-up time printed) in the same interleaved runs: an extra
+forward row, and extra generate rows for the compiled engine's ``generate`` (solo: its prefill
+compiled, its decode steps eager) and for greedy decoding in a decode pool (the server's path,
+whose steps compile), eager and compiled.
 
 Everything is fp32 on the CPU, ``torch.set_num_threads(2)`` (``--threads``); HF and TL run under
 ``torch.inference_mode()`` (the engine does so itself). Measurements are interleaved: every
@@ -54,6 +61,8 @@ from _table import print_table  # noqa: E402
 
 from fixtures.oracle import load_hf_model, load_tl_model  # noqa: E402
 from hooklab_server.engine import load_model  # noqa: E402
+from hooklab_server.engine.compiled import enable_compile  # noqa: E402
+from hooklab_server.engine.decode_pool import DecodePool  # noqa: E402
 
 THREADS = 2
 SEQ = 128
@@ -118,6 +127,7 @@ class Models:
     vocab: int  # token ids are drawn from [first_id, vocab)
     first_id: int
     eos_id: int | None
+    compiled: Any = None  # the engine's CompiledBlocks (--compile), switched on per candidate
 
 
 def smollm2_unavailable() -> str | None:
@@ -146,7 +156,7 @@ def smollm2_checkpoint() -> Iterator[Path]:
         yield link
 
 
-def load_models(name: str, checkpoint: Path) -> Models:
+def load_models(name: str, checkpoint: Path, compile: bool = False) -> Models:
     print(f"[{name}] loading engine, HF and TL from {checkpoint} …", flush=True)
     start = time.perf_counter()
     engine = load_model(checkpoint)
@@ -170,12 +180,47 @@ def load_models(name: str, checkpoint: Path) -> Models:
     seconds = time.perf_counter() - start
     print(f"[{name}] loaded in {seconds:.0f} s (n_layers {cfg.n_layers}, d_model {cfg.d_model}, "
           f"d_vocab {cfg.d_vocab})", flush=True)  # fmt: skip
-    return Models(name, checkpoint, engine, hf, tl, vocab, first_id, tokenizer.eos_token_id)
+    compiled = None
+    if compile:
+        # Warmed up for the pool the generate rows use (batch rows, prompt + new tokens).
+        seconds = enable_compile(engine, max(BATCHES), SEQ + NEW_TOKENS)
+        compiled, engine.compiled = engine.compiled, None
+        print(f"[{name}] compiled the no-hook path in {seconds:.0f} s", flush=True)
+    return Models(
+        name, checkpoint, engine, hf, tl, vocab, first_id, tokenizer.eos_token_id, compiled
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Candidates
 # --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def compiled_engine(m: Models) -> Iterator[Any]:
+    """The engine with its compiled no-hook path on (one model: the weights are shared)."""
+    m.engine.compiled = m.compiled
+    try:
+        yield m.engine
+    finally:
+        m.engine.compiled = None
+
+
+def with_compiled(
+    m: Models, candidates: dict[str, Callable[[], Any]], extra: dict[str, Callable[[], Any]]
+) -> dict[str, Callable[[], Any]]:
+    """``candidates`` plus, with --compile, each of ``extra`` (run with the compiled engine)."""
+    if m.compiled is None:
+        return candidates
+
+    def compiled(run: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with compiled_engine(m):
+                return run()
+
+        return call
+
+    return candidates | {name: compiled(run) for name, run in extra.items()}
 
 
 def forward_candidates(m: Models, tokens: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -192,7 +237,7 @@ def forward_candidates(m: Models, tokens: torch.Tensor) -> dict[str, Callable[[]
         with torch.inference_mode():
             return m.tl(tokens)
 
-    return {"engine": engine, "HF": hf, "TL": tl}
+    return with_compiled(m, {"engine": engine, "HF": hf, "TL": tl}, {"engine (compiled)": engine})
 
 
 def cache_candidates(m: Models, tokens: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -232,7 +277,21 @@ def generate_candidates(
             use_past_kv_cache=True,
         )  # fmt: skip
 
-    return {"engine": engine, "HF": hf, "TL": tl}
+    def pool() -> torch.Tensor:
+        """Greedy decoding in a decode pool, as the server's generations run."""
+        decode = DecodePool(m.engine, max_rows=tokens.shape[0], max_positions=SEQ + new_tokens)
+        group, logits = decode.join(tokens)
+        chosen = [logits.argmax(-1)]
+        for _ in range(new_tokens - 1):
+            chosen.append(decode.step({group: chosen[-1]})[group].argmax(-1))
+        decode.leave(group)
+        return torch.cat((tokens, torch.stack(chosen, dim=1)), dim=1)
+
+    candidates = {"engine": engine, "HF": hf, "TL": tl}
+    if m.compiled is not None:
+        candidates["engine pool"] = pool
+    extra = {"engine (compiled)": engine, "engine pool (compiled)": pool}
+    return with_compiled(m, candidates, extra)
 
 
 def check_same_model(m: Models, tokens: torch.Tensor) -> float:
@@ -303,6 +362,13 @@ def bench_model(m: Models, batches: tuple[int, ...], runs: int, gen_runs: int) -
             f"{r_hf:.2f}x", f"{r_tl:.2f}x", f"≤ {TARGET_FORWARD_VS_HF}x HF",
             verdict([r_hf <= TARGET_FORWARD_VS_HF]),
         ])  # fmt: skip
+        if "engine (compiled)" in t:
+            r_hf, r_tl = t["engine (compiled)"] / t["HF"], t["engine (compiled)"] / t["TL"]
+            add([
+                m.name, label, "forward, no hooks, compiled (time)", ms(t["engine (compiled)"]),
+                ms(t["HF"]), ms(t["TL"]), f"{r_hf:.2f}x", f"{r_tl:.2f}x",
+                f"≤ {TARGET_FORWARD_VS_HF}x HF", verdict([r_hf <= TARGET_FORWARD_VS_HF]),
+            ])  # fmt: skip
 
         print(f"[{m.name}] {label}: run_with_cache …", flush=True)
         t = interleaved_medians(cache_candidates(m, tokens), runs)
@@ -330,6 +396,16 @@ def bench_model(m: Models, batches: tuple[int, ...], runs: int, gen_runs: int) -
             f"≥ {TARGET_GENERATE_VS_TL}x TL, ≥ {TARGET_GENERATE_VS_HF}x HF",
             verdict([r_tl >= TARGET_GENERATE_VS_TL, r_hf >= TARGET_GENERATE_VS_HF]),
         ])  # fmt: skip
+        for name in ("engine (compiled)", "engine pool", "engine pool (compiled)"):
+            if name not in rate:
+                continue
+            r_hf, r_tl = rate[name] / rate["HF"], rate[name] / rate["TL"]
+            add([
+                m.name, label, f"generate {NEW_TOKENS} greedy, {name} (tokens/s)",
+                tps(rate[name]), tps(rate["HF"]), tps(rate["TL"]), f"{r_hf:.2f}x", f"{r_tl:.2f}x",
+                f"≥ {TARGET_GENERATE_VS_TL}x TL, ≥ {TARGET_GENERATE_VS_HF}x HF",
+                verdict([r_tl >= TARGET_GENERATE_VS_TL, r_hf >= TARGET_GENERATE_VS_HF]),
+            ])  # fmt: skip
         gc.collect()
     return rows
 
@@ -357,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=THREADS,
         help=f"torch.set_num_threads (default {THREADS}; 1 is steadier on a busy machine)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time the engine with its no-hook path compiled (load_model(compile=True))",
     )  # fmt: skip
     parser.add_argument(
         "--gen-runs", type=int, default=None,
@@ -397,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             source, label = smollm2_checkpoint(), "SmolLM2-135M"
         with source as checkpoint:
-            m = load_models(label, checkpoint)
+            m = load_models(label, checkpoint, args.compile)
             rows += bench_model(m, batches, runs, gen_runs)
             del m
             gc.collect()
