@@ -127,7 +127,7 @@ class CompiledBlocks:
             frozenset(name for name in model.hook_names if name.startswith(f"blocks.{layer}."))
             for layer in range(cfg.n_layers)
         ]
-        cuda = model.device.type == "cuda"
+        cuda = self.cuda_graphs = model.device.type == "cuda"
         self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=None)
         self._pooled: Callable[..., BlockOutput] = torch.compile(
             _pooled_block, dynamic=None, mode="reduce-overhead" if cuda else None
@@ -165,7 +165,14 @@ class CompiledBlocks:
         mask.blocked(query, past.width, resid.device)
         # Nothing in this layer is hooked for any generation: their spans are not needed, and
         # how many there are would otherwise be a guard.
-        return self._pooled(block, resid, positions, mask, dataclasses.replace(past, spans=[]))
+        past = dataclasses.replace(past, spans=[])
+        if not self.cuda_graphs:
+            return self._pooled(block, resid, positions, mask, past)
+        # Every layer replays one CUDA graph, whose output memory the next replay reuses: each
+        # call starts a new step and the output leaves that memory (untested: no GPU here).
+        torch.compiler.cudagraph_mark_step_begin()
+        out, present = self._pooled(block, resid, positions, mask, past)
+        return out.clone(), present
 
 
 def _prepare_fused(block: TransformerBlock) -> None:
