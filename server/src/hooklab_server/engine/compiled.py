@@ -22,12 +22,15 @@ Which calls:
   (torch 2.13, "size_bytes_is_heap_allocated"); with static lengths every step would be a new
   graph. Those steps run eagerly.
 
-Shapes: dynamo's automatic dynamic shapes. The first call of each kind compiles for its exact
-shapes, the first call with another batch or length recompiles once with symbolic sizes, and
-that graph then serves every size. :func:`warm_up` makes those calls at start-up (two lengths,
-two batch sizes, padded and unpadded, pool steps at two widths), so requests find the graphs
-ready; a later shape that still misses (a new guard) recompiles, at most ``recompile_limit``
-times per kind, after which dynamo runs that kind eagerly (same results, eager speed).
+Shapes: compiled with symbolic sizes from the first call (``dynamic=True``), so one graph
+serves every prompt length, key width and batch size; dynamo still specialises a size of 1
+(one row) and the padding (a padded forward's position ids are [batch, pos], an unpadded one's
+[pos]). :func:`warm_up` compiles those variants at start-up (one and two rows, padded and not;
+pool steps of one and of three rows), so requests find their graphs ready. A shape that still
+misses a guard recompiles, at most ``recompile_limit`` (8) times per kind, after which dynamo
+runs that kind eagerly: the same results at eager speed, never an unbounded series of compiles.
+(Automatic dynamic shapes — a static graph first, a symbolic one at the first new size — took a
+compile more per variant, each 10-50 s on a busy 2-core CPU.)
 """
 
 from __future__ import annotations
@@ -128,9 +131,9 @@ class CompiledBlocks:
             for layer in range(cfg.n_layers)
         ]
         cuda = self.cuda_graphs = model.device.type == "cuda"
-        self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=None)
+        self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=True)
         self._pooled: Callable[..., BlockOutput] = torch.compile(
-            _pooled_block, dynamic=None, mode="reduce-overhead" if cuda else None
+            _pooled_block, dynamic=True, mode="reduce-overhead" if cuda else None
         )
         for layer in range(cfg.n_layers):
             _prepare_fused(model._block(layer))
@@ -208,25 +211,29 @@ def enable_compile(
 
 
 def warm_up(model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512) -> None:
-    """Run the shapes requests will use, so their compiles happen now: forwards at two lengths
-    and batch sizes, unpadded and left-padded, and decode pool steps at two widths."""
+    """Run the variants requests will use, so their compiles happen now: forwards of one and
+    two rows, unpadded and left-padded, and decode pool steps of one and of three rows."""
     from .decode_pool import DecodePool
 
     cfg = model.cfg
     device = model.device
-    lengths = [length for length in (8, 13) if length < cfg.n_ctx] or [2, 3]
-    for batch in (1, 2):
-        for length in lengths:
-            tokens = torch.randint(0, cfg.d_vocab, (batch, length), device=device)
-            model(tokens)
-            mask = torch.ones_like(tokens)
-            mask[:, : length // 2] = 0  # left padding
-            model(tokens, attention_mask=mask)
+
+    def tokens(rows: int, length: int) -> torch.Tensor:
+        return torch.randint(0, cfg.d_vocab, (rows, length), device=device)
+
+    length = max(2, min(8, cfg.n_ctx // 2))
+    for rows in (1, 2):
+        model(tokens(rows, length))
+        mask = torch.ones(rows, length, dtype=torch.long, device=device)
+        mask[:, : length // 2] = 0  # left padding
+        model(tokens(rows, length), attention_mask=mask)
     positions = min(pool_positions, cfg.n_ctx)
-    pool = DecodePool(model, max_rows=max(2, pool_rows), max_positions=positions)
-    prompt_length = min(4, positions - 4)
-    group, _ = pool.join(torch.randint(0, cfg.d_vocab, (2, prompt_length), device=device))
-    for _ in range(3):
-        next_tokens = torch.randint(0, cfg.d_vocab, (group.size,), device=device)
-        pool.step({group: next_tokens})
-    pool.leave(group)
+    pool = DecodePool(model, max_rows=max(3, pool_rows), max_positions=positions)
+    prompt = max(1, min(4, positions - 4))
+    one, _ = pool.join(tokens(1, prompt))
+    pool.step({one: tokens(1, 1)[0]})
+    two, _ = pool.join(tokens(2, prompt))
+    for _ in range(2):
+        pool.step({one: tokens(1, 1)[0], two: tokens(2, 1)[:, 0]})
+    pool.leave(two)
+    pool.leave(one)
