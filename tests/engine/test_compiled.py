@@ -1,9 +1,10 @@
 """The optional torch.compile of the no-hook path (issue 18, ``engine/compiled.py``).
 
-Compiled == eager: logits within 1e-5 and greedy generation token for token (solo and in a
-decode pool), on GPT-2 and on a Llama checkpoint with grouped-query attention. A layer that a
-hook or a capture touches runs eagerly (the hook fires, the run equals the eager hooked run),
-and a compiled model's ``run_with_cache`` equals TransformerLens 3.9.
+Compiled == eager: logits within 1e-5 and greedy generation token for token (solo, its cached
+decode steps compiled, and in a decode pool), on GPT-2 and on a Llama checkpoint with
+grouped-query attention. A layer that a hook or a capture touches runs eagerly (the hook fires,
+the run equals the eager hooked run), and a compiled model's ``run_with_cache`` equals
+TransformerLens 3.9.
 
 Compiles are made lazily here (no start-up warm-up) and dynamo fails loudly rather than falling
 back to eager when a graph would be compiled too often, so a test cannot pass on the eager path.
@@ -118,7 +119,9 @@ def test_compiled_equals_eager(checkpoint: Path, eager_after: list[Any]) -> None
     assert counting.calls == model.cfg.n_layers
     diff = float((compiled_logits - logits).abs().max())
     assert diff <= COMPILED_ATOL, f"compiled logits differ from eager by {diff:.3g}"
+    before = counting.calls
     assert torch.equal(greedy(model, tokens), tokens_out)
+    assert counting.calls - before == NEW_TOKENS * model.cfg.n_layers  # prefill + cached steps
     before = counting.calls
     assert torch.equal(pool_greedy(model, tokens), pooled)
     assert counting.calls - before == NEW_TOKENS * model.cfg.n_layers  # prefill + pool steps

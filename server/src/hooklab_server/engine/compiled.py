@@ -17,16 +17,18 @@ Which calls:
   the pool's keys and values are fixed-size tensors written in place. On CUDA this graph is
   compiled with ``mode="reduce-overhead"`` (CUDA graphs) — untested here (no GPU on the
   machine that wrote it).
-* Not a step of a solo cached generation (a :class:`LayerKV` past): its growing key tensors
-  alias the room they are written into, which inductor failed to compile with dynamic lengths
-  (torch 2.13, "size_bytes_is_heap_allocated"); with static lengths every step would be a new
-  graph. Those steps run eagerly.
+* A step of a solo cached generation (a :class:`LayerKV` past, ``generate``): the keys are
+  written into preallocated room inside the graph. Its first step (the prefill's keys, views of
+  the fused product) and the later ones (views of the room) differ in strides: three graphs.
+  (With automatic dynamic shapes instead of ``dynamic=True``, inductor failed on these aliased
+  inputs, torch 2.13: "size_bytes_is_heap_allocated".)
 
 Shapes: compiled with symbolic sizes from the first call (``dynamic=True``), so one graph
 serves every prompt length, key width and batch size; dynamo still specialises a size of 1
 (one row) and the padding (a padded forward's position ids are [batch, pos], an unpadded one's
 [pos]). :func:`warm_up` compiles those variants at start-up (one and two rows, padded and not;
-pool steps of one and of three rows), so requests find their graphs ready. A shape that still
+pool steps of one and of three rows; solo generations of one and two rows), so requests find
+their graphs ready. A shape that still
 misses a guard recompiles, at most ``recompile_limit`` (8) times per kind, after which dynamo
 runs that kind eagerly: the same results at eager speed, never an unbounded series of compiles.
 (Automatic dynamic shapes — a static graph first, a symbolic one at the first new size — took a
@@ -40,7 +42,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -106,6 +108,16 @@ def _prefill_block(
     return block(resid, SILENT, positions, mask, past)
 
 
+def _cached_block(
+    block: TransformerBlock,
+    resid: torch.Tensor,
+    positions: torch.Tensor,
+    mask: AttentionMask,
+    past: LayerKV,
+) -> BlockOutput:
+    return block(resid, SILENT, positions, mask, past)
+
+
 def _pooled_block(
     block: TransformerBlock,
     resid: torch.Tensor,
@@ -132,6 +144,7 @@ class CompiledBlocks:
         ]
         cuda = self.cuda_graphs = model.device.type == "cuda"
         self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=True)
+        self._cached: Callable[..., BlockOutput] = torch.compile(_cached_block, dynamic=True)
         self._pooled: Callable[..., BlockOutput] = torch.compile(
             _pooled_block, dynamic=True, mode="reduce-overhead" if cuda else None
         )
@@ -146,8 +159,8 @@ class CompiledBlocks:
             return frozenset()
         return frozenset((*hooks.fns, *hooks.capture, *hooks.explicit, *hooks.saes))
 
-    def serves(self, layer: int, touched: frozenset[str] | None, past: Any) -> bool:
-        if touched is None or isinstance(past, LayerKV):
+    def serves(self, layer: int, touched: frozenset[str] | None) -> bool:
+        if touched is None:
             return False
         return not touched or touched.isdisjoint(self.layer_names[layer])
 
@@ -157,7 +170,7 @@ class CompiledBlocks:
         resid: torch.Tensor,
         positions: torch.Tensor,
         mask: AttentionMask,
-        past: PooledKV | None,
+        past: LayerKV | PooledKV | None,
     ) -> BlockOutput:
         query = resid.shape[1]
         # The mask's lazily made blocked-key table, made here once: made inside the graph it
@@ -165,6 +178,9 @@ class CompiledBlocks:
         if past is None:
             mask.blocked(query, query, resid.device)
             return self._prefill(block, resid, positions, mask, None)
+        if isinstance(past, LayerKV):
+            mask.blocked(query, past.keys.shape[1] + query, resid.device)
+            return self._cached(block, resid, positions, mask, past)
         mask.blocked(query, past.width, resid.device)
         # Nothing in this layer is hooked for any generation: their spans are not needed, and
         # how many there are would otherwise be a guard.
@@ -203,8 +219,8 @@ def enable_compile(
     warm_up(model, pool_rows, pool_positions)
     seconds = time.perf_counter() - started
     log.info(
-        "compiled the no-hook path in %.1f s (%d layers share the graphs; hooked or captured "
-        "layers and solo cached decode steps run eagerly)",
+        "compiled the no-hook path in %.1f s (%d layers share the graphs; the layers a call "
+        "hooks or captures run eagerly)",
         seconds, model.cfg.n_layers,
     )  # fmt: skip
     return seconds
@@ -212,7 +228,8 @@ def enable_compile(
 
 def warm_up(model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512) -> None:
     """Run the variants requests will use, so their compiles happen now: forwards of one and
-    two rows, unpadded and left-padded, and decode pool steps of one and of three rows."""
+    two rows, unpadded and left-padded, decode pool steps of one and of three rows, and solo
+    generations of one and two rows."""
     from .decode_pool import DecodePool
 
     cfg = model.cfg
@@ -237,3 +254,5 @@ def warm_up(model: HookedTransformer, pool_rows: int = 16, pool_positions: int =
         pool.step({one: tokens(1, 1)[0], two: tokens(2, 1)[:, 0]})
     pool.leave(two)
     pool.leave(one)
+    for rows in (1, 2):
+        model.generate(tokens(rows, prompt), max_new_tokens=4, do_sample=False, stop_at_eos=False)
