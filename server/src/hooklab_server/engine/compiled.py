@@ -97,7 +97,7 @@ class SilentRun(HookRun):
 SILENT = SilentRun()
 
 
-# Two functions, two code objects: each kind of call has its own dynamo cache (and limit).
+# One function per kind of call: each has its own dynamo cache (and recompile limit).
 def _prefill_block(
     block: TransformerBlock,
     resid: torch.Tensor,
@@ -148,8 +148,6 @@ class CompiledBlocks:
         self._pooled: Callable[..., BlockOutput] = torch.compile(
             _pooled_block, dynamic=True, mode="reduce-overhead" if cuda else None
         )
-        for layer in range(cfg.n_layers):
-            _prepare_fused(model._block(layer))
 
     def touched(self, hooks: HookRun) -> frozenset[str] | None:
         """The names a hook run does anything at; None: every layer (gradients)."""
@@ -173,6 +171,8 @@ class CompiledBlocks:
         past: LayerKV | PooledKV | None,
     ) -> BlockOutput:
         query = resid.shape[1]
+        # Checked per call (a few pointer reads): a replaced weight must not be read as a view.
+        _prepare_fused(block)
         # The mask's lazily made blocked-key table, made here once: made inside the graph it
         # would be a side effect and the next layer a different guard.
         if past is None:
