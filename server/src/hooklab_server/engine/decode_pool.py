@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .components.attention import AttentionMask, PooledKV, RowSpan
+from .components.attention import AttentionMask, PooledKV, RowSpan, head_major
 from .hook_points import HookRun, RowHooks
 from .model import FwdHooks, HookedTransformer
 
@@ -69,11 +69,12 @@ class DecodePool:
                 f"max_positions {max_positions} is above the model's n_ctx {cfg.n_ctx}"
             )
         assert cfg.n_key_value_heads is not None  # HookedConfig fills it in
-        device, dtype = model.device, model.embed.W_E.dtype
+        device = model.device
         self.model, self.max_rows, self.max_positions = model, max_rows, max_positions
-        # Keys (after rotary) and values of every layer: [layer, k|v, row, column, kv_head, d_head].
+        # Keys (after rotary) and values of every layer: [layer, k|v, row, column, kv_head, d_head],
+        # laid out head by head (attention reads each head's columns in place).
         shape = (cfg.n_layers, 2, max_rows, max_positions, cfg.n_key_value_heads, cfg.d_head)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = head_major(shape, model.embed.W_E, zeros=True)
         self.valid = torch.zeros(max_rows, max_positions, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)  # next column
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)  # next position id

@@ -63,6 +63,17 @@ class AttentionMask:
         return self._blocked
 
 
+def head_major(shape: tuple[int, ...], like: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+    """Room for keys or values shaped [..., pos, kv_heads, d_head] as the hooks see them, laid
+    out head by head ([..., kv_heads, pos, d_head] in memory): each head's keys and values are
+    then one strided matrix, which attention's matmuls read in place, where a position-major
+    cache would be copied whole for every layer and decode step."""
+    *lead, pos, heads, d_head = shape
+    make = torch.zeros if zeros else torch.empty
+    room = make((*lead, heads, pos, d_head), dtype=like.dtype, device=like.device)
+    return room.transpose(-3, -2)
+
+
 @dataclass
 class _KVStore:
     """Preallocated room for one layer's keys and values, [batch, capacity, kv_heads, d_head];
@@ -101,7 +112,8 @@ class LayerKV:
         ):
             capacity = self.reserve if self.reserve >= total else max(total, 2 * length)
             room = (keys.shape[0], capacity, *keys.shape[2:])
-            store = _KVStore(self.keys.new_empty(room), self.values.new_empty(room), length)
+            keys_room, values_room = head_major(room, keys), head_major(room, values)
+            store = _KVStore(keys_room, values_room, length)
             store.keys[:, :length] = self.keys
             store.values[:, :length] = self.values
         store.keys[:, length:total] = keys

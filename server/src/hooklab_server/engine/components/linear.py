@@ -1,8 +1,8 @@
 """The engine's one projection, ``x @ weight.T + bias``, on the fastest kernel that serves it.
 
 On the CPU in float32 without autograd that is oneDNN's matmul rather than MKL's ``F.linear``:
-measured here (bench/engine.py, gpt2-small shapes, one thread) it takes about 0.8x the time of
-the block projections and half that of the [d_model, 50k] unembedding, whose ``F.linear``
+measured here (gpt2-small shapes, one thread) it takes about 0.8x the time of the block
+projections of a prompt and half that of the [d_model, 50k] unembedding, whose ``F.linear``
 falls off MKL's fast path. Every run — plain, capturing, with read-only hooks — takes the same
 kernel for the same shapes, so what a run captures never changes its bits. Where autograd must
 record the product (a gradient run past its first hooked point) ``F.linear`` serves: oneDNN's op
@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# MKL computes a product of a few rows (a decode step) on one thread, oneDNN on every thread; on
+# a busy machine a parallel call can wait a scheduler slice for its second thread (measured here
+# under load: 6 ms for a 1 x 3072 -> 768 product, against MKL's 0.26 ms). Few-row products stay
+# with MKL unless the weight is as wide as an unembedding, whose product is long either way.
+_MIN_ROWS = 8
+_WIDE_OUT = 16384
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,6 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (x.numel() >= _MIN_ROWS * x.shape[-1] or weight.shape[0] >= _WIDE_OUT)
     ):
         if torch.compiler.is_compiling():  # engine/compiled.py: the same kernel, opaque
             return _onednn_linear(x, weight, bias)
