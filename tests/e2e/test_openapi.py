@@ -336,7 +336,9 @@ def test_tensor_answers_follow_their_schemas(served: dict[str, Any], http: httpx
     assert stored["entries"] and stored["cache_id"]
     with_grads = {"input": tokens, "names": ["hook_embed"], "incl_bwd": True, "return_type": "loss"}
     answers.check(_json(http.post("/v1/run_with_hooks", json=with_grads)), "RunResult")
-    sweep = {"corrupted": tokens, "clean": tokens[::-1], "activation": "resid_pre",
+    # Not the corrupted rows swapped: a batch-mean metric would be the same for both.
+    clean = [[5, 6, 7, 8, 10], [9, 8, 7, 6, 4]]
+    sweep = {"corrupted": tokens, "clean": clean, "activation": "resid_pre",
              "axes": ["layer", "pos"]}  # fmt: skip
     for extra in (
         {"metric": {**metric, "normalize": True}},
