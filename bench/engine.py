@@ -21,8 +21,9 @@ Rows, per model and per batch (1x128 and 8x128 random token ids, seeded):
 With ``--compile``, the same engine also runs with its no-hook path compiled
 (``engine/compiled.py``; compile and warm-up time printed) in the same interleaved runs: an extra
 forward row, and extra generate rows for the compiled engine's ``generate`` (solo: its prefill
-compiled, its decode steps eager) and for greedy decoding in a decode pool (the server's path,
-whose steps compile), eager and compiled.
+compiled) and for greedy decoding in a decode pool (the server's path), eager and compiled.
+Decode steps compile only on CUDA by default (engine/compiled.py says why); ``--compile-decode``
+compiles them here too.
 
 Everything is fp32 on the CPU, ``torch.set_num_threads(2)`` (``--threads``); HF and TL run under
 ``torch.inference_mode()`` (the engine does so itself). Measurements are interleaved: every
@@ -156,7 +157,9 @@ def smollm2_checkpoint() -> Iterator[Path]:
         yield link
 
 
-def load_models(name: str, checkpoint: Path, compile: bool = False) -> Models:
+def load_models(
+    name: str, checkpoint: Path, compile: bool = False, decode: bool | None = None
+) -> Models:
     print(f"[{name}] loading engine, HF and TL from {checkpoint} …", flush=True)
     start = time.perf_counter()
     engine = load_model(checkpoint)
@@ -183,7 +186,7 @@ def load_models(name: str, checkpoint: Path, compile: bool = False) -> Models:
     compiled = None
     if compile:
         # Warmed up for the pool the generate rows use (batch rows, prompt + new tokens).
-        seconds = enable_compile(engine, max(BATCHES), SEQ + NEW_TOKENS)
+        seconds = enable_compile(engine, max(BATCHES), SEQ + NEW_TOKENS, decode=decode)
         compiled, engine.compiled = engine.compiled, None
         print(f"[{name}] compiled the no-hook path in {seconds:.0f} s", flush=True)
     return Models(
@@ -439,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the engine with its no-hook path compiled (load_model(compile=True))",
     )  # fmt: skip
     parser.add_argument(
+        "--compile-decode", action="store_true",
+        help="with --compile: compile decode steps too (by default only on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
         "--gen-runs", type=int, default=None,
         help="timed repetitions of the generate rows (default: min(runs, 3))",
     )  # fmt: skip
@@ -477,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             source, label = smollm2_checkpoint(), "SmolLM2-135M"
         with source as checkpoint:
-            m = load_models(label, checkpoint, args.compile)
+            m = load_models(label, checkpoint, args.compile, args.compile_decode or None)
             rows += bench_model(m, batches, runs, gen_runs)
             del m
             gc.collect()

@@ -76,7 +76,7 @@ class Counting:
 def compiled_model(checkpoint: Path) -> tuple[Any, Counting]:
     """The session's engine model with compile switched on (restored by ``eager``)."""
     model = our_model(checkpoint)
-    enable_compile(model, warm=False)
+    enable_compile(model, warm=False, decode=True)  # decode steps too, as on CUDA
     assert model.compiled is not None
     counting = Counting(model.compiled)
     model.compiled = counting

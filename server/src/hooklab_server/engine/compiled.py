@@ -8,7 +8,7 @@ compile. So hooks, captures and SAEs keep their semantics, but a run's numbers t
 which layers it touches (within float rounding, ~1e-6 in fp32): the bit-for-bit capture
 invariance of the eager engine holds only with compile off, one reason it is opt-in.
 
-Which calls:
+Which calls (decode steps only on CUDA unless asked for, see ``decode``):
 
 * A forward without past keys (``forward``, ``run_with_cache``, a generation's prefill): one
   graph for every layer (``inline_inbuilt_nn_modules`` passes each block's weights as inputs;
@@ -134,15 +134,23 @@ def compiler_available() -> bool:
 
 
 class CompiledBlocks:
-    """The compiled block forwards of one model, and which layers of a call may use them."""
+    """The compiled block forwards of one model, and which layers of a call may use them.
 
-    def __init__(self, model: HookedTransformer) -> None:
+    ``decode``: compile decode steps too (cached and pooled); None: on CUDA only. Measured on
+    this project's 2-core CPU (bench/engine.py --compile, gpt2-small, one thread) compiled
+    decode steps were slower than eager ones (8 rows: 46 vs 61 tokens/s solo, 56 vs 61 in a
+    pool) while compiled forwards were even (395 vs 397 ms at 1x128): the steps are bound by
+    the weights' memory traffic, and the graph copies key/value room that eager writes in
+    place. CUDA graphs remove launch overhead, which is what decode steps pay on a GPU."""
+
+    def __init__(self, model: HookedTransformer, decode: bool | None = None) -> None:
         cfg = model.cfg
         self.layer_names = [
             frozenset(name for name in model.hook_names if name.startswith(f"blocks.{layer}."))
             for layer in range(cfg.n_layers)
         ]
         cuda = self.cuda_graphs = model.device.type == "cuda"
+        self.decode = cuda if decode is None else decode
         self._prefill: Callable[..., BlockOutput] = torch.compile(_prefill_block, dynamic=True)
         self._cached: Callable[..., BlockOutput] = torch.compile(_cached_block, dynamic=True)
         self._pooled: Callable[..., BlockOutput] = torch.compile(
@@ -157,8 +165,8 @@ class CompiledBlocks:
             return frozenset()
         return frozenset((*hooks.fns, *hooks.capture, *hooks.explicit, *hooks.saes))
 
-    def serves(self, layer: int, touched: frozenset[str] | None) -> bool:
-        if touched is None:
+    def serves(self, layer: int, touched: frozenset[str] | None, past: object) -> bool:
+        if touched is None or (past is not None and not self.decode):
             return False
         return not touched or touched.isdisjoint(self.layer_names[layer])
 
@@ -205,23 +213,28 @@ def _prepare_fused(block: TransformerBlock) -> None:
 
 
 def enable_compile(
-    model: HookedTransformer, pool_rows: int = 16, pool_positions: int = 512, warm: bool = True
+    model: HookedTransformer,
+    pool_rows: int = 16,
+    pool_positions: int = 512,
+    warm: bool = True,
+    decode: bool | None = None,
 ) -> float:
     """Compile ``model``'s no-hook path and warm it up; returns the seconds it took (logged).
     ``pool_rows``/``pool_positions``: the decode pool the server will use (its shapes);
-    ``warm=False`` leaves each compile to the first call that needs it (tests)."""
+    ``warm=False`` leaves each compile to the first call that needs it (tests); ``decode``:
+    compile decode steps too (None: on CUDA only, see :class:`CompiledBlocks`)."""
     if not compiler_available():
         raise RuntimeError("torch.compile needs a C++ compiler (g++ or clang++) on the PATH")
     started = time.perf_counter()
-    model.compiled = CompiledBlocks(model)
+    model.compiled = CompiledBlocks(model, decode)
     if not warm:
         return 0.0
     warm_up(model, pool_rows, pool_positions)
     seconds = time.perf_counter() - started
     log.info(
-        "compiled the no-hook path in %.1f s (%d layers share the graphs; the layers a call "
-        "hooks or captures run eagerly)",
-        seconds, model.cfg.n_layers,
+        "compiled the no-hook path in %.1f s (%d layers share the graphs; decode steps %s; the "
+        "layers a call hooks or captures run eagerly)",
+        seconds, model.cfg.n_layers, "compiled" if model.compiled.decode else "eager",
     )  # fmt: skip
     return seconds
 
@@ -244,6 +257,9 @@ def warm_up(model: HookedTransformer, pool_rows: int = 16, pool_positions: int =
         mask = torch.ones(rows, length, dtype=torch.long, device=device)
         mask[:, : length // 2] = 0  # left padding
         model(tokens(rows, length), attention_mask=mask)
+    assert model.compiled is not None
+    if not model.compiled.decode:
+        return
     positions = min(pool_positions, cfg.n_ctx)
     pool = DecodePool(model, max_rows=max(3, pool_rows), max_positions=positions)
     prompt = max(1, min(4, positions - 4))

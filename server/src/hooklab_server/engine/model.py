@@ -449,7 +449,7 @@ class HookedTransformer(Tokenization, WeightViews, nn.Module):
         """One block: compiled when compile is on and nothing of this call touches the layer
         (``touched``: what the call hooks or captures, from ``self.compiled``), else eager."""
         block = self._block(layer)
-        if self.compiled is not None and self.compiled.serves(layer, touched):
+        if self.compiled is not None and self.compiled.serves(layer, touched, past):
             return self.compiled(block, resid, positions, mask, past)
         return block(resid, hooks, positions, mask, past)
 
