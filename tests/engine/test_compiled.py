@@ -1,10 +1,10 @@
 """The optional torch.compile of the no-hook path (issue 18, ``engine/compiled.py``).
 
-Compiled == eager: logits within 1e-5 and greedy generation token for token (solo, its cached
-decode steps compiled, and in a decode pool), on GPT-2 and on a Llama checkpoint with
-grouped-query attention. A layer that a hook or a capture touches runs eagerly (the hook fires,
-the run equals the eager hooked run), and a compiled model's ``run_with_cache`` equals
-TransformerLens 3.9.
+Compiled == eager: logits within 1e-5 and greedy generation token for token (solo and in a
+decode pool; with the decode steps compiled too on the Llama checkpoint), on GPT-2 and on a
+Llama checkpoint with grouped-query attention. A layer that a hook or a capture touches runs
+eagerly (the hook fires, the run equals the eager hooked run), and a compiled model's
+``run_with_cache`` equals TransformerLens 3.9.
 
 Compiles are made lazily here (no start-up warm-up) and dynamo fails loudly rather than falling
 back to eager when a graph would be compiled too often, so a test cannot pass on the eager path.
@@ -73,10 +73,11 @@ class Counting:
         return getattr(self.compiled, name)
 
 
-def compiled_model(checkpoint: Path) -> tuple[Any, Counting]:
-    """The session's engine model with compile switched on (restored by ``eager``)."""
+def compiled_model(checkpoint: Path, decode: bool | None = None) -> tuple[Any, Counting]:
+    """The session's engine model with compile switched on (restored by ``eager_after``);
+    ``decode``: as ``enable_compile`` (None: decode steps compile on CUDA only)."""
     model = our_model(checkpoint)
-    enable_compile(model, warm=False, decode=True)  # decode steps too, as on CUDA
+    enable_compile(model, warm=False, decode=decode)
     assert model.compiled is not None
     counting = Counting(model.compiled)
     model.compiled = counting
@@ -108,6 +109,7 @@ def pool_greedy(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def test_compiled_equals_eager(checkpoint: Path, eager_after: list[Any]) -> None:
+    """The CPU default: forwards and prefills compiled, decode steps eager."""
     tokens = sample_tokens(checkpoint)
     model = our_model(checkpoint)
     logits = model(tokens)
@@ -119,12 +121,24 @@ def test_compiled_equals_eager(checkpoint: Path, eager_after: list[Any]) -> None
     assert counting.calls == model.cfg.n_layers
     diff = float((compiled_logits - logits).abs().max())
     assert diff <= COMPILED_ATOL, f"compiled logits differ from eager by {diff:.3g}"
-    before = counting.calls
     assert torch.equal(greedy(model, tokens), tokens_out)
-    assert counting.calls - before == NEW_TOKENS * model.cfg.n_layers  # prefill + cached steps
-    before = counting.calls
     assert torch.equal(pool_greedy(model, tokens), pooled)
-    assert counting.calls - before == NEW_TOKENS * model.cfg.n_layers  # prefill + pool steps
+    assert counting.calls == 3 * model.cfg.n_layers  # the forward and the two prefills
+
+
+def test_compiled_decode_steps_equal_eager(llama_checkpoint: Path, eager_after: list[Any]) -> None:
+    """Decode steps compiled too (the default on CUDA), solo and pooled, with rotary and
+    grouped-query attention (the GPT-2 steps take the same code without them)."""
+    tokens = sample_tokens(llama_checkpoint)
+    model = our_model(llama_checkpoint)
+    tokens_out, pooled = greedy(model, tokens), pool_greedy(model, tokens)
+
+    model, counting = compiled_model(llama_checkpoint, decode=True)
+    eager_after.append(model)
+    assert torch.equal(greedy(model, tokens), tokens_out)
+    assert counting.calls == NEW_TOKENS * model.cfg.n_layers  # prefill + cached steps
+    assert torch.equal(pool_greedy(model, tokens), pooled)
+    assert counting.calls == 2 * NEW_TOKENS * model.cfg.n_layers  # + prefill and pool steps
 
 
 def test_a_hooked_layer_runs_eagerly(gpt2_checkpoint: Path, eager_after: list[Any]) -> None:
