@@ -8,17 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hooklab_proto import SAE_POINTS
+
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-# An attached SAE's points after its hook, in firing order (SAELens's HookedSAETransformer).
-SAE_POINTS = (
-    "hook_sae_input",
-    "hook_sae_acts_pre",
-    "hook_sae_acts_post",
-    "hook_sae_recons",
-    "hook_sae_error",
-    "hook_sae_output",
-)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from ._api import (
     UsageResponse,
     WireDtype,
 )
-from ._axes import axis_sizes
+from ._axes import SAE_POINTS, axis_sizes
 from ._dtypes import DTYPE_CODES, WIRE_DTYPES, dtype_code, for_the_wire, torch_dtype
 from ._frames import CONTROL_KINDS, ControlFrame, Frame, TensorFrame, decode_frame, encode_control
 from ._generate import (
@@ -224,6 +224,7 @@ __all__ = [
     "REPLACING_OPS",
     "SAE_FEATURE_POINTS",
     "SAE_ID_PREFIX",
+    "SAE_POINTS",
     "SPEC_OPS",
     "TENSOR_FORMS",
     "TOO_LARGE_ERROR",

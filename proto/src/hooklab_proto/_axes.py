@@ -4,6 +4,17 @@ which build hook functions for them."""
 
 from __future__ import annotations
 
+# The points an attached sparse autoencoder adds after its hook ("{hook}.hook_sae_input" …), in
+# firing order, as SAELens's HookedSAETransformer names them; the feature axis is "d_sae[{hook}]".
+SAE_POINTS = (
+    "hook_sae_input",
+    "hook_sae_acts_pre",
+    "hook_sae_acts_post",
+    "hook_sae_recons",
+    "hook_sae_error",
+    "hook_sae_output",
+)
+
 
 def axis_sizes(
     batch: int,

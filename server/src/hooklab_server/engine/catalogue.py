@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
 
+from hooklab_proto import SAE_POINTS
 from hooklab_proto import axis_sizes as wire_axis_sizes
 
 from .config import HookedConfig
@@ -178,14 +179,7 @@ def _present(cfg: HookedConfig) -> list[HookPointSpec]:
 
 
 # An attached SAE's points (engine/saes.py): "{host}.hook_sae_input" … "hook_sae_output".
-SAE_POINT_NAMES = (
-    "hook_sae_input",
-    "hook_sae_acts_pre",
-    "hook_sae_acts_post",
-    "hook_sae_recons",
-    "hook_sae_error",
-    "hook_sae_output",
-)
+SAE_POINT_NAMES = SAE_POINTS
 _SAE_POINT = re.compile(r"^(.+)\.(hook_sae_[a-z_]+)$")
 
 
