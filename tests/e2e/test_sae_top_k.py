@@ -5,15 +5,14 @@ values, equal to torch.topk of the dense form from the same server and of SAELen
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from fixtures import saes
 from hooklab.sparse import TopK
 from hooklab_proto import TOP_K_INDICES_SUFFIX, TOP_K_VALUES_SUFFIX, tensor_from_json
 from hooklab_server.settings import Settings
@@ -28,27 +27,10 @@ D_SAE = 1024  # wide enough that the dense form is the expensive one, as real SA
 
 
 def write_sae(folder: Path, d_in: int, d_sae: int, seed: int) -> Path:
-    """A random JumpReLU SAE in SAELens's saved layout (cfg.json + sae_weights.safetensors):
-    the threshold leaves most features at 0, as a trained SAE does."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    save_file(
-        {
-            "W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in**0.5,
-            "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
-            "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_sae**0.5,
-            "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-            "threshold": torch.rand(d_sae, generator=gen) + 0.5,
-        },
-        folder / "sae_weights.safetensors",
+    """A JumpReLU SAE whose thresholds leave most features at 0, as a trained SAE does."""
+    return saes.write_sae(
+        folder, d_in, HOOK, "jumprelu", d_sae=d_sae, seed=seed, threshold=(0.5, 1.0)
     )
-    cfg = {
-        "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "metadata": {"hook_name": HOOK, "model_name": "tiny"},
-    }  # fmt: skip
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 class TopKServed:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hooklab
+from fixtures.saes import write_sae
 from fixtures.served import ServeIn
 from hooklab import UploadedSae, hooks
 from hooklab_server.auth import keys_main
@@ -34,30 +35,6 @@ MLP_HOOK = "blocks.0.mlp.hook_post"
 D_MODEL = 64
 D_SAE = 32
 SMALL_QUOTA = 25_000  # stored bytes of the key "small": one SAE of D_MODEL x D_SAE, not two
-
-
-def write_sae(
-    folder: Path, d_in: int, hook: str, seed: int, architecture: str = "standard"
-) -> Path:
-    """A random SAE in SAELens's saved layout (cfg.json + sae_weights.safetensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    tensors = {
-        "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
-        "b_enc": torch.randn(D_SAE, generator=gen) * 0.1,
-        "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
-        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-    }
-    if architecture == "jumprelu":
-        tensors["threshold"] = torch.rand(D_SAE, generator=gen) * 0.2
-    save_file(tensors, folder / "sae_weights.safetensors")
-    cfg = {
-        "architecture": architecture, "d_in": d_in, "d_sae": D_SAE, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "metadata": {"hook_name": hook, "model_name": "tiny-gpt2"},
-    }  # fmt: skip
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 def saelens_sae(folder: Path) -> Any:
@@ -101,8 +78,10 @@ def uploads(
         "small": add_key(keys_file, "small", "--quota", f"stored_bytes={SMALL_QUOTA}"),
     }
     folders = {
-        HOOK: write_sae(root / "resid", D_MODEL, HOOK, 1),
-        MLP_HOOK: write_sae(root / "mlp", 4 * D_MODEL, MLP_HOOK, 2, "jumprelu"),
+        HOOK: write_sae(root / "resid", D_MODEL, HOOK, seed=1),
+        MLP_HOOK: write_sae(
+            root / "mlp", 4 * D_MODEL, MLP_HOOK, "jumprelu", seed=2, threshold=(0.0, 0.2)
+        ),
     }
     # The fixture's own client connects as alice (the key is read when it connects).
     before = os.environ.get("HOOKLAB_API_KEY")
@@ -440,7 +419,7 @@ def test_hostile_uploads_are_refused_each_with_its_code(uploads: Uploads, tmp_pa
             _upload(http, cfg, b"\x80\x04pickle" * 100), 422, "validation_error", "not safetensors"
         )
         # safetensors whose tensors are not the config's
-        other = write_sae(tmp_path / "other", D_MODEL, HOOK, 3)
+        other = write_sae(tmp_path / "other", D_MODEL, HOOK, seed=3)
         mismatch = {**cfg, "d_sae": D_SAE * 2}
         assert_error(
             _upload(http, mismatch, (other / "sae_weights.safetensors").read_bytes()),

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fixtures.saes import write_sae
 from hooklab import hooks
 from hooklab_server.settings import Settings
 
@@ -23,24 +24,6 @@ HOOK = "blocks.1.hook_resid_pre"
 MLP_HOOK = "blocks.0.mlp.hook_post"
 Z_HOOK = "blocks.0.attn.hook_z"  # a gated, layer-normed SAE over the heads side by side
 D_SAE = 32
-
-
-def write_sae(folder: Path, d_in: int, seed: int) -> Path:
-    """A random standard SAE in SAELens's saved layout."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    save_file(
-        {
-            "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
-            "b_enc": torch.randn(D_SAE, generator=gen) * 0.1,
-            "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
-            "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-        },
-        folder / "sae_weights.safetensors",
-    )
-    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": D_SAE, "apply_b_dec_to_input": True}
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 def encode(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +70,8 @@ def sae_server(
     root = tmp_path_factory.mktemp("saes")
     d_model = 64
     folders = {
-        HOOK: write_sae(root / "resid", d_model, 1),
-        MLP_HOOK: write_sae(root / "mlp", 4 * d_model, 2),
+        HOOK: write_sae(root / "resid", d_model, HOOK, seed=1),
+        MLP_HOOK: write_sae(root / "mlp", 4 * d_model, MLP_HOOK, seed=2),
         Z_HOOK: write_gated_z_sae(root / "z", d_model, 3),  # 4 heads of 16
     }
     settings = Settings(sae=tuple(f"{folder}@{hook}" for hook, folder in folders.items()))

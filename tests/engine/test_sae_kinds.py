@@ -9,6 +9,7 @@ The oracle is SAELens 6.54: its ``SAE.load_from_disk`` on the same folder, run s
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from fixtures import saes
 from hooklab_server.engine import load_model
 from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 from hooklab_server.engine.saes import SaeLoadError, attach_sae, load_sae
@@ -28,50 +29,9 @@ RESID = "blocks.0.hook_resid_post"
 Z = "blocks.1.attn.hook_z"
 D_SAE = 40
 PROMPT = "The cat sat on the mat"
+write_sae = functools.partial(saes.write_sae, d_sae=D_SAE)
 FEATURE_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
 POINTS = (*FEATURE_POINTS, "hook_sae_error", "hook_sae_output")
-
-
-def write_sae(
-    folder: Path,
-    d_in: int,
-    hook: str,
-    architecture: str = "standard",
-    normalize: str = "none",
-    seed: int = 0,
-    **extra: Any,
-) -> Path:
-    """A random SAE in SAELens's saved layout; gated has b_gate, b_mag, r_mag and no b_enc."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
-        "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
-        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-    }
-    if architecture == "gated":
-        tensors["b_gate"] = torch.randn(D_SAE, generator=gen) * 0.2
-        tensors["b_mag"] = torch.randn(D_SAE, generator=gen) * 0.2
-        tensors["r_mag"] = torch.randn(D_SAE, generator=gen) * 0.3
-    else:
-        tensors["b_enc"] = torch.randn(D_SAE, generator=gen) * 0.1
-    if architecture == "jumprelu":
-        tensors["threshold"] = torch.rand(D_SAE, generator=gen) * 0.3
-    save_file(tensors, folder / "sae_weights.safetensors")
-    cfg = {
-        "architecture": architecture,
-        "d_in": d_in,
-        "d_sae": D_SAE,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": normalize,
-        "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
-        "metadata": {"hook_name": hook, "model_name": "tiny", "sae_lens_version": "6.54.0"},
-        **extra,
-    }
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 def saelens_sae(folder: Path) -> Any:

@@ -13,48 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from fixtures import saes
 from hooklab_server.engine import load_model
 from hooklab_server.engine.catalogue import axis_sizes, hook_shape
 from hooklab_server.engine.saes import SaeLoadError, attach_sae, load_sae, parse_sae_flag
 
 HOOK = "blocks.0.hook_resid_post"
 D_SAE = 48
+
+
+def write_sae(folder: Path, d_in: int, architecture: str = "standard", **extra: object) -> Path:
+    return saes.write_sae(folder, d_in, HOOK, architecture, d_sae=D_SAE, **extra)
+
+
 POINTS = (
     "hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
     "hook_sae_error", "hook_sae_output",
 )  # fmt: skip
-
-
-def write_sae(
-    folder: Path, d_in: int, architecture: str = "standard", seed: int = 0, **extra: object
-) -> Path:
-    """A random SAE in SAELens's saved layout (cfg.json + sae_weights.safetensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "W_enc": torch.randn(d_in, D_SAE, generator=gen) / d_in**0.5,
-        "b_enc": torch.randn(D_SAE, generator=gen) * 0.1,
-        "W_dec": torch.randn(D_SAE, d_in, generator=gen) / D_SAE**0.5,
-        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-    }
-    if architecture == "jumprelu":
-        tensors["threshold"] = torch.rand(D_SAE, generator=gen) * 0.3
-    save_file(tensors, folder / "sae_weights.safetensors")
-    cfg = {
-        "architecture": architecture,
-        "d_in": d_in,
-        "d_sae": D_SAE,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "metadata": {"hook_name": HOOK, "model_name": "tiny"},
-        **extra,
-    }
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 def reference_encode(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
