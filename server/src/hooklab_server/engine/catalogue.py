@@ -178,8 +178,6 @@ def _present(cfg: HookedConfig) -> list[HookPointSpec]:
     return [point for point in HOOK_POINTS if point.exists(cfg)]
 
 
-# An attached SAE's points (engine/saes.py): "{host}.hook_sae_input" … "hook_sae_output".
-SAE_POINT_NAMES = SAE_POINTS
 _SAE_POINT = re.compile(r"^(.+)\.(hook_sae_[a-z_]+)$")
 
 
@@ -214,7 +212,7 @@ def sae_host(name: str, cfg: HookedConfig) -> tuple[str, str] | None:
     match = _SAE_POINT.match(name)
     if match is None or match.group(1) not in cfg.sae_widths:
         return None
-    if match.group(2) not in SAE_POINT_NAMES:
+    if match.group(2) not in SAE_POINTS:
         return None
     return match.group(1), match.group(2)
 
@@ -251,7 +249,7 @@ def hook_names(cfg: HookedConfig) -> list[str]:
             attached
             for name in names
             for attached in (
-                [name, *(f"{name}.{point}" for point in SAE_POINT_NAMES)]
+                [name, *(f"{name}.{point}" for point in SAE_POINTS)]
                 if name in cfg.sae_widths
                 else [name]
             )

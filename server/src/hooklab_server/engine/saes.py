@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .catalogue import SAE_POINT_NAMES, hook_names, hook_shape, sae_input_shape
+from .catalogue import SAE_POINTS, hook_names, hook_shape, sae_input_shape
 from .catalogue import axis_sizes as catalogue_axis_sizes
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 MAX_D_SAE = 2**22  # features of one SAE
 MAX_CONFIG_BYTES = 64 * 1024
 
-# In firing order, as SAELens's SAE module has them.
-SAE_POINTS = SAE_POINT_NAMES
 FEATURE_POINTS = frozenset({"hook_sae_acts_pre", "hook_sae_acts_post"})
 Architecture = Literal["standard", "jumprelu", "topk", "gated"]
 # SAELens 6.54's values. Only constant_norm_rescale and layer_norm act at inference: its trainer
